@@ -1,0 +1,140 @@
+"""Reading image descriptions in every form we accept, and listing an ImageFolder's files.
+
+Accepted inputs (each holds one description per training image):
+- ``.pth``: ``torch.save`` of a list of str (the authors' release) or of a dict path -> str;
+- ``.txt``: one description per line;
+- ``.json``: a list of str, or an object mapping image path (relative to the train folder) -> str;
+- ``.jsonl``: one JSON value per line: a str, or an object with a ``description`` (or ``caption``
+  / ``text``) field and optionally a ``path`` (or ``image`` / ``file``) field.
+A list is in ImageFolder order (entry k describes sample k); a path-keyed input is put into that
+order with ``--data``.
+"""
+import json
+import os
+
+import torch
+
+from .errors import UserError
+
+TEXT_KEYS = ("description", "caption", "text")
+PATH_KEYS = ("path", "image", "file")
+
+
+def list_image_folder(root):
+    """Relative paths (``class/file``, '/'-separated) of the samples of
+    ``torchvision.datasets.ImageFolder(root)``, in its order, without opening any image."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+    if not os.path.isdir(root):
+        raise UserError(f"image folder {root!r} does not exist; pass the train folder "
+                        f"(the one holding one sub-folder per class)")
+    try:
+        _, class_to_idx = find_classes(root)
+        samples = make_dataset(root, class_to_idx, extensions=IMG_EXTENSIONS)
+    except (FileNotFoundError, RuntimeError) as e:
+        raise UserError(f"{root!r} is not an ImageFolder: {e}") from None
+    return [os.path.relpath(path, root).replace(os.sep, "/") for path, _ in samples]
+
+
+def _load_raw(path):
+    """The file's content as a list (ordered) or dict (path-keyed)."""
+    if not os.path.isfile(path):
+        raise UserError(f"description file {path!r} does not exist")
+    if os.path.getsize(path) == 0:
+        raise UserError(f"description file {path!r} is empty; it must hold one description per image")
+    ext = os.path.splitext(path)[1].lower()
+    try:
+        if ext in (".pth", ".pt"):
+            return torch.load(path, map_location="cpu", weights_only=True)
+        with open(path, encoding="utf-8") as f:
+            if ext == ".txt":
+                return f.read().splitlines()
+            if ext == ".json":
+                return json.load(f)
+            if ext == ".jsonl":
+                return _parse_jsonl(path, f)
+    except UserError:
+        raise
+    except Exception as e:  # unreadable pickle, bad JSON, bad UTF-8: all the user's file
+        raise UserError(f"cannot read description file {path!r}: {type(e).__name__}: {e}") from None
+    raise UserError(f"description file {path!r} has an unknown extension {ext!r}; "
+                    f"use .pth, .txt, .json or .jsonl")
+
+
+def _parse_jsonl(path, lines):
+    ordered, keyed = [], {}
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        value = json.loads(line)
+        if isinstance(value, dict):
+            text = next((value[k] for k in TEXT_KEYS if k in value), None)
+            key = next((value[k] for k in PATH_KEYS if k in value), None)
+            if text is None:
+                raise UserError(f"{path}:{number}: object has none of the fields {TEXT_KEYS}")
+            if key is not None:
+                keyed[key] = text
+                continue
+            value = text
+        ordered.append(value)
+    if ordered and keyed:
+        raise UserError(f"{path}: some lines name an image path and some do not; use one form")
+    return keyed or ordered
+
+
+def _check_texts(path, texts, labels):
+    bad_type = [(lab, type(t).__name__) for lab, t in zip(labels, texts) if not isinstance(t, str)]
+    if bad_type:
+        shown = ", ".join(f"{lab} ({kind})" for lab, kind in bad_type[:5])
+        raise UserError(f"{path}: {len(bad_type)} entries are not strings, first: {shown}; "
+                        f"every entry must be a description string")
+    empty = [lab for lab, t in zip(labels, texts) if not t.strip()]
+    if empty:
+        raise UserError(f"{path}: {len(empty)} descriptions are empty, first: "
+                        f"{', '.join(map(str, empty[:5]))}; every image needs a non-empty description")
+
+
+def _relative_key(key):
+    key = key.replace("\\", "/")
+    return key[2:] if key.startswith("./") else key
+
+
+def read_descriptions(path, image_folder=None):
+    """Return ``(descriptions, file_list)``.
+
+    ``descriptions`` is a list of str in ImageFolder order. ``file_list`` is the ordered list of
+    relative image paths when ``image_folder`` is given (None otherwise); a path-keyed input is
+    reordered to it, and a path missing on either side is an error.
+    """
+    raw = _load_raw(path)
+    files = list_image_folder(image_folder) if image_folder else None
+    if isinstance(raw, dict):
+        keys = list(raw)
+        if any(not isinstance(k, str) for k in keys):
+            raise UserError(f"{path}: a path-keyed input needs string keys (image paths)")
+        _check_texts(path, [raw[k] for k in keys], [repr(k) for k in keys])
+        if files is None:
+            raise UserError(f"{path} maps image paths to descriptions; pass --data <train folder> "
+                            f"so that rows can be written in ImageFolder order")
+        normalised = {_relative_key(k): v for k, v in raw.items()}
+        missing = [f for f in files if f not in normalised]
+        extra = sorted(set(normalised) - set(files))
+        if missing or extra:
+            parts = []
+            if missing:
+                parts.append(f"{len(missing)} images of {image_folder} have no description "
+                             f"(first: {', '.join(missing[:3])})")
+            if extra:
+                parts.append(f"{len(extra)} described paths are not in {image_folder} "
+                             f"(first: {', '.join(extra[:3])})")
+            raise UserError(f"{path}: " + "; ".join(parts) + "; paths must be relative to the train folder")
+        return [normalised[f] for f in files], files
+    if not isinstance(raw, (list, tuple)):
+        raise UserError(f"{path} holds a {type(raw).__name__}, not a list of description strings")
+    raw = list(raw)
+    if not raw:
+        raise UserError(f"description file {path!r} holds no descriptions")
+    _check_texts(path, raw, [f"#{i}" for i in range(len(raw))])
+    if files is not None and len(files) != len(raw):
+        raise UserError(f"{path} has {len(raw)} descriptions but {image_folder} has {len(files)} "
+                        f"images; entry k must describe image k of the train folder")
+    return raw, files

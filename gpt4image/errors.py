@@ -1,0 +1,19 @@
+"""One exception type for mistakes in what the user gave us (files, values, flags).
+
+Entry points catch it, print its one-line message and exit with status 2 before anything is
+written; every other exception is a bug and keeps its traceback.
+"""
+import sys
+
+
+class UserError(Exception):
+    """Bad input: the message names the file or value and says how to fix it."""
+
+
+def exit_on_user_error(main, argv=None):
+    """Run ``main(argv)``; turn a UserError into ``error: <message>`` on stderr and exit code 2."""
+    try:
+        return main(argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)

@@ -1,0 +1,47 @@
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import gpt4image  # noqa: F401
+from gpt4image.synthetic import describe_image_folder, make_image_folder, save_tiny_clip
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_script(args, cwd=None, timeout=300, env=None, check=True):
+    """Run a python entry point of the repo in a fresh interpreter; return CompletedProcess."""
+    full_env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    full_env.update(env or {})
+    proc = subprocess.run([sys.executable] + list(args), cwd=cwd or REPO, capture_output=True, text=True,
+                          timeout=timeout, env=full_env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{args} exited {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\n"
+                             f"stderr:\n{proc.stderr[-4000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory):
+    return save_tiny_clip(str(tmp_path_factory.mktemp("clip") / "tiny_clip.pt"))
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory):
+    """Generated ImageFolder (4 classes, 12 train + 4 val images each, 32 px) and its descriptions."""
+    root = str(tmp_path_factory.mktemp("images"))
+    make_image_folder(root, num_classes=4, train_per_class=12, val_per_class=4, size=32)
+    texts, files = describe_image_folder(os.path.join(root, "train"))
+    torch.save(texts, os.path.join(root, "captions.pth"))
+    return root
+
+
+@pytest.fixture(scope="session")
+def embeddings(image_folder, tiny_clip, tmp_path_factory):
+    """Embedding table of the generated ImageFolder, made by description2embedding.py."""
+    out = str(tmp_path_factory.mktemp("emb") / "emb.pth")
+    run_script(["description2embedding.py", f"--caption={image_folder}/captions.pth", f"--model={tiny_clip}",
+                f"--output={out}", f"--data={image_folder}/train", "--workers=0", "--quiet"])
+    return out
