@@ -1,0 +1,111 @@
+"""Process-group set-up for every launcher, rank-aware logging and metric reduction."""
+import datetime
+import logging
+import os
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger("gpt4image")
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def distributed(self):
+        return self.world_size > 1
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+
+def _first_slurm_host(nodelist):
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                             check=True, timeout=30).stdout.split()
+        return out[0]
+    except (OSError, subprocess.SubprocessError, IndexError):
+        m = re.match(r"([^\[,]+)(\[(\d+))?", nodelist)  # "node[01-04]" -> "node01"
+        return m.group(1) + (m.group(3) or "")
+
+
+def _environment(local_rank_arg):
+    """(rank, world_size, local_rank) from torchrun / launch / SLURM variables, or a single process."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:  # torchrun, torch.distributed.launch (--use_env or not)
+        local = env.get("LOCAL_RANK", local_rank_arg if local_rank_arg is not None else 0)
+        return int(env["RANK"]), int(env["WORLD_SIZE"]), int(local)
+    if int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in env:  # srun python main.py
+        env.setdefault("MASTER_ADDR", _first_slurm_host(env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "localhost"))))
+        env.setdefault("MASTER_PORT", "29500")
+        return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
+    return 0, 1, 0
+
+
+def init_distributed(local_rank_arg=None, device=None, timeout_minutes=30):
+    """Initialise the process group (NCCL on CUDA, gloo on CPU) if launched with several processes.
+
+    Understands torchrun and ``torch.distributed.launch --use_env`` (RANK/WORLD_SIZE/LOCAL_RANK),
+    the legacy launcher's ``--local-rank`` argument (pass it as ``local_rank_arg``), SLURM's srun,
+    and plain single-process runs. ``device``: "cuda", "cpu" or None (cuda when available).
+    """
+    rank, world_size, local_rank = _environment(local_rank_arg)
+    use_cuda = torch.cuda.is_available() if device is None else str(device).startswith("cuda")
+    if use_cuda:
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        dev = torch.device("cuda", torch.cuda.current_device())
+    else:
+        dev = torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", init_method="env://", rank=rank,
+                                world_size=world_size, timeout=datetime.timedelta(minutes=timeout_minutes),
+                                **({"device_id": dev} if use_cuda else {}))
+    return DistInfo(rank, world_size, local_rank, dev)
+
+
+def setup_logging(is_main, log_file=None):
+    """INFO to stdout on the main rank, warnings only elsewhere; optionally also to ``log_file``."""
+    logger.handlers.clear()
+    logger.propagate = False
+    logger.setLevel(logging.INFO if is_main else logging.WARNING)
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    logger.addHandler(handler)
+    if log_file and is_main:
+        fh = logging.FileHandler(log_file)
+        fh.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        logger.addHandler(fh)
+    return logger
+
+
+def reduce_sums(values, device):
+    """Sum a dict of floats over all ranks (used for sample-weighted means: sums and counts)."""
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+    return dict(zip(keys, t.tolist()))
+
+
+def all_ranks_agree(flag, device):
+    """True on every rank if ``flag`` is True on any rank (e.g. a stop request)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return bool(flag)
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t)
+    return t.item() > 0
+
+
+def cleanup():
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

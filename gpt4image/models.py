@@ -1,0 +1,82 @@
+"""Projection heads and the wrapper that returns logits and the projected feature in one pass."""
+import torch
+import torch.nn as nn
+
+
+def build_projection_head(kind, in_dim, out_dim, batchnorm, init_std):
+    """Head from the pre-logits feature [B, in_dim] to the text-embedding space [B, out_dim].
+
+    ``mlp``: Linear(in, 2*out) -> [BatchNorm1d] -> ReLU -> Linear(2*out, out); the first Linear has
+    a bias only without BatchNorm (ResNet recipe: BN, std 1024**-0.5; DeiT recipe: no BN, std 0.02).
+    ``linear``: Linear(in, out, no bias). Weights truncated-normal with ``init_std``, biases zero.
+    """
+    if kind == "mlp":
+        hidden = 2 * out_dim
+        layers = [nn.Linear(in_dim, hidden, bias=not batchnorm)]
+        if batchnorm:
+            layers.append(nn.BatchNorm1d(hidden))
+        layers += [nn.ReLU(inplace=True), nn.Linear(hidden, out_dim)]
+        head = nn.Sequential(*layers)
+    elif kind == "linear":
+        head = nn.Sequential(nn.Linear(in_dim, out_dim, bias=False))
+    else:
+        raise ValueError(f"projection head kind must be 'mlp' or 'linear', got {kind!r}")
+    for m in head.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=init_std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+    return head
+
+
+def _is_torchvision_resnet(model):
+    import torchvision
+    return isinstance(model, torchvision.models.ResNet)
+
+
+def feature_dim(backbone):
+    """Width of the pre-logits feature of a torchvision ResNet or a timm model."""
+    if _is_torchvision_resnet(backbone):
+        return backbone.fc.in_features
+    return backbone.num_features
+
+
+class TextAlignedModel(nn.Module):
+    """A classifier plus a projection head on its pre-logits feature.
+
+    In training (with a head) ``forward`` returns ``(logits, projected_feature)`` from one pass of
+    the backbone; in evaluation, or without a head, it returns the logits only. ``backbone`` keeps
+    its own state-dict keys, so ``backbone.state_dict()`` loads into the plain torchvision / timm model.
+    Works for torchvision ResNets and timm models with ``forward_head(..., pre_logits=True)``.
+    """
+
+    def __init__(self, backbone, projection_head=None):
+        super().__init__()
+        self.backbone = backbone
+        self.projection_head = projection_head
+        self._torchvision_resnet = _is_torchvision_resnet(backbone)
+        # Distilled timm models average two tokens in forward_head; plain ones apply one classifier.
+        self._timm_single_head = (not self._torchvision_resnet
+                                  and isinstance(backbone.get_classifier(), nn.Module))
+
+    def pre_logits(self, x):
+        """Returns ``(pre_logits_feature, backbone_features)``."""
+        m = self.backbone
+        if self._torchvision_resnet:
+            x = m.maxpool(m.relu(m.bn1(m.conv1(x))))
+            x = m.layer4(m.layer3(m.layer2(m.layer1(x))))
+            return torch.flatten(m.avgpool(x), 1), None
+        features = m.forward_features(x)
+        return m.forward_head(features, pre_logits=True), features
+
+    def forward(self, x):
+        feature, features = self.pre_logits(x)
+        if self._torchvision_resnet:
+            logits = self.backbone.fc(feature)
+        elif self._timm_single_head:
+            logits = self.backbone.get_classifier()(feature)
+        else:
+            logits = self.backbone.forward_head(features)
+        if not self.training or self.projection_head is None:
+            return logits
+        return logits, self.projection_head(feature)

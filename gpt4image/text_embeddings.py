@@ -1,0 +1,147 @@
+"""The embedding table written by description2embedding.py, and datasets that carry its rows."""
+import json
+import os
+
+import torch
+
+from .errors import UserError
+from .io import sha256_lines
+
+NORM_TOLERANCE = 1e-2  # fp16 rounding of a unit row of width 1024 stays far below this
+
+
+class TextEmbeddings:
+    """An [N, D] table of unit rows, memory-mapped from disk in its stored dtype.
+
+    Every process that maps the same file (ranks, DataLoader workers) shares one copy of its pages
+    in the page cache. Rows are returned in the stored dtype; cast per batch on the device.
+    """
+
+    def __init__(self, table, path, metadata=None):
+        self.table = table
+        self.path = path
+        self.metadata = metadata or {}
+
+    def __len__(self):
+        return self.table.shape[0]
+
+    def __getitem__(self, index):
+        return self.table[index]
+
+    @property
+    def dim(self):
+        return self.table.shape[1]
+
+    def file_list(self):
+        """The ordered train-file list recorded by description2embedding.py, or None."""
+        name = self.metadata.get("file_list")
+        if not name:
+            return None
+        path = os.path.join(os.path.dirname(os.path.abspath(self.path)), name)
+        if not os.path.isfile(path):
+            return None
+        with open(path, encoding="utf-8") as f:
+            return f.read().splitlines()
+
+
+def _validate(table, path, chunk_rows=65536):
+    if table.dim() != 2:
+        raise UserError(f"text embeddings {path!r} have shape {tuple(table.shape)}; expected [N, D] "
+                        f"as written by description2embedding.py")
+    if not table.is_floating_point():
+        raise UserError(f"text embeddings {path!r} have dtype {table.dtype}; expected float16 or float32")
+    for start in range(0, table.shape[0], chunk_rows):
+        rows = table[start:start + chunk_rows].float()
+        finite = torch.isfinite(rows).all(dim=1)
+        if not finite.all():
+            bad = start + (~finite).nonzero()[0].item()
+            raise UserError(f"text embeddings {path!r}: row {bad} is not finite; regenerate the table "
+                            f"with description2embedding.py (try --dtype float32)")
+        norms = rows.norm(dim=1)
+        off = (norms - 1).abs() > NORM_TOLERANCE
+        if off.any():
+            bad = start + off.nonzero()[0].item()
+            raise UserError(f"text embeddings {path!r}: row {bad} has norm {norms[bad - start].item():.4f}, "
+                            f"not 1; rows must be L2-normalised (description2embedding.py writes them so)")
+
+
+def load_text_embeddings(path, validate=True):
+    """Memory-map the table at ``path`` (and read ``<path>.json`` when present); validate it.
+
+    Raises UserError naming the file and the bad row for a table that is not 2-D, not finite or
+    not unit-norm.
+    """
+    if not os.path.isfile(path):
+        raise UserError(f"text embeddings {path!r} do not exist; make them with description2embedding.py "
+                        f"or pass --text_emb none for the baseline")
+    try:
+        table = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:
+        raise UserError(f"cannot read text embeddings {path!r} ({type(e).__name__}: {e}); "
+                        f"expected a tensor saved by description2embedding.py") from None
+    if not isinstance(table, torch.Tensor):
+        raise UserError(f"text embeddings {path!r} hold a {type(table).__name__}, not a tensor")
+    metadata = None
+    meta_path = path + ".json"
+    if os.path.isfile(meta_path):
+        with open(meta_path, encoding="utf-8") as f:
+            metadata = json.load(f)
+    if validate:
+        _validate(table, path)
+    return TextEmbeddings(table, path, metadata)
+
+
+def dataset_file_list(dataset):
+    """Relative sample paths of an ImageFolder-like dataset (``root`` and ``samples``), else None."""
+    samples = getattr(dataset, "samples", None)
+    root = getattr(dataset, "root", None)
+    if samples is None or root is None:
+        return None
+    return [os.path.relpath(p, root).replace(os.sep, "/") for p, _ in samples]
+
+
+class WithTextEmbeddings(torch.utils.data.Dataset):
+    """Wrap a map-style dataset of ``(image, target)`` into one of ``(image, target, text_embedding)``,
+    where the embedding is row ``index`` of the table (the same index as the image)."""
+
+    def __init__(self, dataset, embeddings, check_files=True):
+        self.dataset = dataset
+        self.embeddings = embeddings
+        n, m = len(dataset), len(embeddings)
+        if n != m:
+            raise UserError(
+                f"text embeddings {embeddings.path!r} have {m} rows but the training set has {n} samples; "
+                f"row k must describe sample k, so the table was probably made for another train folder "
+                f"(images added or removed, or a subset) - regenerate it with description2embedding.py --data")
+        if check_files:
+            self._check_file_list()
+
+    def _check_file_list(self):
+        expected_hash = self.embeddings.metadata.get("file_list_sha256")
+        files = dataset_file_list(self.dataset)
+        if not expected_hash or files is None or sha256_lines(files) == expected_hash:
+            return
+        recorded = self.embeddings.file_list()
+        where = ""
+        if recorded is not None:
+            k = next((i for i, (a, b) in enumerate(zip(recorded, files)) if a != b), min(len(recorded), len(files)))
+            where = (f" first difference at sample {k}: table has "
+                     f"{recorded[k] if k < len(recorded) else '(end)'!r}, folder has {files[k] if k < len(files) else '(end)'!r};")
+        raise UserError(f"the train folder's files differ from those {self.embeddings.path!r} was made for;"
+                        f"{where} regenerate the table with description2embedding.py --data <train folder>")
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        image, target = self.dataset[index]
+        return image, target, self.embeddings[index]
+
+
+class SyntheticTextEmbeddings(TextEmbeddings):
+    """A random table of unit rows kept in memory (for runs on generated data)."""
+
+    def __init__(self, num_rows, dim, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        table = torch.nn.functional.normalize(torch.randn(num_rows, dim, generator=g), dim=1)
+        super().__init__(table, "<generated>", {})
