@@ -34,11 +34,11 @@ class _Index(torch.utils.data.Dataset):
         return i, 0
 
 
-def _pss_kib(pid):
+def _pss_kib(pid, field="Pss"):
     try:
         with open(f"/proc/{pid}/smaps_rollup") as f:
             for line in f:
-                if line.startswith("Pss:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1])
     except OSError:
         pass
@@ -94,6 +94,9 @@ def _measure(rows, dim, args):
         for pr in procs:
             tree += [pr.pid] + _children(pr.pid)
         pss_mib = sum(_pss_kib(pid) for pid in tree) / 1024
+        if os.environ.get("DEBUG_PSS"):
+            for pid in tree:
+                print(pid, {k: _pss_kib(pid, k) // 1024 for k in ("Pss", "Pss_Anon", "Pss_File", "Pss_Shmem")})
         seconds = time.time() - t0
         done.set()
         for pr in procs:

@@ -45,3 +45,15 @@ def embeddings(image_folder, tiny_clip, tmp_path_factory):
     run_script(["description2embedding.py", f"--caption={image_folder}/captions.pth", f"--model={tiny_clip}",
                 f"--output={out}", f"--data={image_folder}/train", "--workers=0", "--quiet"])
     return out
+
+
+def _load_recipe(name):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(f"{name}_main", os.path.join(REPO, name, "main.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sys.modules[f"{name}_main"] = module
+    return module
+
+
+_load_recipe("resnet")

@@ -1,0 +1,180 @@
+"""One training epoch and one exact evaluation, shared by both recipes.
+
+Losses are accumulated on the device and read back only every ``print_freq`` steps, so the host
+never waits on the GPU in between; the per-step values kept since the last read still let a
+non-finite loss be reported with its exact step and term.
+"""
+import contextlib
+import time
+
+import torch
+
+from .distributed import logger, reduce_sums
+from .losses import alignment_loss
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def autocast(device, amp_dtype):
+    if amp_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=amp_dtype)
+
+
+def _format_eta(seconds):
+    seconds = int(max(0, seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def _max_memory_mib(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return 0.0
+
+
+def train_one_epoch(model, loader, optimizer, device, epoch, *, criterion, text=None, amp_dtype=None, scaler=None,
+                    mix_fn=None, ema=None, clip_grad=None, print_freq=10, num_epochs=None, channels_last=False,
+                    start_step=0, should_stop=None, on_step_end=None):
+    """Train ``model`` for one pass over ``loader``; return metrics averaged over all ranks.
+
+    criterion(images, logits, targets) -> classification loss. ``text``: None (baseline) or a dict
+    with loss_type, tau, lamb, gather_with_grad, local_loss; batches then carry a third element,
+    the text embeddings. ``mix_fn(images, targets, text)`` applies Mixup/CutMix. ``should_stop()``
+    is asked after every step; when it says True the epoch ends early and the returned dict has
+    ``stopped_at_step``. ``start_step`` skips the first steps of the loader's order (resume inside
+    an epoch). Keys: loss, ce_loss, text_loss, acc1 (when targets are hard), lr, images_per_s,
+    epoch_time_s, steps.
+    """
+    model.train()
+    steps = len(loader)
+    stats = torch.zeros(5, device=device, dtype=torch.float64)  # loss, ce, text, correct, samples (sums)
+    window = []  # per-step [loss, ce, text] since the last read-back
+    started = time.time()
+    data_time = 0.0
+    images_seen = 0
+    stopped_at = None
+    lr = optimizer.param_groups[0]["lr"]
+    fetch_start = time.time()
+    step = start_step - 1
+    for step, batch in enumerate(loader, start=start_step):
+        images, targets = batch[0], batch[1]
+        text_emb = batch[2] if text is not None else None
+        images = images.to(device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        targets = targets.to(device, non_blocking=True)
+        if text_emb is not None:
+            text_emb = text_emb.to(device, non_blocking=True)
+        hard_targets = targets
+        if mix_fn is not None:
+            images, targets, text_emb = mix_fn(images, targets, text_emb)
+        data_time += time.time() - fetch_start
+
+        with autocast(device, amp_dtype):
+            output = model(images)
+            logits, projected = output if isinstance(output, tuple) and text is not None else (output, None)
+            ce = criterion(images, logits, targets)
+            if projected is not None:
+                text_loss = alignment_loss(projected, text_emb, text["loss_type"], text["tau"],
+                                           text["gather_with_grad"], text["local_loss"])
+                loss = ce + text["lamb"] * text_loss
+            else:
+                text_loss = torch.zeros((), device=device)
+                loss = ce
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None and scaler.is_enabled():
+            scaler.scale(loss).backward()
+            if clip_grad is not None:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            if clip_grad is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+            optimizer.step()
+        if ema is not None:
+            ema.update(model)
+
+        n = images.shape[0]
+        values = torch.stack([loss.detach().float(), ce.detach().float(), text_loss.detach().float()]).double()
+        window.append(values)
+        stats[:3] += values * n
+        if mix_fn is None and hard_targets.dim() == 1:
+            first_logits = logits[0] if isinstance(logits, tuple) else logits
+            stats[3] += (first_logits.argmax(dim=1) == hard_targets).sum()
+        stats[4] += n
+        images_seen += n
+        if on_step_end is not None:
+            on_step_end(step)
+
+        stop = should_stop() if should_stop is not None else False
+        if (step + 1) % print_freq == 0 or step + 1 == steps or stop:
+            _check_finite(window, epoch, step)
+            window = []
+            now = time.time()
+            rate = images_seen / max(now - started, 1e-9)
+            cur = stats.tolist()
+            eta = (now - started) / (step + 1 - start_step) * (steps - step - 1)
+            total = f"/{num_epochs}" if num_epochs else ""
+            logger.info(
+                f"epoch {epoch}{total} [{step + 1}/{steps}] loss {cur[0] / cur[4]:.4f} ce {cur[1] / cur[4]:.4f} "
+                f"text {cur[2] / cur[4]:.4f} lr {lr:.3e} img/s {rate:.1f} (per rank) data {data_time / (step + 1 - start_step):.3f}s "
+                f"eta {_format_eta(eta)} max mem {_max_memory_mib(device):.0f} MiB")
+        if stop:
+            stopped_at = step + 1
+            break
+        fetch_start = time.time()
+    elapsed = time.time() - started
+    totals = reduce_sums({"loss": stats[0].item(), "ce": stats[1].item(), "text": stats[2].item(),
+                          "correct": stats[3].item(), "n": stats[4].item(), "images_per_s": images_seen / max(elapsed, 1e-9)},
+                         device)
+    count = max(totals["n"], 1)
+    metrics = {"loss": totals["loss"] / count, "ce_loss": totals["ce"] / count, "text_loss": totals["text"] / count,
+               "lr": lr, "images_per_s": totals["images_per_s"], "epoch_time_s": elapsed, "steps": step + 1}
+    if mix_fn is None:
+        metrics["acc1"] = 100.0 * totals["correct"] / count
+    if stopped_at is not None:
+        metrics["stopped_at_step"] = stopped_at
+    return metrics
+
+
+def _check_finite(window, epoch, step):
+    if not window:
+        return
+    values = torch.stack(window).cpu()
+    bad = ~torch.isfinite(values)
+    if bad.any():
+        row, col = bad.nonzero()[0].tolist()
+        term = ["total", "classification", "text alignment"][col]
+        first_step = step - len(window) + 1 + row
+        raise NonFiniteLoss(f"non-finite {term} loss ({values[row, col].item()}) at epoch {epoch}, step {first_step}; "
+                            f"the run stops here and the last checkpoint is kept as it was")
+
+
+@torch.no_grad()
+def evaluate(model, loader, device, amp_dtype=None, channels_last=False):
+    """Top-1/top-5 and cross-entropy over exactly the samples of ``loader`` on every rank (use
+    ExactDistributedSampler and the model without DDP), reduced by sample count."""
+    model.eval()
+    stats = torch.zeros(4, device=device, dtype=torch.float64)  # loss, top1, top5, n
+    for batch in loader:
+        images, targets = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with autocast(device, amp_dtype):
+            logits = model(images)
+        logits = logits.float()
+        stats[0] += torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        hits = top == targets[:, None]
+        stats[1] += hits[:, 0].sum()
+        stats[2] += hits.any(dim=1).sum()
+        stats[3] += len(targets)
+    totals = reduce_sums(dict(zip(["loss", "top1", "top5", "n"], stats.tolist())), device)
+    n = max(totals["n"], 1)
+    return {"loss": totals["loss"] / n, "acc1": 100.0 * totals["top1"] / n, "acc5": 100.0 * totals["top5"] / n,
+            "num_images": int(totals["n"])}

@@ -1,0 +1,144 @@
+"""What both training recipes do around the epoch loop: datasets, text embeddings, output files,
+resume, and the run's record (args.json, log.txt, TensorBoard, the final line)."""
+import json
+import os
+import random
+
+import torch
+
+from .checkpoint import check_compatible, load_checkpoint
+from .distributed import logger
+from .errors import UserError
+from .io import atomic_write_json, ensure_writable_dir
+from .text_embeddings import SyntheticTextEmbeddings, WithTextEmbeddings, load_text_embeddings
+
+CHECKPOINT = "checkpoint.pth"
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def add_common_args(p):
+    """Flags that both recipes share beyond their original ones."""
+    p.add_argument("--amp-dtype", choices=["float16", "bfloat16"], default=None,
+                   help="autocast dtype (float16 uses a checkpointed GradScaler; bfloat16 needs none)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--gather-with-grad", action="store_true",
+                   help="clip loss: gathered features carry gradient (weight lamb, not lamb/W; a deviation)")
+    p.add_argument("--local-loss", action="store_true",
+                   help="clip loss with --gather-with-grad: compute only this rank's rows (same gradient, less memory)")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--stop-after", type=int, default=None, metavar="N",
+                   help="end this invocation after N epochs (job time limits); run the same command to continue")
+    p.add_argument("--local-rank", "--local_rank", type=int, default=None, dest="local_rank",
+                   help="set by the legacy torch.distributed.launch without --use_env")
+    return p
+
+
+def build_image_folders(root, train_transform, val_transform):
+    """``root/train`` and ``root/val`` as ImageFolders, refusing a missing split or differing classes."""
+    import torchvision
+    for split in ("train", "val"):
+        if not os.path.isdir(os.path.join(root, split)):
+            raise UserError(f"{os.path.join(root, split)!r} does not exist; --data must hold train/ and val/ "
+                            f"folders with one sub-folder per class")
+    try:
+        train = torchvision.datasets.ImageFolder(os.path.join(root, "train"), train_transform)
+        val = torchvision.datasets.ImageFolder(os.path.join(root, "val"), val_transform)
+    except (FileNotFoundError, RuntimeError) as e:
+        raise UserError(f"cannot read the image folders under {root!r}: {e}") from None
+    if train.classes != val.classes:
+        only_train = sorted(set(train.classes) - set(val.classes))[:3]
+        only_val = sorted(set(val.classes) - set(train.classes))[:3]
+        raise UserError(f"{root}: train has {len(train.classes)} classes and val {len(val.classes)}, and they differ "
+                        f"(only in train: {only_train}, only in val: {only_val}); both splits need the same class folders")
+    return train, val
+
+
+def generated_datasets(num_classes, input_size, train_size, val_size, train_transform, val_transform):
+    """Random-image datasets (as the original's FakeData) for a run without --data."""
+    import torchvision
+    size = (3, input_size, input_size)
+    train = torchvision.datasets.FakeData(train_size, size, num_classes, train_transform, random_offset=0)
+    val = torchvision.datasets.FakeData(val_size, size, num_classes, val_transform, random_offset=10 ** 6)
+    return train, val
+
+
+def attach_text_embeddings(train, text_emb, generated):
+    """Return (dataset yielding (image, target, embedding), TextEmbeddings) or (train, None)."""
+    if text_emb is None or str(text_emb).lower() == "none":
+        return train, None
+    if generated and not os.path.isfile(text_emb):
+        embeddings = SyntheticTextEmbeddings(len(train), 1024)
+        logger.info(f"generated data: random {len(train)} x 1024 text embeddings (no file {text_emb!r} needed)")
+    else:
+        embeddings = load_text_embeddings(text_emb)
+    return WithTextEmbeddings(train, embeddings), embeddings
+
+
+class RunRecord:
+    """args.json, log.txt (one JSON object per epoch) and TensorBoard scalars, on the main rank."""
+
+    def __init__(self, output_dir, args, is_main):
+        self.output_dir, self.is_main = output_dir, is_main
+        self.writer = None
+        if is_main:
+            ensure_writable_dir(output_dir)
+            atomic_write_json(os.path.join(output_dir, "args.json"), vars(args))
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.writer = SummaryWriter(os.path.join(output_dir, "tensorboard"))
+            except ImportError:
+                logger.warning("tensorboard is not installed: no TensorBoard scalars")
+
+    def log_epoch(self, stats):
+        if not self.is_main:
+            return
+        with open(os.path.join(self.output_dir, "log.txt"), "a") as f:
+            f.write(json.dumps(stats) + "\n")
+        if self.writer is not None:
+            for k, v in stats.items():
+                if isinstance(v, (int, float)) and k != "epoch":
+                    self.writer.add_scalar(k, v, stats["epoch"])
+            self.writer.flush()
+
+    def truncate_after(self, epoch):
+        """On resume, drop log lines of epochs the checkpoint does not hold (a run killed mid-way)."""
+        path = os.path.join(self.output_dir, "log.txt")
+        if not self.is_main or not os.path.isfile(path):
+            return
+        with open(path) as f:
+            lines = [ln for ln in f if ln.strip() and json.loads(ln).get("epoch", -1) < epoch]
+        with open(path, "w") as f:
+            f.writelines(lines)
+
+    def close(self):
+        if self.writer is not None:
+            self.writer.close()
+
+
+def find_resume(resume, output_dir):
+    """Checkpoint to resume from: ``--resume PATH``, else ``<output_dir>/checkpoint.pth`` if present."""
+    if resume:
+        return resume
+    path = os.path.join(output_dir, CHECKPOINT)
+    return path if os.path.isfile(path) else None
+
+
+def load_resume(path, recipe, arch, text_dim):
+    checkpoint = load_checkpoint(path)
+    check_compatible(checkpoint, path, recipe, arch, text_dim)
+    return checkpoint
+
+
+def load_classifier_weights(backbone, state, path):
+    """Load a plain torchvision/timm state dict, or our checkpoint's ``model`` entry, into ``backbone``."""
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    try:
+        backbone.load_state_dict(state)
+    except RuntimeError as e:
+        first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
+        raise UserError(f"checkpoint {path!r} does not fit this model ({first}); pass the same architecture") from None

@@ -1,0 +1,238 @@
+"""ResNet-50 on ImageNet-1k with the GPT4Image text-alignment loss (METHOD.md, "Recipes").
+
+    cd resnet && torchrun --nproc_per_node=4 main.py --data=/path/to/imagenet --batch-size=256 \
+        --text_emb=imagenet_clip_text_emb_0_1281166.pth --save_dir=./outputs
+
+Also runs under ``python -m torch.distributed.launch --use_env``, ``srun`` and as one process
+(GPU or CPU). Without ``--data`` it trains on generated images (as the original's FakeData).
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import gpt4image  # noqa: E402,F401  (first: makes torchvision importable)
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torchvision  # noqa: E402
+from torchvision import transforms  # noqa: E402
+
+from gpt4image import (ExactDistributedSampler, TextAlignedModel, build_projection_head,  # noqa: E402
+                       describe_alignment, init_distributed, save_checkpoint, setup_logging)
+from gpt4image.distributed import cleanup, logger  # noqa: E402
+from gpt4image.engine import NonFiniteLoss, evaluate, train_one_epoch  # noqa: E402
+from gpt4image.errors import UserError, exit_on_user_error  # noqa: E402
+from gpt4image.io import atomic_torch_save  # noqa: E402
+from gpt4image.recipe import (CHECKPOINT, RunRecord, add_common_args, attach_text_embeddings,  # noqa: E402
+                              build_image_folders, find_resume, generated_datasets, load_classifier_weights,
+                              load_resume, seed_everything)
+
+RECIPE = "resnet"
+ARCHS = sorted(name for name in torchvision.models.list_models(module=torchvision.models)
+               if name.startswith(("resnet", "resnext", "wide_resnet")))
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser("GPT4Image ResNet recipe", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default=None, help="ImageNet root with train/ and val/ (default: generated data)")
+    p.add_argument("--save_dir", default="./outputs", help="checkpoints, log.txt, args.json, tensorboard/")
+    p.add_argument("-a", "--arch", default="resnet50", choices=ARCHS)
+    p.add_argument("-j", "--workers", type=int, default=8, help="data-loading workers per process")
+    p.add_argument("--epochs", type=int, default=120)
+    p.add_argument("--start-epoch", type=int, default=0)
+    p.add_argument("-b", "--batch-size", type=int, default=256, help="per process")
+    p.add_argument("--lr", type=float, default=0.1, help="for 256 images; scaled by W x batch / 256")
+    p.add_argument("--no_scale_lr", action="store_true", help="use --lr as given")
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--wd", "--weight-decay", type=float, default=1e-4, dest="wd")
+    p.add_argument("-p", "--print-freq", type=int, default=10)
+    p.add_argument("--resume", default="", help="checkpoint to resume from (default: save_dir/checkpoint.pth)")
+    p.add_argument("-e", "--evaluate", action="store_true", help="evaluate --resume on the validation set")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--use_amp", action="store_true", help="autocast (float16 unless --amp-dtype)")
+    p.add_argument("--text_emb", default="imagenet_clip_text_emb_0_1281166.pth",
+                   help="embedding table from description2embedding.py; 'none' trains the baseline")
+    p.add_argument("--proj_type", default="mlp", choices=["mlp", "linear"])
+    p.add_argument("--loss_type", default="clip", choices=["clip", "ctr", "byol"])
+    p.add_argument("--lamb", type=float, default=0.3, help="weight of the text-alignment loss")
+    p.add_argument("--tau", type=float, default=0.2, help="temperature of the clip/ctr losses")
+    p.add_argument("--sync_bn", action="store_true")
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--input-size", type=int, default=224, help="train crop; eval resizes to size/0.875, crops size")
+    p.add_argument("--min-lr", type=float, default=1e-5, help="end of the cosine schedule")
+    p.add_argument("--num-classes", type=int, default=1000, help="generated data only (else from the folders)")
+    p.add_argument("--generated-size", type=int, nargs=2, default=[1281, 500], metavar=("TRAIN", "VAL"),
+                   help="generated data: images in train and val")
+    return add_common_args(p)
+
+
+def transforms_for(input_size):
+    normalize = transforms.Normalize(MEAN, STD)
+    train = transforms.Compose([transforms.RandomResizedCrop(input_size), transforms.RandomHorizontalFlip(),
+                                transforms.ToTensor(), normalize])
+    val = transforms.Compose([transforms.Resize(int(input_size / 0.875)), transforms.CenterCrop(input_size),
+                              transforms.ToTensor(), normalize])
+    return train, val
+
+
+def build_model(args, num_classes, text_dim):
+    backbone = torchvision.models.__dict__[args.arch](num_classes=num_classes)
+    head = None
+    if text_dim is not None:
+        in_dim = backbone.fc.in_features
+        head = build_projection_head(args.proj_type, in_dim, text_dim, batchnorm=True, init_std=1024 ** -0.5)
+    return TextAlignedModel(backbone, head)
+
+
+def _loader(dataset, sampler, args, train):
+    return torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
+                                       pin_memory=torch.cuda.is_available(), drop_last=train,
+                                       persistent_workers=args.workers > 0)
+
+
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
+    dist_info = init_distributed(args.local_rank, args.device)
+    device = dist_info.device
+    setup_logging(dist_info.is_main)
+    try:
+        return _run(args, dist_info, device)
+    finally:
+        cleanup()
+
+
+def _run(args, dist_info, device):
+    if args.use_amp and args.amp_dtype is None:
+        args.amp_dtype = "float16"
+    amp_dtype = getattr(torch, args.amp_dtype) if args.amp_dtype and (args.use_amp or args.amp_dtype) else None
+    if args.local_loss and not args.gather_with_grad:
+        raise UserError("--local-loss needs --gather-with-grad")
+    logger.info("arguments: " + json.dumps(vars(args), sort_keys=True))
+
+    train_tf, val_tf = transforms_for(args.input_size)
+    generated = args.data is None
+    if generated:
+        train_set, val_set = generated_datasets(args.num_classes, args.input_size, *args.generated_size, train_tf, val_tf)
+        logger.info(f"no --data: generated images ({len(train_set)} train, {len(val_set)} val)")
+    else:
+        train_set, val_set = build_image_folders(args.data, train_tf, val_tf)
+    num_classes = len(train_set.classes) if hasattr(train_set, "classes") and not generated else args.num_classes
+    train_set, embeddings = attach_text_embeddings(train_set, None if args.evaluate else args.text_emb, generated)
+    text_dim = embeddings.dim if embeddings is not None else None
+
+    seed_everything(args.seed)  # same initial weights on every rank
+    model = build_model(args, num_classes, text_dim)
+    n_parameters = sum(p.numel() for p in model.backbone.parameters())
+    model.to(device)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+
+    val_loader = _loader(val_set, ExactDistributedSampler(val_set, dist_info.rank, dist_info.world_size), args, False)
+    if args.evaluate:
+        return _evaluate_only(args, model, val_loader, device, amp_dtype)
+
+    record = RunRecord(args.save_dir, args, dist_info.is_main)
+    if embeddings is not None:
+        logger.info(describe_alignment(args.loss_type, args.tau, args.lamb, args.gather_with_grad, args.local_loss,
+                                       dist_info.world_size))
+    else:
+        logger.info("text alignment: off (baseline)")
+
+    lr = args.lr if args.no_scale_lr else args.lr * dist_info.world_size * args.batch_size / 256
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=args.momentum, weight_decay=args.wd)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs, eta_min=args.min_lr)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    best = {"acc1": -1.0, "epoch": -1}
+
+    resume = find_resume(args.resume, args.save_dir)
+    if resume:
+        ckpt = load_resume(resume, RECIPE, args.arch, text_dim)
+        model.backbone.load_state_dict(ckpt["model"])
+        if model.projection_head is not None and ckpt.get("projection_head"):
+            model.projection_head.load_state_dict(ckpt["projection_head"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        if ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        args.start_epoch = ckpt["epoch"] + 1
+        best = ckpt.get("best", best)
+        record.truncate_after(args.start_epoch)
+        logger.info(f"resuming from {resume}: continuing at epoch {args.start_epoch}")
+
+    model_without_ddp = model
+    if args.sync_bn and dist_info.distributed:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model_without_ddp = model
+    if dist_info.distributed:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    train_model = torch.compile(model) if args.compile else model
+
+    sampler = torch.utils.data.DistributedSampler(train_set, dist_info.world_size, dist_info.rank, shuffle=True,
+                                                  seed=args.seed, drop_last=True)
+    train_loader = _loader(train_set, sampler, args, True)
+    text_cfg = None if embeddings is None else {
+        "loss_type": args.loss_type, "tau": args.tau, "lamb": args.lamb,
+        "gather_with_grad": args.gather_with_grad, "local_loss": args.local_loss}
+    ce = nn.CrossEntropyLoss()
+    test_stats = {}
+    logger.info(f"training {args.arch} for {args.epochs} epochs on {dist_info.world_size} process(es), "
+                f"{len(train_set)} images, lr {lr:g}")
+    last_epoch = args.epochs if args.stop_after is None else min(args.epochs, args.start_epoch + args.stop_after)
+    for epoch in range(args.start_epoch, last_epoch):
+        sampler.set_epoch(epoch)
+        seed_everything(args.seed + 1000 * dist_info.rank + epoch)  # augmentation: seed + rank, per epoch
+        try:
+            train_stats = train_one_epoch(train_model, train_loader, optimizer, device, epoch,
+                                          criterion=lambda _, logits, targets: ce(logits, targets), text=text_cfg,
+                                          amp_dtype=amp_dtype, scaler=scaler, print_freq=args.print_freq,
+                                          num_epochs=args.epochs, channels_last=args.channels_last)
+        except NonFiniteLoss as e:
+            raise UserError(str(e)) from None
+        scheduler.step()
+        test_stats = evaluate(model_without_ddp, val_loader, device, amp_dtype, args.channels_last)
+        logger.info(f"epoch {epoch}: test top-1 {test_stats['acc1']:.2f}% top-5 {test_stats['acc5']:.2f}% "
+                    f"({test_stats['num_images']} images)")
+        improved = test_stats["acc1"] > best["acc1"]
+        if improved:
+            best = {"acc1": test_stats["acc1"], "epoch": epoch}
+        state = {"recipe": RECIPE, "arch": args.arch, "text_dim": text_dim, "epoch": epoch, "best": best,
+                 "model": model_without_ddp.backbone.state_dict(),
+                 "projection_head": model_without_ddp.projection_head.state_dict() if text_dim else None,
+                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                 "scaler": scaler.state_dict() if scaler.is_enabled() else None, "args": vars(args)}
+        save_checkpoint(state, os.path.join(args.save_dir, CHECKPOINT), dist_info.is_main)
+        if improved:
+            save_checkpoint(state, os.path.join(args.save_dir, "best_model.pth.tar"), dist_info.is_main)
+        record.log_epoch({"epoch": epoch, "lr": train_stats["lr"], **{f"train_{k}": v for k, v in train_stats.items()
+                                            if k not in ("images_per_s", "epoch_time_s", "steps")},
+                          **{f"test_{k}": v for k, v in test_stats.items()},
+                          "epoch_time_s": train_stats["epoch_time_s"], "images_per_s": train_stats["images_per_s"],
+                          "n_parameters": n_parameters})
+    record.close()
+    if dist_info.is_main:
+        classifier = os.path.join(args.save_dir, "classifier.pth")
+        atomic_torch_save(model_without_ddp.backbone.state_dict(), classifier)
+        logger.info(f"outputs in {os.path.abspath(args.save_dir)}: checkpoint.pth, best_model.pth.tar, "
+                    f"classifier.pth (loads into torchvision.models.{args.arch}()), log.txt, args.json, tensorboard/")
+    final = test_stats.get("acc1", float("nan"))
+    logger.info(f"best top-1 {best['acc1']:.2f}% at epoch {best['epoch']}, final top-1 {final:.2f}%")
+    return {"best": best, "final_acc1": final}
+
+
+def _evaluate_only(args, model, val_loader, device, amp_dtype):
+    if not args.resume:
+        raise UserError("--evaluate needs --resume PATH (our checkpoint or a torchvision state dict)")
+    from gpt4image.checkpoint import load_checkpoint
+    load_classifier_weights(model.backbone, load_checkpoint(args.resume), args.resume)
+    stats = evaluate(model, val_loader, device, amp_dtype, args.channels_last)
+    logger.info(f"evaluation of {args.resume}: top-1 {stats['acc1']:.3f}% top-5 {stats['acc5']:.3f}% "
+                f"loss {stats['loss']:.4f} over {stats['num_images']} images")
+    return stats
+
+
+if __name__ == "__main__":
+    exit_on_user_error(main, sys.argv[1:])
