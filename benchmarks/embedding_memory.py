@@ -94,9 +94,6 @@ def _measure(rows, dim, args):
         for pr in procs:
             tree += [pr.pid] + _children(pr.pid)
         pss_mib = sum(_pss_kib(pid) for pid in tree) / 1024
-        if os.environ.get("DEBUG_PSS"):
-            for pid in tree:
-                print(pid, {k: _pss_kib(pid, k) // 1024 for k in ("Pss", "Pss_Anon", "Pss_File", "Pss_Shmem")})
         seconds = time.time() - t0
         done.set()
         for pr in procs:

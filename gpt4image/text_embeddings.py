@@ -28,6 +28,13 @@ class TextEmbeddings:
     def __getitem__(self, index):
         return self.table[index]
 
+    def __reduce__(self):
+        # Sent to a spawned DataLoader worker, the table is mapped again from its file: pickling the
+        # tensor would copy it into a new shared-memory segment per receiving process tree.
+        if os.path.isfile(self.path) and self.table.shape[0] == getattr(self, "_rows_on_disk", -1):
+            return (_reopen, (self.path, self.metadata))
+        return super().__reduce__()
+
     @property
     def dim(self):
         return self.table.shape[1]
@@ -88,7 +95,16 @@ def load_text_embeddings(path, validate=True):
             metadata = json.load(f)
     if validate:
         _validate(table, path)
-    return TextEmbeddings(table, path, metadata)
+    embeddings = TextEmbeddings(table, path, metadata)
+    embeddings._rows_on_disk = table.shape[0]
+    return embeddings
+
+
+def _reopen(path, metadata):
+    table = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    embeddings = TextEmbeddings(table, path, metadata)
+    embeddings._rows_on_disk = table.shape[0]
+    return embeddings
 
 
 def dataset_file_list(dataset):

@@ -194,3 +194,13 @@ def test_alignment_log_line_states_the_effective_weight():
     line = gpt4image.describe_alignment("clip", 0.2, 0.3, False, False, 4)
     assert "effective text-loss weight=0.075" in line and "world_size=4" in line
     assert "effective text-loss weight=0.3" in gpt4image.describe_alignment("clip", 0.2, 0.3, True, True, 4)
+
+
+def test_a_table_sent_to_a_spawned_worker_is_mapped_again_not_copied(tmp_path):
+    import pickle
+    path = _save_table(tmp_path / "t.pth", F.normalize(torch.randn(10, 8), dim=-1).half(), {"num_rows": 10})
+    emb = load_text_embeddings(path)
+    blob = pickle.dumps(emb)
+    assert len(blob) < 1000  # the path, not the rows
+    again = pickle.loads(blob)
+    assert torch.equal(again.table, emb.table) and again.metadata == {"num_rows": 10}
