@@ -16,7 +16,10 @@ CHECKPOINT = "checkpoint.pth"
 
 
 def seed_everything(seed):
+    """Seed Python, NumPy (timm's Mixup draws from it) and torch."""
+    import numpy as np
     random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
     torch.manual_seed(seed)
 
 

@@ -57,3 +57,4 @@ def _load_recipe(name):
 
 
 _load_recipe("resnet")
+_load_recipe("deit")

@@ -1,0 +1,85 @@
+"""Datasets and transforms of the DeiT recipe: ImageFolder (ImageNet or any), local CIFAR-100, generated."""
+import torch
+from timm.data import create_transform
+from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.data.mixup import mixup_target
+from torchvision import datasets, transforms
+
+from gpt4image.errors import UserError
+from gpt4image.recipe import build_image_folders, generated_datasets
+
+
+class LocalCIFAR100(datasets.CIFAR100):
+    """CIFAR-100 read from ``root/cifar-100-python`` as torchvision lays it out, never downloaded.
+
+    torchvision's own check compares MD5 sums of the official archive; a local copy (or a file set
+    written in the same format) only has to be present and readable.
+    """
+
+    train_list = [["train", None]]
+    test_list = [["test", None]]
+    meta = {**datasets.CIFAR100.meta, "md5": None}  # no MD5: presence and readability are checked
+
+
+def build_transform(is_train, args):
+    if is_train:
+        t = create_transform(input_size=args.input_size, is_training=True, color_jitter=args.color_jitter,
+                             auto_augment=args.aa, interpolation=args.train_interpolation, re_prob=args.reprob,
+                             re_mode=args.remode, re_count=args.recount)
+        if args.input_size <= 32:  # as DeiT: small images get a padded random crop, not a resized one
+            t.transforms[0] = transforms.RandomCrop(args.input_size, padding=4)
+        return t
+    size = int(args.input_size / args.eval_crop_ratio)
+    return transforms.Compose([
+        transforms.Resize(size, interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.CenterCrop(args.input_size),
+        transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
+    ])
+
+
+def build_datasets(args):
+    """(train, val, number of classes) for --data-set / --data-path (generated data without a path)."""
+    train_tf, val_tf = build_transform(True, args), build_transform(False, args)
+    if args.data_path is None:
+        train, val = generated_datasets(args.nb_classes, args.input_size, *args.generated_size, train_tf, val_tf)
+        return train, val, args.nb_classes
+    if args.data_set == "CIFAR":
+        try:
+            train = LocalCIFAR100(args.data_path, train=True, transform=train_tf, download=False)
+            val = LocalCIFAR100(args.data_path, train=False, transform=val_tf, download=False)
+        except RuntimeError as e:
+            raise UserError(f"no CIFAR-100 under {args.data_path!r} ({e}); it must hold cifar-100-python/ "
+                            f"with train, test and meta as torchvision writes them") from None
+        return train, val, 100
+    train, val = build_image_folders(args.data_path, train_tf, val_tf)
+    return train, val, len(train.classes)
+
+
+class TextMixup:
+    """timm's Mixup/CutMix that can also mix the text embeddings (``--mix-text``, a deviation).
+
+    The released recipe mixes images and labels only: image i stays aligned with its own
+    description. With ``mix_text`` the rows are mixed with the same partner (the batch reversed)
+    and the same lambda as the images, then renormalised to unit length.
+    """
+
+    def __init__(self, mix_text=False, **mixup_kwargs):
+        from timm.data import Mixup
+        self.mixup = Mixup(**mixup_kwargs)
+        self.mix_text = mix_text
+
+    def __call__(self, images, targets, text=None):
+        m = self.mixup
+        if m.mode == "elem":
+            lam = m._mix_elem(images)
+        elif m.mode == "pair":
+            lam = m._mix_pair(images)
+        else:
+            lam = m._mix_batch(images)
+        targets = mixup_target(targets, m.num_classes, lam, m.label_smoothing)
+        if self.mix_text and text is not None:
+            weight = lam if isinstance(lam, float) else lam.to(text.device).view(-1, 1)
+            mixed = text.float() * weight + text.float().flip(0) * (1 - weight)
+            text = torch.nn.functional.normalize(mixed, dim=-1)
+        return images, targets, text

@@ -1,0 +1,316 @@
+"""DeiT-base on ImageNet-1k with the GPT4Image text-alignment loss (METHOD.md, "Recipes").
+
+    cd deit && torchrun --nproc_per_node=8 main.py --data-path=/path/to/imagenet --batch-size=128 \
+        --text_emb=imagenet_clip_text_emb_0_1281166.pth --output_dir=./outputs
+
+The full DeiT recipe (RandAugment, random erasing, repeated augmentation, Mixup/CutMix, label
+smoothing, EMA, AdamW with warm-up and cosine, optional distillation) on timm 1.x, plus the
+alignment of the class token (after the final norm) with the stored text embeddings.
+"""
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import gpt4image  # noqa: E402,F401  (first: makes torchvision importable)
+import timm  # noqa: E402
+import torch  # noqa: E402
+from timm.scheduler import CosineLRScheduler  # noqa: E402
+from timm.utils import ModelEmaV2  # noqa: E402
+
+from datasets import TextMixup, build_datasets  # noqa: E402
+from losses import DistillationLoss, base_criterion  # noqa: E402
+from gpt4image import (ExactDistributedSampler, RASampler, TextAlignedModel, build_projection_head,  # noqa: E402
+                       describe_alignment, init_distributed, save_checkpoint, setup_logging)
+from gpt4image.checkpoint import load_checkpoint  # noqa: E402
+from gpt4image.distributed import cleanup, logger  # noqa: E402
+from gpt4image.engine import NonFiniteLoss, evaluate, train_one_epoch  # noqa: E402
+from gpt4image.errors import UserError, exit_on_user_error  # noqa: E402
+from gpt4image.io import atomic_torch_save  # noqa: E402
+from gpt4image.recipe import (CHECKPOINT, RunRecord, add_common_args, attach_text_embeddings,  # noqa: E402
+                              find_resume, load_classifier_weights, load_resume, seed_everything)
+
+RECIPE = "deit"
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser("GPT4Image DeiT recipe", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--batch-size", default=128, type=int, help="per process (paper: 8 x 128)")
+    a("--epochs", default=300, type=int)
+    a("--bce-loss", action="store_true")
+    a("--unscale-lr", action="store_true", help="use --lr as given (else lr x batch x W / 512)")
+    # model
+    a("--model", default="deit_base_patch16_224", type=str)
+    a("--input-size", default=224, type=int)
+    a("--drop", type=float, default=0.0)
+    a("--drop-path", type=float, default=0.1)
+    a("--model-ema", action="store_true", default=True)
+    a("--no-model-ema", action="store_false", dest="model_ema")
+    a("--model-ema-decay", type=float, default=0.99996)
+    a("--model-ema-force-cpu", action="store_true", default=False)
+    # optimizer and schedule
+    a("--opt", default="adamw", choices=["adamw"], help="AdamW (fused on CUDA)")
+    a("--opt-eps", default=1e-8, type=float)
+    a("--opt-betas", default=None, type=float, nargs="+")
+    a("--clip-grad", type=float, default=None)
+    a("--momentum", type=float, default=0.9, help="unused by AdamW; kept for DeiT's command lines")
+    a("--weight-decay", type=float, default=0.05)
+    a("--sched", default="cosine", choices=["cosine"])
+    a("--lr", type=float, default=5e-4)
+    a("--warmup-lr", type=float, default=1e-6)
+    a("--min-lr", type=float, default=1e-5)
+    a("--warmup-epochs", type=int, default=5)
+    # augmentation
+    a("--color-jitter", type=float, default=0.3)
+    a("--aa", type=str, default="rand-m9-mstd0.5-inc1")
+    a("--smoothing", type=float, default=0.1)
+    a("--train-interpolation", type=str, default="bicubic")
+    a("--repeated-aug", action="store_true", default=True)
+    a("--no-repeated-aug", action="store_false", dest="repeated_aug")
+    a("--reprob", type=float, default=0.25)
+    a("--remode", type=str, default="pixel")
+    a("--recount", type=int, default=1)
+    a("--mixup", type=float, default=0.8)
+    a("--cutmix", type=float, default=1.0)
+    a("--cutmix-minmax", type=float, nargs="+", default=None)
+    a("--mixup-prob", type=float, default=1.0)
+    a("--mixup-switch-prob", type=float, default=0.5)
+    a("--mixup-mode", type=str, default="batch", choices=["batch", "pair", "elem"])
+    a("--mix-text", action="store_true", help="mix text embeddings like the images (a deviation)")
+    a("--eval-crop-ratio", type=float, default=1.0, help="1.0 as released; 0.875 is DeiT's protocol")
+    # distillation
+    a("--teacher-model", default="regnety_160", type=str)
+    a("--teacher-path", type=str, default="")
+    a("--distillation-type", default="none", choices=["none", "soft", "hard"])
+    a("--distillation-alpha", default=0.5, type=float)
+    a("--distillation-tau", default=1.0, type=float)
+    a("--finetune", default="", help="initialise from a checkpoint (head dropped if its shape differs)")
+    # data and run
+    a("--data-path", default=None, type=str, help="ImageFolder root (train/, val/) or CIFAR root; default: generated")
+    a("--data-set", default="IMNET", choices=["IMNET", "CIFAR"], type=str, help="IMNET: any ImageFolder")
+    a("--nb-classes", type=int, default=1000, help="generated data only")
+    a("--generated-size", type=int, nargs=2, default=[1281, 500], metavar=("TRAIN", "VAL"))
+    a("--output_dir", "--output-dir", default="./outputs", dest="output_dir")
+    a("--seed", default=0, type=int)
+    a("--resume", default="", help="checkpoint to resume from (default: output_dir/checkpoint.pth)")
+    a("--start_epoch", default=0, type=int)
+    a("--eval", action="store_true", help="evaluate --resume only")
+    a("--dist-eval", action="store_true", default=True, help="kept for DeiT's command lines: evaluation is "
+                                                             "always distributed and counts each image once")
+    a("--num_workers", default=10, type=int)
+    a("--pin-mem", action="store_true", default=True)
+    a("--no-pin-mem", action="store_false", dest="pin_mem")
+    a("-p", "--print-freq", type=int, default=10)
+    # GPT4Image
+    a("--text_emb", default="imagenet_clip_text_emb_0_1281166.pth", help="'none' trains the baseline")
+    a("--proj_type", default="mlp", choices=["mlp", "linear"])
+    a("--loss_type", default="clip", choices=["clip", "ctr", "byol"])
+    a("--lamb", type=float, default=0.3)
+    a("--tau", type=float, default=0.05)
+    return add_common_args(p)
+
+
+def build_model(args, num_classes, text_dim):
+    backbone = timm.create_model(args.model, pretrained=False, num_classes=num_classes, drop_rate=args.drop,
+                                 drop_path_rate=args.drop_path, img_size=args.input_size)
+    if args.distillation_type != "none":
+        if not hasattr(backbone, "set_distilled_training"):
+            raise UserError(f"--distillation-type {args.distillation_type} needs a distilled student such as "
+                            f"deit_base_distilled_patch16_224, not {args.model}")
+        backbone.set_distilled_training(True)
+    if args.finetune:
+        _load_finetune(backbone, args.finetune)
+    head = None
+    if text_dim is not None:
+        head = build_projection_head(args.proj_type, backbone.num_features, text_dim, batchnorm=False, init_std=0.02)
+    return TextAlignedModel(backbone, head)
+
+
+def _load_finetune(backbone, path):
+    from timm.layers import resample_abs_pos_embed
+    state = load_checkpoint(path)
+    state = dict(state.get("model", state))
+    own = backbone.state_dict()
+    for k in ("head.weight", "head.bias", "head_dist.weight", "head_dist.bias"):
+        if k in state and state[k].shape != own[k].shape:
+            logger.info(f"finetune: dropping {k} of shape {tuple(state[k].shape)}")
+            del state[k]
+    if "pos_embed" in state and state["pos_embed"].shape != own["pos_embed"].shape:
+        state["pos_embed"] = resample_abs_pos_embed(state["pos_embed"], list(backbone.patch_embed.grid_size),
+                                                    num_prefix_tokens=backbone.num_prefix_tokens)
+    backbone.load_state_dict(state, strict=False)
+
+
+def build_teacher(args, num_classes, device):
+    if args.distillation_type == "none":
+        return None
+    if not args.teacher_path:
+        raise UserError("distillation needs --teacher-path (a local checkpoint of --teacher-model)")
+    teacher = timm.create_model(args.teacher_model, pretrained=False, num_classes=num_classes, global_pool="avg")
+    load_classifier_weights(teacher, load_checkpoint(args.teacher_path), args.teacher_path)
+    return teacher.to(device).eval()
+
+
+def build_optimizer(args, model, lr, device):
+    from timm.optim import param_groups_weight_decay
+    skip = {f"backbone.{n}" for n in getattr(model.backbone, "no_weight_decay", lambda: set())()}
+    groups = param_groups_weight_decay(model, args.weight_decay, no_weight_decay_list=skip)
+    betas = tuple(args.opt_betas) if args.opt_betas else (0.9, 0.999)
+    return torch.optim.AdamW(groups, lr=lr, eps=args.opt_eps, betas=betas, fused=device.type == "cuda")
+
+
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
+    dist_info = init_distributed(args.local_rank, args.device)
+    setup_logging(dist_info.is_main)
+    try:
+        return _run(args, dist_info, dist_info.device)
+    finally:
+        cleanup()
+
+
+def _run(args, dist_info, device):
+    if args.amp_dtype is None and device.type == "cuda":
+        args.amp_dtype = "float16"  # the released recipe always trained under fp16 autocast
+    amp_dtype = getattr(torch, args.amp_dtype) if args.amp_dtype else None
+    if args.local_loss and not args.gather_with_grad:
+        raise UserError("--local-loss needs --gather-with-grad")
+    logger.info("arguments: " + json.dumps(vars(args), sort_keys=True))
+    train_set, val_set, num_classes = build_datasets(args)
+    train_set, embeddings = attach_text_embeddings(train_set, None if args.eval else args.text_emb,
+                                                   args.data_path is None)
+    text_dim = embeddings.dim if embeddings is not None else None
+    logger.info(f"evaluation: resize {int(args.input_size / args.eval_crop_ratio)}, centre crop {args.input_size} "
+                f"(crop ratio {args.eval_crop_ratio})")
+
+    seed_everything(args.seed)
+    model = build_model(args, num_classes, text_dim).to(device)
+    n_parameters = sum(p.numel() for p in model.backbone.parameters() if p.requires_grad)
+    pin = args.pin_mem and device.type == "cuda"
+    val_loader = torch.utils.data.DataLoader(
+        val_set, sampler=ExactDistributedSampler(val_set, dist_info.rank, dist_info.world_size),
+        batch_size=int(1.5 * args.batch_size), num_workers=args.num_workers, pin_memory=pin)
+    if args.eval:
+        if not args.resume:
+            raise UserError("--eval needs --resume PATH (our checkpoint or a timm state dict)")
+        load_classifier_weights(model.backbone, load_checkpoint(args.resume), args.resume)
+        stats = evaluate(model, val_loader, device, amp_dtype)
+        logger.info(f"evaluation of {args.resume}: top-1 {stats['acc1']:.3f}% top-5 {stats['acc5']:.3f}% "
+                    f"over {stats['num_images']} images")
+        return stats
+
+    record = RunRecord(args.output_dir, args, dist_info.is_main)
+    logger.info(describe_alignment(args.loss_type, args.tau, args.lamb, args.gather_with_grad, args.local_loss,
+                                   dist_info.world_size) if embeddings is not None else "text alignment: off (baseline)")
+    ema = None
+    if args.model_ema:  # EMA of the whole wrapper: backbone and projection head
+        ema = ModelEmaV2(model, decay=args.model_ema_decay, device="cpu" if args.model_ema_force_cpu else None)
+    lr = args.lr if args.unscale_lr else args.lr * args.batch_size * dist_info.world_size / 512.0
+    optimizer = build_optimizer(args, model, lr, device)
+    scheduler = CosineLRScheduler(optimizer, t_initial=args.epochs, lr_min=args.min_lr, warmup_lr_init=args.warmup_lr,
+                                  warmup_t=args.warmup_epochs, cycle_limit=1, t_in_epochs=True)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    best = {"acc1": -1.0, "epoch": -1, "ema_acc1": -1.0, "ema_epoch": -1}
+
+    resume = find_resume(args.resume, args.output_dir)
+    if resume:
+        ckpt = load_resume(resume, RECIPE, args.model, text_dim)
+        model.backbone.load_state_dict(ckpt["model"])
+        if model.projection_head is not None and ckpt.get("projection_head"):
+            model.projection_head.load_state_dict(ckpt["projection_head"])
+        if ema is not None and ckpt.get("model_ema"):
+            ema.module.load_state_dict(ckpt["model_ema"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["lr_scheduler"])
+        if ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        args.start_epoch = ckpt["epoch"] + 1
+        best = ckpt.get("best", best)
+        record.truncate_after(args.start_epoch)
+        logger.info(f"resuming from {resume}: continuing at epoch {args.start_epoch}")
+    if args.start_epoch > 0:
+        scheduler.step(args.start_epoch)
+
+    model_without_ddp = model
+    if dist_info.distributed:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    train_model = torch.compile(model) if args.compile else model
+
+    if args.repeated_aug:
+        sampler = RASampler(train_set, dist_info.rank, dist_info.world_size, shuffle=True, seed=args.seed)
+    else:
+        sampler = torch.utils.data.DistributedSampler(train_set, dist_info.world_size, dist_info.rank, shuffle=True,
+                                                      seed=args.seed)
+    train_loader = torch.utils.data.DataLoader(train_set, sampler=sampler, batch_size=args.batch_size,
+                                               num_workers=args.num_workers, pin_memory=pin, drop_last=True,
+                                               persistent_workers=args.num_workers > 0)
+    mixup_active = args.mixup > 0 or args.cutmix > 0.0 or args.cutmix_minmax is not None
+    mix_fn = None
+    if mixup_active:
+        mix_fn = TextMixup(mix_text=args.mix_text, mixup_alpha=args.mixup, cutmix_alpha=args.cutmix,
+                           cutmix_minmax=args.cutmix_minmax, prob=args.mixup_prob, switch_prob=args.mixup_switch_prob,
+                           mode=args.mixup_mode, label_smoothing=args.smoothing, num_classes=num_classes)
+    criterion = DistillationLoss(base_criterion(mixup_active, args.smoothing, args.bce_loss),
+                                 build_teacher(args, num_classes, device), args.distillation_type,
+                                 args.distillation_alpha, args.distillation_tau)
+    text_cfg = None if embeddings is None else {
+        "loss_type": args.loss_type, "tau": args.tau, "lamb": args.lamb,
+        "gather_with_grad": args.gather_with_grad, "local_loss": args.local_loss}
+
+    logger.info(f"training {args.model} for {args.epochs} epochs on {dist_info.world_size} process(es), "
+                f"{len(train_set)} images, lr {lr:g}, {n_parameters / 1e6:.1f}M parameters")
+    test_stats, ema_stats = {}, {}
+    last_epoch = args.epochs if args.stop_after is None else min(args.epochs, args.start_epoch + args.stop_after)
+    for epoch in range(args.start_epoch, last_epoch):
+        sampler.set_epoch(epoch)
+        seed_everything(args.seed + 1000 * dist_info.rank + epoch)
+        try:
+            train_stats = train_one_epoch(train_model, train_loader, optimizer, device, epoch, criterion=criterion,
+                                          text=text_cfg, amp_dtype=amp_dtype, scaler=scaler, mix_fn=mix_fn, ema=ema,
+                                          clip_grad=args.clip_grad, print_freq=args.print_freq, num_epochs=args.epochs)
+        except NonFiniteLoss as e:
+            raise UserError(str(e)) from None
+        scheduler.step(epoch + 1)
+        test_stats = evaluate(model_without_ddp, val_loader, device, amp_dtype)
+        ema_stats = evaluate(ema.module, val_loader, device if not args.model_ema_force_cpu else torch.device("cpu"),
+                             amp_dtype) if ema is not None else {}
+        logger.info(f"epoch {epoch}: top-1 {test_stats['acc1']:.2f}% (EMA {ema_stats.get('acc1', float('nan')):.2f}%) "
+                    f"over {test_stats['num_images']} images")
+        improved = test_stats["acc1"] > best["acc1"]
+        if improved:
+            best.update(acc1=test_stats["acc1"], epoch=epoch)
+        if ema_stats and ema_stats["acc1"] > best["ema_acc1"]:
+            best.update(ema_acc1=ema_stats["acc1"], ema_epoch=epoch)
+        state = {"recipe": RECIPE, "arch": args.model, "text_dim": text_dim, "epoch": epoch, "best": best,
+                 "model": model_without_ddp.backbone.state_dict(),
+                 "projection_head": model_without_ddp.projection_head.state_dict() if text_dim else None,
+                 "model_ema": ema.module.state_dict() if ema is not None else None,
+                 "optimizer": optimizer.state_dict(), "lr_scheduler": scheduler.state_dict(),
+                 "scaler": scaler.state_dict() if scaler.is_enabled() else None, "args": vars(args)}
+        save_checkpoint(state, os.path.join(args.output_dir, CHECKPOINT), dist_info.is_main)
+        if improved:
+            save_checkpoint(state, os.path.join(args.output_dir, "best_checkpoint.pth"), dist_info.is_main)
+        record.log_epoch({**{f"train_{k}": v for k, v in train_stats.items() if k not in ("images_per_s", "epoch_time_s", "steps")},
+                          **{f"test_{k}": v for k, v in test_stats.items()},
+                          **{f"ema_test_{k}": v for k, v in ema_stats.items()},
+                          "epoch": epoch, "n_parameters": n_parameters, "eval_crop_ratio": args.eval_crop_ratio,
+                          "epoch_time_s": train_stats["epoch_time_s"], "images_per_s": train_stats["images_per_s"]})
+    record.close()
+    if dist_info.is_main:
+        atomic_torch_save(model_without_ddp.backbone.state_dict(), os.path.join(args.output_dir, "classifier.pth"))
+        if ema is not None:
+            atomic_torch_save(ema.module.backbone.state_dict(), os.path.join(args.output_dir, "classifier_ema.pth"))
+        logger.info(f"outputs in {os.path.abspath(args.output_dir)}: checkpoint.pth, best_checkpoint.pth, classifier.pth "
+                    f"and classifier_ema.pth (load into timm.create_model('{args.model}')), log.txt, args.json, tensorboard/")
+    nan = float("nan")
+    logger.info(f"best top-1 {best['acc1']:.2f}% (raw) / {best['ema_acc1']:.2f}% (EMA) at epochs "
+                f"{best['epoch']}/{best['ema_epoch']}, final {test_stats.get('acc1', nan):.2f}% / {ema_stats.get('acc1', nan):.2f}%")
+    return {"best": best, "final_acc1": test_stats.get("acc1"), "final_ema_acc1": ema_stats.get("acc1")}
+
+
+if __name__ == "__main__":
+    exit_on_user_error(main, sys.argv[1:])

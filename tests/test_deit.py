@@ -1,0 +1,155 @@
+"""The DeiT recipe end to end on CPU with deit_tiny at 32 px (4 tokens of 16 px)."""
+import json
+import os
+import pickle
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import REPO, run_script
+
+MAIN = os.path.join(REPO, "deit", "main.py")
+TINY = ["--model", "deit_tiny_patch16_224", "--input-size", "32", "--batch-size", "8", "-p", "2", "--seed", "0"]
+KEYS = {"epoch", "n_parameters", "train_lr", "train_loss", "train_ce_loss", "train_text_loss", "test_loss",
+        "test_acc1", "test_acc5", "ema_test_acc1", "epoch_time_s", "images_per_s", "eval_crop_ratio"}
+
+
+def _log(d):
+    return [json.loads(line) for line in open(os.path.join(d, "log.txt"))]
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "launch", "single"])
+def test_two_epochs_with_ema_and_the_final_line(launcher, image_folder, embeddings, tmp_path):
+    args = [MAIN, f"--data-path={image_folder}", f"--text_emb={embeddings}", f"--output_dir={tmp_path}",
+            "--epochs=2", "--num_workers=1", *TINY]
+    if launcher == "torchrun":
+        cmd = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args]
+    elif launcher == "launch":
+        cmd = ["-m", "torch.distributed.launch", "--nproc_per_node=2", "--use_env", *args]
+    else:
+        cmd = args
+    proc = run_script(cmd, cwd=os.path.join(REPO, "deit"))
+    log = _log(tmp_path)
+    assert [r["epoch"] for r in log] == [0, 1]
+    for r in log:
+        assert KEYS <= set(r), KEYS - set(r)
+        assert r["eval_crop_ratio"] == 1.0
+    last = proc.stdout.strip().splitlines()[-1]
+    assert "(raw)" in last and "(EMA)" in last and "final" in last
+    assert "crop ratio 1.0" in proc.stdout
+    world = 1 if launcher == "single" else 2
+    assert f"effective text-loss weight={0.3 / world:g}" in proc.stdout
+
+
+def test_aligned_feature_is_the_class_token_after_the_final_norm():
+    import deit_main
+    args = deit_main.get_args_parser().parse_args([*TINY, "--drop-path=0"])
+    model = deit_main.build_model(args, 5, 16).eval()
+    x = torch.randn(2, 3, 32, 32)
+    b = model.backbone
+    cls_token = b.forward_features(x)[:, 0]  # timm 1.x: all tokens, after the final norm
+    torch.testing.assert_close(cls_token, b.forward_head(b.forward_features(x), pre_logits=True))
+    model.train()
+    _, projected = model(x)
+    torch.testing.assert_close(projected, model.projection_head(cls_token))
+    assert [type(m).__name__ for m in model.projection_head] == ["Linear", "ReLU", "Linear"]
+
+
+def test_mixup_leaves_text_unmixed_by_default_and_mix_text_mixes_with_the_same_lambda():
+    from datasets import TextMixup
+    torch.manual_seed(0)
+    images = torch.zeros(4, 3, 8, 8)
+    images[:, 0] = torch.arange(4.0).view(4, 1, 1)
+    targets = torch.arange(4)
+    text = F.normalize(torch.randn(4, 6), dim=-1)
+    kwargs = dict(mixup_alpha=0.8, cutmix_alpha=0.0, prob=1.0, label_smoothing=0.0, num_classes=4)
+    _, mixed_targets, same = TextMixup(**kwargs)(images.clone(), targets, text.clone())
+    assert torch.equal(same, text)
+    mixed_images, mixed_targets, mixed_text = TextMixup(mix_text=True, **kwargs)(images.clone(), targets, text.clone())
+    lam = mixed_targets[0, 0].item()
+    assert 0 < lam < 1
+    torch.testing.assert_close(mixed_images[0, 0, 0, 0], torch.tensor(lam * 0 + (1 - lam) * 3))
+    expected = F.normalize(lam * text + (1 - lam) * text.flip(0), dim=-1)
+    torch.testing.assert_close(mixed_text, expected)
+
+
+def test_automatic_resume_equals_an_uninterrupted_run(image_folder, embeddings, tmp_path):
+    import deit_main
+    common = [f"--data-path={image_folder}", f"--text_emb={embeddings}", "--num_workers=0", *TINY, "--epochs=2"]
+    deit_main.main([*common, f"--output_dir={tmp_path}/straight"])
+    deit_main.main([*common, f"--output_dir={tmp_path}/resumed", "--stop-after=1"])
+    deit_main.main([*common, f"--output_dir={tmp_path}/resumed"])
+    a, b = torch.load(tmp_path / "straight" / "checkpoint.pth"), torch.load(tmp_path / "resumed" / "checkpoint.pth")
+    for part in ("model", "projection_head", "model_ema"):
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), (part, k)
+    timing = {"epoch_time_s", "images_per_s"}
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in timing} for r in rows]  # noqa: E731
+    assert strip(_log(tmp_path / "straight")) == strip(_log(tmp_path / "resumed"))
+
+
+@pytest.mark.parametrize("kind", ["soft", "hard"])
+def test_distillation_from_a_local_teacher_checkpoint(kind, image_folder, embeddings, tmp_path):
+    import timm
+    import deit_main
+    teacher = timm.create_model("resnet18", num_classes=4, global_pool="avg")
+    torch.save({"model": teacher.state_dict()}, tmp_path / "teacher.pth")
+    out = deit_main.main([f"--data-path={image_folder}", f"--text_emb={embeddings}", "--num_workers=0",
+                          "--model", "deit_tiny_distilled_patch16_224", "--input-size", "32", "--batch-size", "8",
+                          "--epochs=1", f"--output_dir={tmp_path}/run", "--teacher-model", "resnet18",
+                          f"--teacher-path={tmp_path}/teacher.pth", f"--distillation-type={kind}"])
+    log = _log(tmp_path / "run")
+    assert len(log) == 1 and np.isfinite(log[0]["train_loss"]) and log[0]["train_text_loss"] > 0
+    assert out["final_acc1"] is not None
+
+
+def _write_cifar100(root, n_train=40, n_test=20):
+    base = os.path.join(root, "cifar-100-python")
+    os.makedirs(base)
+    rng = np.random.default_rng(0)
+    for name, n in (("train", n_train), ("test", n_test)):
+        entry = {"data": rng.integers(0, 255, size=(n, 3072), dtype=np.uint8), "fine_labels": list(rng.integers(0, 100, n)),
+                 "coarse_labels": [0] * n, "filenames": [f"{i}.png" for i in range(n)]}
+        with open(os.path.join(base, name), "wb") as f:
+            pickle.dump(entry, f)
+    with open(os.path.join(base, "meta"), "wb") as f:
+        pickle.dump({"fine_label_names": [f"class{i}" for i in range(100)], "coarse_label_names": ["c"]}, f)
+
+
+def test_cifar100_from_local_files_with_text_embeddings(tmp_path):
+    import deit_main
+    _write_cifar100(tmp_path / "cifar")
+    torch.save(F.normalize(torch.randn(40, 32), dim=-1).half(), tmp_path / "emb.pth")
+    deit_main.main(["--data-set=CIFAR", f"--data-path={tmp_path}/cifar", f"--text_emb={tmp_path}/emb.pth",
+                    "--num_workers=0", *TINY, "--epochs=1", f"--output_dir={tmp_path}/run"])
+    log = _log(tmp_path / "run")
+    assert log[0]["test_num_images"] == 20 and log[0]["train_text_loss"] > 0
+
+
+def test_classifier_export_loads_into_plain_timm(image_folder, tmp_path):
+    import timm
+    import deit_main
+    deit_main.main([f"--data-path={image_folder}", "--text_emb=none", "--num_workers=0", *TINY, "--epochs=1",
+                    f"--output_dir={tmp_path}"])
+    for name in ("classifier.pth", "classifier_ema.pth"):
+        plain = timm.create_model("deit_tiny_patch16_224", num_classes=4, img_size=32)
+        plain.load_state_dict(torch.load(tmp_path / name))
+    stats = deit_main.main([f"--data-path={image_folder}", "--eval", f"--resume={tmp_path}/classifier.pth",
+                            "--num_workers=0", *TINY])
+    assert stats["num_images"] == 16 and stats["acc1"] == pytest.approx(_log(tmp_path)[0]["test_acc1"])
+
+
+def test_defaults_are_the_released_deit_recipe():
+    import deit_main
+    a = deit_main.get_args_parser().parse_args([])
+    assert (a.model, a.epochs, a.batch_size, a.lr, a.weight_decay, a.opt_eps) == \
+        ("deit_base_patch16_224", 300, 128, 5e-4, 0.05, 1e-8)
+    assert (a.warmup_epochs, a.warmup_lr, a.min_lr, a.drop_path, a.model_ema_decay) == (5, 1e-6, 1e-5, 0.1, 0.99996)
+    assert (a.aa, a.reprob, a.mixup, a.cutmix, a.mixup_switch_prob, a.smoothing) == \
+        ("rand-m9-mstd0.5-inc1", 0.25, 0.8, 1.0, 0.5, 0.1)
+    assert a.model_ema and a.repeated_aug and a.eval_crop_ratio == 1.0 and not a.mix_text
+    assert (a.proj_type, a.loss_type, a.lamb, a.tau) == ("mlp", "clip", 0.3, 0.05)
+    assert sys.modules["deit_main"] is deit_main
