@@ -22,15 +22,17 @@ from timm.utils import ModelEmaV2  # noqa: E402
 
 from datasets import TextMixup, build_datasets  # noqa: E402
 from losses import DistillationLoss, base_criterion  # noqa: E402
-from gpt4image import (ExactDistributedSampler, RASampler, TextAlignedModel, build_projection_head,  # noqa: E402
+from gpt4image import (RASampler, TextAlignedModel, build_projection_head,  # noqa: E402
                        describe_alignment, init_distributed, save_checkpoint, setup_logging)
 from gpt4image.checkpoint import load_checkpoint  # noqa: E402
 from gpt4image.distributed import cleanup, logger  # noqa: E402
 from gpt4image.engine import NonFiniteLoss, evaluate, train_one_epoch  # noqa: E402
 from gpt4image.errors import UserError, exit_on_user_error  # noqa: E402
 from gpt4image.io import atomic_torch_save  # noqa: E402
-from gpt4image.recipe import (CHECKPOINT, RunRecord, add_common_args, attach_text_embeddings,  # noqa: E402
-                              find_resume, load_classifier_weights, load_resume, seed_everything)
+from gpt4image.recipe import (CHECKPOINT, RunRecord, SkipCorrupt, add_common_args, attach_text_embeddings,  # noqa: E402
+                              build_eval_loader, build_train_loader, epoch_row, find_resume, load_classifier_weights, load_resume,
+                              resume_position, seed_everything, stop_after_signal)
+from gpt4image.resumable import StopRequest  # noqa: E402
 
 RECIPE = "deit"
 
@@ -179,10 +181,13 @@ def _run(args, dist_info, device):
     amp_dtype = getattr(torch, args.amp_dtype) if args.amp_dtype else None
     if args.local_loss and not args.gather_with_grad:
         raise UserError("--local-loss needs --gather-with-grad")
+    args.world_size = dist_info.world_size
     logger.info("arguments: " + json.dumps(vars(args), sort_keys=True))
     train_set, val_set, num_classes = build_datasets(args)
     train_set, embeddings = attach_text_embeddings(train_set, None if args.eval else args.text_emb,
                                                    args.data_path is None)
+    if args.skip_corrupt_images:
+        train_set = SkipCorrupt(train_set)
     text_dim = embeddings.dim if embeddings is not None else None
     logger.info(f"evaluation: resize {int(args.input_size / args.eval_crop_ratio)}, centre crop {args.input_size} "
                 f"(crop ratio {args.eval_crop_ratio})")
@@ -191,9 +196,7 @@ def _run(args, dist_info, device):
     model = build_model(args, num_classes, text_dim).to(device)
     n_parameters = sum(p.numel() for p in model.backbone.parameters() if p.requires_grad)
     pin = args.pin_mem and device.type == "cuda"
-    val_loader = torch.utils.data.DataLoader(
-        val_set, sampler=ExactDistributedSampler(val_set, dist_info.rank, dist_info.world_size),
-        batch_size=int(1.5 * args.batch_size), num_workers=args.num_workers, pin_memory=pin)
+    val_loader = build_eval_loader(val_set, dist_info, int(1.5 * args.batch_size), args.num_workers, pin)
     if args.eval:
         if not args.resume:
             raise UserError("--eval needs --resume PATH (our checkpoint or a timm state dict)")
@@ -215,6 +218,7 @@ def _run(args, dist_info, device):
                                   warmup_t=args.warmup_epochs, cycle_limit=1, t_in_epochs=True)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     best = {"acc1": -1.0, "epoch": -1, "ema_acc1": -1.0, "ema_epoch": -1}
+    start_step, partial = 0, None
 
     resume = find_resume(args.resume, args.output_dir)
     if resume:
@@ -228,10 +232,10 @@ def _run(args, dist_info, device):
         scheduler.load_state_dict(ckpt["lr_scheduler"])
         if ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
-        args.start_epoch = ckpt["epoch"] + 1
+        args.start_epoch, start_step, partial = resume_position(ckpt)
         best = ckpt.get("best", best)
         record.truncate_after(args.start_epoch)
-        logger.info(f"resuming from {resume}: continuing at epoch {args.start_epoch}")
+        logger.info(f"resuming from {resume}: continuing at epoch {args.start_epoch}, step {start_step}")
     if args.start_epoch > 0:
         scheduler.step(args.start_epoch)
 
@@ -245,9 +249,8 @@ def _run(args, dist_info, device):
     else:
         sampler = torch.utils.data.DistributedSampler(train_set, dist_info.world_size, dist_info.rank, shuffle=True,
                                                       seed=args.seed)
-    train_loader = torch.utils.data.DataLoader(train_set, sampler=sampler, batch_size=args.batch_size,
-                                               num_workers=args.num_workers, pin_memory=pin, drop_last=True,
-                                               persistent_workers=args.num_workers > 0)
+    train_loader, resumable = build_train_loader(train_set, sampler, args.batch_size, args.num_workers, pin,
+                                                 args.seed + 1000 * dist_info.rank)
     mixup_active = args.mixup > 0 or args.cutmix > 0.0 or args.cutmix_minmax is not None
     mix_fn = None
     if mixup_active:
@@ -265,15 +268,31 @@ def _run(args, dist_info, device):
                 f"{len(train_set)} images, lr {lr:g}, {n_parameters / 1e6:.1f}M parameters")
     test_stats, ema_stats = {}, {}
     last_epoch = args.epochs if args.stop_after is None else min(args.epochs, args.start_epoch + args.stop_after)
+    stop = StopRequest(dist_info.control_group)
+
+    def make_state(epoch, **position):
+        return {"recipe": RECIPE, "arch": args.model, "text_dim": text_dim, "epoch": epoch, "best": best,
+                "model": model_without_ddp.backbone.state_dict(),
+                "projection_head": model_without_ddp.projection_head.state_dict() if text_dim else None,
+                "model_ema": ema.module.state_dict() if ema is not None else None,
+                "optimizer": optimizer.state_dict(), "lr_scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict() if scaler.is_enabled() else None, "args": vars(args), **position}
+
     for epoch in range(args.start_epoch, last_epoch):
-        sampler.set_epoch(epoch)
-        seed_everything(args.seed + 1000 * dist_info.rank + epoch)
+        first = epoch == args.start_epoch
+        resumable.set_epoch(epoch, start_step * args.batch_size if first else 0)
         try:
             train_stats = train_one_epoch(train_model, train_loader, optimizer, device, epoch, criterion=criterion,
                                           text=text_cfg, amp_dtype=amp_dtype, scaler=scaler, mix_fn=mix_fn, ema=ema,
-                                          clip_grad=args.clip_grad, print_freq=args.print_freq, num_epochs=args.epochs)
+                                          clip_grad=args.clip_grad, print_freq=args.print_freq, num_epochs=args.epochs,
+                                          start_step=start_step if first else 0, partial=partial if first else None,
+                                          seed=args.seed + 1000 * dist_info.rank, should_stop=stop)
         except NonFiniteLoss as e:
             raise UserError(str(e)) from None
+        if "stopped_at_step" in train_stats:
+            step = train_stats["stopped_at_step"]
+            stop_after_signal(make_state(epoch, step_in_epoch=step, partial=train_stats["partial"]), args.output_dir,
+                              dist_info.is_main, stop, epoch, step)
         scheduler.step(epoch + 1)
         test_stats = evaluate(model_without_ddp, val_loader, device, amp_dtype)
         ema_stats = evaluate(ema.module, val_loader, device if not args.model_ema_force_cpu else torch.device("cpu"),
@@ -285,21 +304,14 @@ def _run(args, dist_info, device):
             best.update(acc1=test_stats["acc1"], epoch=epoch)
         if ema_stats and ema_stats["acc1"] > best["ema_acc1"]:
             best.update(ema_acc1=ema_stats["acc1"], ema_epoch=epoch)
-        state = {"recipe": RECIPE, "arch": args.model, "text_dim": text_dim, "epoch": epoch, "best": best,
-                 "model": model_without_ddp.backbone.state_dict(),
-                 "projection_head": model_without_ddp.projection_head.state_dict() if text_dim else None,
-                 "model_ema": ema.module.state_dict() if ema is not None else None,
-                 "optimizer": optimizer.state_dict(), "lr_scheduler": scheduler.state_dict(),
-                 "scaler": scaler.state_dict() if scaler.is_enabled() else None, "args": vars(args)}
+        state = make_state(epoch)
         save_checkpoint(state, os.path.join(args.output_dir, CHECKPOINT), dist_info.is_main)
         if improved:
             save_checkpoint(state, os.path.join(args.output_dir, "best_checkpoint.pth"), dist_info.is_main)
-        record.log_epoch({**{f"train_{k}": v for k, v in train_stats.items() if k not in ("images_per_s", "epoch_time_s", "steps")},
-                          **{f"test_{k}": v for k, v in test_stats.items()},
-                          **{f"ema_test_{k}": v for k, v in ema_stats.items()},
-                          "epoch": epoch, "n_parameters": n_parameters, "eval_crop_ratio": args.eval_crop_ratio,
-                          "epoch_time_s": train_stats["epoch_time_s"], "images_per_s": train_stats["images_per_s"]})
+        record.log_epoch(epoch_row(epoch, train_stats, test_stats, ema_stats, train_set=train_set,
+                                   n_parameters=n_parameters, eval_crop_ratio=args.eval_crop_ratio))
     record.close()
+    stop.restore()
     if dist_info.is_main:
         atomic_torch_save(model_without_ddp.backbone.state_dict(), os.path.join(args.output_dir, "classifier.pth"))
         if ema is not None:

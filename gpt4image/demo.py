@@ -1,14 +1,20 @@
-"""The main job on built-in generated data: no download, no GPU.
+"""The whole pipeline on built-in generated data: no download, no GPU, a few minutes on 2 cores.
 
-    python -m gpt4image.demo [--out gpt4image_demo]
+    python -m gpt4image.demo [--out gpt4image_demo] [--nproc 2] [--epochs 4]
 
-Generates a small ImageFolder with one description per training image and a tiny random CLIP,
-then runs description2embedding.py on them.
+1. draws a small ImageFolder (4 visibly different classes, 32 px) and writes one description per
+   training image; builds a tiny random CLIP in OpenAI's checkpoint format;
+2. runs description2embedding.py: descriptions -> text-embedding table;
+3. trains the ResNet recipe (resnet18) and the DeiT recipe (deit_tiny) with torchrun on --nproc
+   processes, each with and without text alignment;
+4. prints the results table (python -m gpt4image.report) and draws the curves.
 """
 import argparse
 import os
+import shutil
 import subprocess
 import sys
+import time
 
 import torch
 
@@ -17,9 +23,9 @@ from .synthetic import describe_image_folder, make_image_folder, save_tiny_clip
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _run(cmd, cwd):
+def _run(cmd, cwd, env=None):
     print("$ " + " ".join(cmd), flush=True)
-    subprocess.run(cmd, cwd=cwd, check=True)
+    subprocess.run(cmd, cwd=cwd, check=True, env=env)
 
 
 def prepare_data(out):
@@ -39,17 +45,52 @@ def prepare_data(out):
     return {"data": data, "descriptions": captions, "clip": clip_path, "embeddings": emb}
 
 
+def _train(recipe, name, paths, out, args, text):
+    run_dir = os.path.join(out, "runs", name)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    text_emb = paths["embeddings"] if text else "none"
+    if recipe == "resnet":
+        flags = [f"--data={paths['data']}", f"--save_dir={run_dir}", "-a", "resnet18", "-b", "16", "-j", "1",
+                 "--input-size", "32", "--lr", "0.2", "--no_scale_lr", "-p", "4"]
+    else:
+        flags = [f"--data-path={paths['data']}", f"--output_dir={run_dir}", "--model", "deit_tiny_patch16_224",
+                 "--input-size", "32", "--batch-size", "16", "--num_workers", "1", "--lr", "2e-3", "--unscale-lr",
+                 "--warmup-epochs", "1", "--mixup", "0", "--cutmix", "0", "--reprob", "0", "--aa", "none",
+                 "--drop-path", "0", "--model-ema-decay", "0.9", "-p", "4"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
+           os.path.join(REPO, recipe, "main.py"), *flags, f"--text_emb={text_emb}", f"--epochs={args.epochs}"]
+    print(f"\n== {name}: {recipe} recipe, text alignment {'on' if text else 'off'} ==", flush=True)
+    _run(cmd, cwd=os.path.join(REPO, recipe), env=dict(os.environ, OMP_NUM_THREADS="1"))
+    return run_dir
+
+
 def main(argv=None):
     p = argparse.ArgumentParser("gpt4image.demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="gpt4image_demo", help="folder for everything the demo makes")
+    p.add_argument("--nproc", type=int, default=2, help="processes per training run (torchrun, gloo on CPU)")
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--skip-training", action="store_true", help="stop after the embedding table")
     args = p.parse_args(argv)
+    started = time.time()
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
     paths = prepare_data(out)
-    print("\ndemo outputs:")
+    runs = []
+    if not args.skip_training:
+        for recipe in ("resnet", "deit"):
+            for text in (False, True):
+                runs.append(_train(recipe, f"{recipe}_{'gpt4image' if text else 'baseline'}", paths, out, args, text))
+        from .report import main as report
+        print("\n== results ==", flush=True)
+        report([*runs, "--plot", os.path.join(out, "curves.png")])
+    print(f"\ndemo finished in {time.time() - started:.0f} s; outputs:")
     for name, path in paths.items():
         print(f"  {name:12s} {path}")
+    for run in runs:
+        print(f"  {'run':12s} {run}  (log.txt, args.json, checkpoint.pth, classifier.pth, tensorboard/)")
+    if runs:
+        print(f"  {'curves':12s} {os.path.join(out, 'curves.png')}")
 
 
 if __name__ == "__main__":

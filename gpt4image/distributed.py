@@ -19,6 +19,7 @@ class DistInfo:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    control_group: object = None  # a gloo group for small CPU-side agreements (None: the default group)
 
     @property
     def distributed(self):
@@ -70,7 +71,8 @@ def init_distributed(local_rank_arg=None, device=None, timeout_minutes=30):
         dist.init_process_group(backend="nccl" if use_cuda else "gloo", init_method="env://", rank=rank,
                                 world_size=world_size, timeout=datetime.timedelta(minutes=timeout_minutes),
                                 **({"device_id": dev} if use_cuda else {}))
-    return DistInfo(rank, world_size, local_rank, dev)
+    control = dist.new_group(backend="gloo") if world_size > 1 and use_cuda else None
+    return DistInfo(rank, world_size, local_rank, dev, control)
 
 
 def setup_logging(is_main, log_file=None):
@@ -86,6 +88,10 @@ def setup_logging(is_main, log_file=None):
         fh.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
         logger.addHandler(fh)
     return logger
+
+
+def is_main_process():
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 def reduce_sums(values, device):

@@ -9,8 +9,9 @@ import time
 
 import torch
 
-from .distributed import logger, reduce_sums
+from .distributed import is_main_process, logger, reduce_sums
 from .losses import alignment_loss
+from .resumable import mix_seed, seed_all
 
 
 class NonFiniteLoss(RuntimeError):
@@ -36,20 +37,23 @@ def _max_memory_mib(device):
 
 def train_one_epoch(model, loader, optimizer, device, epoch, *, criterion, text=None, amp_dtype=None, scaler=None,
                     mix_fn=None, ema=None, clip_grad=None, print_freq=10, num_epochs=None, channels_last=False,
-                    start_step=0, should_stop=None, on_step_end=None):
+                    start_step=0, partial=None, seed=None, should_stop=None):
     """Train ``model`` for one pass over ``loader``; return metrics averaged over all ranks.
 
     criterion(images, logits, targets) -> classification loss. ``text``: None (baseline) or a dict
     with loss_type, tau, lamb, gather_with_grad, local_loss; batches then carry a third element,
     the text embeddings. ``mix_fn(images, targets, text)`` applies Mixup/CutMix. ``should_stop()``
     is asked after every step; when it says True the epoch ends early and the returned dict has
-    ``stopped_at_step``. ``start_step`` skips the first steps of the loader's order (resume inside
-    an epoch). Keys: loss, ce_loss, text_loss, acc1 (when targets are hard), lr, images_per_s,
-    epoch_time_s, steps.
+    ``stopped_at_step`` and ``partial`` (the epoch's sums so far, over all ranks). ``start_step`` and
+    ``partial`` continue such an epoch (the loader then starts at that step). ``seed`` seeds each
+    step's main-process randomness from (seed, epoch, step). Keys: loss, ce_loss, text_loss, acc1
+    (when targets are hard), lr, images_per_s, epoch_time_s, steps.
     """
     model.train()
-    steps = len(loader)
+    steps = start_step + len(loader)
     stats = torch.zeros(5, device=device, dtype=torch.float64)  # loss, ce, text, correct, samples (sums)
+    if partial is not None and is_main_process():  # sums of the steps done before a stop, all ranks
+        stats += torch.tensor(partial, dtype=torch.float64, device=device)
     window = []  # per-step [loss, ce, text] since the last read-back
     started = time.time()
     data_time = 0.0
@@ -59,6 +63,8 @@ def train_one_epoch(model, loader, optimizer, device, epoch, *, criterion, text=
     fetch_start = time.time()
     step = start_step - 1
     for step, batch in enumerate(loader, start=start_step):
+        if seed is not None:
+            seed_all(mix_seed(seed, epoch, step, 1))
         images, targets = batch[0], batch[1]
         text_emb = batch[2] if text is not None else None
         images = images.to(device, non_blocking=True)
@@ -108,9 +114,6 @@ def train_one_epoch(model, loader, optimizer, device, epoch, *, criterion, text=
             stats[3] += (first_logits.argmax(dim=1) == hard_targets).sum()
         stats[4] += n
         images_seen += n
-        if on_step_end is not None:
-            on_step_end(step)
-
         stop = should_stop() if should_stop is not None else False
         if (step + 1) % print_freq == 0 or step + 1 == steps or stop:
             _check_finite(window, epoch, step)
@@ -129,6 +132,10 @@ def train_one_epoch(model, loader, optimizer, device, epoch, *, criterion, text=
             break
         fetch_start = time.time()
     elapsed = time.time() - started
+    if stopped_at is not None:
+        keys = ["loss", "ce", "text", "correct", "n"]
+        summed = reduce_sums(dict(zip(keys, stats.tolist())), device)
+        return {"stopped_at_step": stopped_at, "partial": [summed[k] for k in keys], "lr": lr}
     totals = reduce_sums({"loss": stats[0].item(), "ce": stats[1].item(), "text": stats[2].item(),
                           "correct": stats[3].item(), "n": stats[4].item(), "images_per_s": images_seen / max(elapsed, 1e-9)},
                          device)
@@ -137,8 +144,6 @@ def train_one_epoch(model, loader, optimizer, device, epoch, *, criterion, text=
                "lr": lr, "images_per_s": totals["images_per_s"], "epoch_time_s": elapsed, "steps": step + 1}
     if mix_fn is None:
         metrics["acc1"] = 100.0 * totals["correct"] / count
-    if stopped_at is not None:
-        metrics["stopped_at_step"] = stopped_at
     return metrics
 
 

@@ -15,5 +15,14 @@ def exit_on_user_error(main, argv=None):
     try:
         return main(argv)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        print(f"error: {one_line(e)}", file=sys.stderr, flush=True)
         sys.exit(2)
+
+
+def one_line(error):
+    """The message of a UserError, also when a DataLoader worker re-raised it with its traceback."""
+    text = str(error).strip()
+    if "Traceback" in text:
+        last = text.splitlines()[-1]
+        text = last.split("UserError: ", 1)[-1]
+    return text

@@ -2,14 +2,15 @@
 resume, and the run's record (args.json, log.txt, TensorBoard, the final line)."""
 import json
 import os
-import random
 
 import torch
 
-from .checkpoint import check_compatible, load_checkpoint
+from .checkpoint import check_compatible, load_checkpoint, save_checkpoint
 from .distributed import logger
 from .errors import UserError
 from .io import atomic_write_json, ensure_writable_dir
+from .resumable import PREEMPTED_EXIT_CODE, ResumableSampler, SeededSamples, ignore_stop_signals, seed_all
+from .samplers import ExactDistributedSampler
 from .text_embeddings import SyntheticTextEmbeddings, WithTextEmbeddings, load_text_embeddings
 
 CHECKPOINT = "checkpoint.pth"
@@ -17,10 +18,40 @@ CHECKPOINT = "checkpoint.pth"
 
 def seed_everything(seed):
     """Seed Python, NumPy (timm's Mixup draws from it) and torch."""
-    import numpy as np
-    random.seed(seed)
-    np.random.seed(seed % 2 ** 32)
-    torch.manual_seed(seed)
+    seed_all(seed)
+
+
+def build_train_loader(dataset, sampler, batch_size, num_workers, pin_memory, seed):
+    """Loader whose order and augmentation are reproducible and resumable inside an epoch.
+
+    Returns (loader, resumable sampler): call ``sampler.set_epoch(epoch, start_position)``."""
+    resumable = ResumableSampler(sampler)
+    loader = torch.utils.data.DataLoader(SeededSamples(dataset, seed), batch_size=batch_size, sampler=resumable,
+                                         num_workers=num_workers, pin_memory=pin_memory, drop_last=True,
+                                         persistent_workers=num_workers > 0, worker_init_fn=ignore_stop_signals)
+    return loader, resumable
+
+
+def build_eval_loader(dataset, dist_info, batch_size, num_workers, pin_memory):
+    """Loader visiting each validation sample exactly once over all ranks (evaluate without DDP)."""
+    sampler = ExactDistributedSampler(dataset, dist_info.rank, dist_info.world_size)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                                       pin_memory=pin_memory, worker_init_fn=ignore_stop_signals)
+
+
+def resume_position(checkpoint):
+    """(epoch to start, step inside it, partial sums) from a checkpoint; mid-epoch after a stop."""
+    if checkpoint.get("step_in_epoch"):
+        return checkpoint["epoch"], checkpoint["step_in_epoch"], checkpoint.get("partial")
+    return checkpoint["epoch"] + 1, 0, None
+
+
+def stop_after_signal(state, output_dir, is_main, stop, epoch, step):
+    """Save a mid-epoch checkpoint (``state`` plus the position) and exit with PREEMPTED_EXIT_CODE."""
+    save_checkpoint(state, os.path.join(output_dir, CHECKPOINT), is_main)
+    logger.warning(f"stopped by {stop.name} at epoch {epoch}, step {step}: checkpoint saved to "
+                   f"{os.path.join(output_dir, CHECKPOINT)}; run the same command again to continue from there")
+    raise SystemExit(PREEMPTED_EXIT_CODE)
 
 
 def add_common_args(p):
@@ -33,11 +64,50 @@ def add_common_args(p):
     p.add_argument("--local-loss", action="store_true",
                    help="clip loss with --gather-with-grad: compute only this rank's rows (same gradient, less memory)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--skip-corrupt-images", action="store_true",
+                   help="replace a training image that cannot be decoded by the next one (warned and counted in "
+                        "log.txt) instead of stopping")
     p.add_argument("--stop-after", type=int, default=None, metavar="N",
                    help="end this invocation after N epochs (job time limits); run the same command to continue")
     p.add_argument("--local-rank", "--local_rank", type=int, default=None, dest="local_rank",
                    help="set by the legacy torch.distributed.launch without --use_env")
     return p
+
+
+def load_image(path):
+    """Open an image as RGB; a file PIL cannot decode is a UserError that names it."""
+    from PIL import Image
+    try:
+        with open(path, "rb") as f:
+            image = Image.open(f)
+            return image.convert("RGB")
+    except (OSError, SyntaxError, ValueError) as e:
+        raise UserError(f"cannot decode image {path} ({e}); replace or delete the file, "
+                        f"or pass --skip-corrupt-images") from None
+
+
+class SkipCorrupt(torch.utils.data.Dataset):
+    """With --skip-corrupt-images: a sample whose image cannot be decoded is replaced by the next
+    good one (image, target and text embedding together, so pairs stay intact); counted in
+    ``skipped``, shared by all loader workers."""
+
+    def __init__(self, dataset):
+        import multiprocessing
+        self.dataset = dataset
+        self.skipped = multiprocessing.Value("i", 0)
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        for offset in range(len(self.dataset)):
+            try:
+                return self.dataset[(index + offset) % len(self.dataset)]
+            except UserError as e:
+                with self.skipped.get_lock():
+                    self.skipped.value += 1
+                logger.warning(f"skipping: {e}")
+        raise UserError("no image of the training set can be decoded")
 
 
 def build_image_folders(root, train_transform, val_transform):
@@ -48,8 +118,8 @@ def build_image_folders(root, train_transform, val_transform):
             raise UserError(f"{os.path.join(root, split)!r} does not exist; --data must hold train/ and val/ "
                             f"folders with one sub-folder per class")
     try:
-        train = torchvision.datasets.ImageFolder(os.path.join(root, "train"), train_transform)
-        val = torchvision.datasets.ImageFolder(os.path.join(root, "val"), val_transform)
+        train = torchvision.datasets.ImageFolder(os.path.join(root, "train"), train_transform, loader=load_image)
+        val = torchvision.datasets.ImageFolder(os.path.join(root, "val"), val_transform, loader=load_image)
     except (FileNotFoundError, RuntimeError) as e:
         raise UserError(f"cannot read the image folders under {root!r}: {e}") from None
     if train.classes != val.classes:
@@ -79,6 +149,19 @@ def attach_text_embeddings(train, text_emb, generated):
     else:
         embeddings = load_text_embeddings(text_emb)
     return WithTextEmbeddings(train, embeddings), embeddings
+
+
+def epoch_row(epoch, train_stats, test_stats, ema_stats=None, train_set=None, **extra):
+    """One log.txt line: train_* and test_* (and ema_test_*) metrics, timing, and ``extra``."""
+    row = {"epoch": epoch, "lr": train_stats["lr"]}
+    row.update({f"train_{k}": v for k, v in train_stats.items() if k not in ("images_per_s", "epoch_time_s", "steps")})
+    row.update({f"test_{k}": v for k, v in test_stats.items()})
+    row.update({f"ema_test_{k}": v for k, v in (ema_stats or {}).items()})
+    row.update(epoch_time_s=train_stats["epoch_time_s"], images_per_s=train_stats["images_per_s"])
+    if isinstance(train_set, SkipCorrupt):
+        row["train_corrupt_images_skipped"] = train_set.skipped.value
+    row.update(extra)
+    return row
 
 
 class RunRecord:

@@ -10,7 +10,6 @@ import argparse
 import json
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import gpt4image  # noqa: E402,F401  (first: makes torchvision importable)
@@ -19,15 +18,17 @@ import torch.nn as nn  # noqa: E402
 import torchvision  # noqa: E402
 from torchvision import transforms  # noqa: E402
 
-from gpt4image import (ExactDistributedSampler, TextAlignedModel, build_projection_head,  # noqa: E402
+from gpt4image import (TextAlignedModel, build_projection_head,  # noqa: E402
                        describe_alignment, init_distributed, save_checkpoint, setup_logging)
 from gpt4image.distributed import cleanup, logger  # noqa: E402
 from gpt4image.engine import NonFiniteLoss, evaluate, train_one_epoch  # noqa: E402
 from gpt4image.errors import UserError, exit_on_user_error  # noqa: E402
 from gpt4image.io import atomic_torch_save  # noqa: E402
-from gpt4image.recipe import (CHECKPOINT, RunRecord, add_common_args, attach_text_embeddings,  # noqa: E402
-                              build_image_folders, find_resume, generated_datasets, load_classifier_weights,
-                              load_resume, seed_everything)
+from gpt4image.recipe import (CHECKPOINT, RunRecord, SkipCorrupt, add_common_args, attach_text_embeddings,  # noqa: E402
+                              build_eval_loader, build_image_folders, build_train_loader, epoch_row, find_resume, generated_datasets,
+                              load_classifier_weights, load_resume, resume_position, seed_everything,
+                              stop_after_signal)
+from gpt4image.resumable import StopRequest  # noqa: E402
 
 RECIPE = "resnet"
 ARCHS = sorted(name for name in torchvision.models.list_models(module=torchvision.models)
@@ -88,12 +89,6 @@ def build_model(args, num_classes, text_dim):
     return TextAlignedModel(backbone, head)
 
 
-def _loader(dataset, sampler, args, train):
-    return torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
-                                       pin_memory=torch.cuda.is_available(), drop_last=train,
-                                       persistent_workers=args.workers > 0)
-
-
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
     dist_info = init_distributed(args.local_rank, args.device)
@@ -111,6 +106,7 @@ def _run(args, dist_info, device):
     amp_dtype = getattr(torch, args.amp_dtype) if args.amp_dtype and (args.use_amp or args.amp_dtype) else None
     if args.local_loss and not args.gather_with_grad:
         raise UserError("--local-loss needs --gather-with-grad")
+    args.world_size = dist_info.world_size
     logger.info("arguments: " + json.dumps(vars(args), sort_keys=True))
 
     train_tf, val_tf = transforms_for(args.input_size)
@@ -122,6 +118,8 @@ def _run(args, dist_info, device):
         train_set, val_set = build_image_folders(args.data, train_tf, val_tf)
     num_classes = len(train_set.classes) if hasattr(train_set, "classes") and not generated else args.num_classes
     train_set, embeddings = attach_text_embeddings(train_set, None if args.evaluate else args.text_emb, generated)
+    if args.skip_corrupt_images:
+        train_set = SkipCorrupt(train_set)
     text_dim = embeddings.dim if embeddings is not None else None
 
     seed_everything(args.seed)  # same initial weights on every rank
@@ -131,7 +129,7 @@ def _run(args, dist_info, device):
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
 
-    val_loader = _loader(val_set, ExactDistributedSampler(val_set, dist_info.rank, dist_info.world_size), args, False)
+    val_loader = build_eval_loader(val_set, dist_info, args.batch_size, args.workers, torch.cuda.is_available())
     if args.evaluate:
         return _evaluate_only(args, model, val_loader, device, amp_dtype)
 
@@ -147,6 +145,7 @@ def _run(args, dist_info, device):
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs, eta_min=args.min_lr)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     best = {"acc1": -1.0, "epoch": -1}
+    start_step, partial = 0, None
 
     resume = find_resume(args.resume, args.save_dir)
     if resume:
@@ -158,10 +157,10 @@ def _run(args, dist_info, device):
         scheduler.load_state_dict(ckpt["scheduler"])
         if ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
-        args.start_epoch = ckpt["epoch"] + 1
+        args.start_epoch, start_step, partial = resume_position(ckpt)
         best = ckpt.get("best", best)
         record.truncate_after(args.start_epoch)
-        logger.info(f"resuming from {resume}: continuing at epoch {args.start_epoch}")
+        logger.info(f"resuming from {resume}: continuing at epoch {args.start_epoch}, step {start_step}")
 
     model_without_ddp = model
     if args.sync_bn and dist_info.distributed:
@@ -173,7 +172,8 @@ def _run(args, dist_info, device):
 
     sampler = torch.utils.data.DistributedSampler(train_set, dist_info.world_size, dist_info.rank, shuffle=True,
                                                   seed=args.seed, drop_last=True)
-    train_loader = _loader(train_set, sampler, args, True)
+    train_loader, resumable = build_train_loader(train_set, sampler, args.batch_size, args.workers,
+                                                 torch.cuda.is_available(), args.seed + 1000 * dist_info.rank)
     text_cfg = None if embeddings is None else {
         "loss_type": args.loss_type, "tau": args.tau, "lamb": args.lamb,
         "gather_with_grad": args.gather_with_grad, "local_loss": args.local_loss}
@@ -182,16 +182,31 @@ def _run(args, dist_info, device):
     logger.info(f"training {args.arch} for {args.epochs} epochs on {dist_info.world_size} process(es), "
                 f"{len(train_set)} images, lr {lr:g}")
     last_epoch = args.epochs if args.stop_after is None else min(args.epochs, args.start_epoch + args.stop_after)
+    stop = StopRequest(dist_info.control_group)
+
+    def make_state(epoch, **position):
+        return {"recipe": RECIPE, "arch": args.arch, "text_dim": text_dim, "epoch": epoch, "best": best,
+                "model": model_without_ddp.backbone.state_dict(),
+                "projection_head": model_without_ddp.projection_head.state_dict() if text_dim else None,
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict() if scaler.is_enabled() else None, "args": vars(args), **position}
+
     for epoch in range(args.start_epoch, last_epoch):
-        sampler.set_epoch(epoch)
-        seed_everything(args.seed + 1000 * dist_info.rank + epoch)  # augmentation: seed + rank, per epoch
+        first = epoch == args.start_epoch
+        resumable.set_epoch(epoch, start_step * args.batch_size if first else 0)
         try:
             train_stats = train_one_epoch(train_model, train_loader, optimizer, device, epoch,
                                           criterion=lambda _, logits, targets: ce(logits, targets), text=text_cfg,
                                           amp_dtype=amp_dtype, scaler=scaler, print_freq=args.print_freq,
-                                          num_epochs=args.epochs, channels_last=args.channels_last)
+                                          num_epochs=args.epochs, channels_last=args.channels_last,
+                                          start_step=start_step if first else 0, partial=partial if first else None,
+                                          seed=args.seed + 1000 * dist_info.rank, should_stop=stop)
         except NonFiniteLoss as e:
             raise UserError(str(e)) from None
+        if "stopped_at_step" in train_stats:
+            step = train_stats["stopped_at_step"]
+            stop_after_signal(make_state(epoch, step_in_epoch=step, partial=train_stats["partial"]), args.save_dir,
+                              dist_info.is_main, stop, epoch, step)
         scheduler.step()
         test_stats = evaluate(model_without_ddp, val_loader, device, amp_dtype, args.channels_last)
         logger.info(f"epoch {epoch}: test top-1 {test_stats['acc1']:.2f}% top-5 {test_stats['acc5']:.2f}% "
@@ -199,20 +214,13 @@ def _run(args, dist_info, device):
         improved = test_stats["acc1"] > best["acc1"]
         if improved:
             best = {"acc1": test_stats["acc1"], "epoch": epoch}
-        state = {"recipe": RECIPE, "arch": args.arch, "text_dim": text_dim, "epoch": epoch, "best": best,
-                 "model": model_without_ddp.backbone.state_dict(),
-                 "projection_head": model_without_ddp.projection_head.state_dict() if text_dim else None,
-                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                 "scaler": scaler.state_dict() if scaler.is_enabled() else None, "args": vars(args)}
+        state = make_state(epoch)
         save_checkpoint(state, os.path.join(args.save_dir, CHECKPOINT), dist_info.is_main)
         if improved:
             save_checkpoint(state, os.path.join(args.save_dir, "best_model.pth.tar"), dist_info.is_main)
-        record.log_epoch({"epoch": epoch, "lr": train_stats["lr"], **{f"train_{k}": v for k, v in train_stats.items()
-                                            if k not in ("images_per_s", "epoch_time_s", "steps")},
-                          **{f"test_{k}": v for k, v in test_stats.items()},
-                          "epoch_time_s": train_stats["epoch_time_s"], "images_per_s": train_stats["images_per_s"],
-                          "n_parameters": n_parameters})
+        record.log_epoch(epoch_row(epoch, train_stats, test_stats, train_set=train_set, n_parameters=n_parameters))
     record.close()
+    stop.restore()
     if dist_info.is_main:
         classifier = os.path.join(args.save_dir, "classifier.pth")
         atomic_torch_save(model_without_ddp.backbone.state_dict(), classifier)

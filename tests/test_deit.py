@@ -13,7 +13,7 @@ from conftest import REPO, run_script
 
 MAIN = os.path.join(REPO, "deit", "main.py")
 TINY = ["--model", "deit_tiny_patch16_224", "--input-size", "32", "--batch-size", "8", "-p", "2", "--seed", "0"]
-KEYS = {"epoch", "n_parameters", "train_lr", "train_loss", "train_ce_loss", "train_text_loss", "test_loss",
+KEYS = {"epoch", "n_parameters", "lr", "train_lr", "train_loss", "train_ce_loss", "train_text_loss", "test_loss",
         "test_acc1", "test_acc5", "ema_test_acc1", "epoch_time_s", "images_per_s", "eval_crop_ratio"}
 
 

@@ -1,0 +1,125 @@
+"""Deterministic, resumable data order and augmentation, and stopping cleanly on SIGTERM/SIGINT.
+
+Every training sample's augmentation is seeded from (seed, epoch, position in the rank's epoch
+order), and every step's main-process randomness (Mixup, drop-path) from (seed, epoch, step). A run
+stopped after step k therefore continues from step k + 1 exactly as if it had never stopped,
+whatever the number of loader workers, without reading the skipped images.
+"""
+import os
+import signal
+import threading
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .distributed import logger
+
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped on request, run the same command again to continue
+
+
+def mix_seed(*parts):
+    """A 63-bit seed from integers (splitmix-style, so neighbouring inputs give unrelated seeds)."""
+    x = 0x9E3779B97F4A7C15
+    for p in parts:
+        x = (x ^ (int(p) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        x ^= x >> 31
+    return x & 0x7FFFFFFFFFFFFFFF
+
+
+def seed_all(seed):
+    import random
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+class ResumableSampler(torch.utils.data.Sampler):
+    """Wraps a per-rank sampler; yields ``(epoch, position, index)`` from ``start`` on."""
+
+    def __init__(self, sampler):
+        self.sampler = sampler
+        self.epoch = 0
+        self.start = 0
+
+    def set_epoch(self, epoch, start=0):
+        self.epoch, self.start = epoch, start
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+
+    def __iter__(self):
+        for position, index in enumerate(self.sampler):
+            if position >= self.start:
+                yield self.epoch, position, index
+
+    def __len__(self):
+        return len(self.sampler) - self.start
+
+
+class SeededSamples(torch.utils.data.Dataset):
+    """Reads ``dataset[index]`` with Python, NumPy and torch seeded from (seed, epoch, position)."""
+
+    def __init__(self, dataset, seed):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        epoch, position, index = key
+        seed_all(mix_seed(self.seed, epoch, position))
+        return self.dataset[index]
+
+
+WORKER_GRACE_SECONDS = 10
+
+
+def _exit_after_grace(signum, frame):
+    threading.Timer(WORKER_GRACE_SECONDS, os._exit, args=(0,)).start()
+
+
+def ignore_stop_signals(worker_id=None):
+    """DataLoader ``worker_init_fn``. A SIGTERM/SIGINT sent to the whole job (a scheduler's
+    pre-emption, Ctrl-C) must let the training process finish its step and save; a worker killed at
+    once would make that step fail. Workers ignore SIGINT and leave WORKER_GRACE_SECONDS after a
+    SIGTERM (long enough to deliver the batch in flight; short enough not to outlive a parent
+    that terminated them)."""
+    signal.signal(signal.SIGTERM, _exit_after_grace)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+class StopRequest:
+    """Turns SIGTERM / SIGINT into a request to stop at the next step boundary, agreed by all ranks.
+
+    A second SIGINT interrupts at once. ``group`` is a CPU (gloo) process group for the per-step
+    agreement, so that no GPU synchronisation is added to the step.
+    """
+
+    def __init__(self, group=None):
+        self.received = None
+        self.group = group
+        self._previous = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.received == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signum
+        logger.warning(f"received {signal.Signals(signum).name}: stopping at the next step boundary")
+
+    def __call__(self):
+        flag = torch.tensor([0 if self.received is None else int(self.received)], dtype=torch.int32)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        if flag.item() and self.received is None:
+            self.received = int(flag.item())
+        return bool(flag.item())
+
+    @property
+    def name(self):
+        return signal.Signals(self.received).name if self.received else None
+
+    def restore(self):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
