@@ -23,8 +23,9 @@ class LocalCIFAR100(datasets.CIFAR100):
 
 def build_transform(is_train, args):
     if is_train:
+        aa = None if str(args.aa).lower() in ("", "none") else args.aa
         t = create_transform(input_size=args.input_size, is_training=True, color_jitter=args.color_jitter,
-                             auto_augment=args.aa, interpolation=args.train_interpolation, re_prob=args.reprob,
+                             auto_augment=aa, interpolation=args.train_interpolation, re_prob=args.reprob,
                              re_mode=args.remode, re_count=args.recount)
         if args.input_size <= 32:  # as DeiT: small images get a padded random crop, not a resized one
             t.transforms[0] = transforms.RandomCrop(args.input_size, padding=4)

@@ -1,6 +1,6 @@
 """The whole pipeline on built-in generated data: no download, no GPU, a few minutes on 2 cores.
 
-    python -m gpt4image.demo [--out gpt4image_demo] [--nproc 2] [--epochs 4]
+    python -m gpt4image.demo [--out gpt4image_demo] [--nproc 2] [--epochs 5]
 
 1. draws a small ImageFolder (4 visibly different classes, 32 px) and writes one description per
    training image; builds a tiny random CLIP in OpenAI's checkpoint format;
@@ -31,9 +31,9 @@ def _run(cmd, cwd, env=None):
 def prepare_data(out):
     """Images, descriptions, tiny CLIP and the embedding table under ``out``; returns their paths."""
     data = os.path.join(out, "data")
-    if not os.path.isdir(os.path.join(data, "train")):
+    if not os.path.isfile(os.path.join(data, "train", "red_circle", "train_0063.jpg")):
         print(f"generating images under {data}", flush=True)
-        make_image_folder(data, num_classes=4, train_per_class=32, val_per_class=10, size=32)
+        make_image_folder(data, num_classes=4, train_per_class=64, val_per_class=16, size=32)
     captions = os.path.join(out, "descriptions.pth")
     texts, _ = describe_image_folder(os.path.join(data, "train"))
     torch.save(texts, captions)
@@ -69,7 +69,7 @@ def main(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="gpt4image_demo", help="folder for everything the demo makes")
     p.add_argument("--nproc", type=int, default=2, help="processes per training run (torchrun, gloo on CPU)")
-    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--skip-training", action="store_true", help="stop after the embedding table")
     args = p.parse_args(argv)
     started = time.time()

@@ -75,7 +75,7 @@ def plot(run_dirs, path):
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for run_dir in run_dirs:
-        _, rows = read_run(run_dir)
+        run_args, rows = read_run(run_dir)
         if not rows:
             continue
         label = os.path.basename(os.path.normpath(run_dir))
@@ -85,7 +85,8 @@ def plot(run_dirs, path):
             axes[0].plot(epochs, [r.get("ema_test_acc1") for r in rows], ls="--", color=line.get_color(),
                          label=label + " (EMA)")
         axes[1].plot(epochs, [r["train_ce_loss"] for r in rows], marker="o", color=line.get_color(), label=label)
-        axes[2].plot(epochs, [r["train_text_loss"] for r in rows], marker="o", color=line.get_color(), label=label)
+        if str(run_args.get("text_emb")).lower() != "none":
+            axes[2].plot(epochs, [r["train_text_loss"] for r in rows], marker="o", color=line.get_color(), label=label)
     for ax, title in zip(axes, ["test top-1 (%)", "train classification loss", "train text-alignment loss"]):
         ax.set_title(title)
         ax.set_xlabel("epoch")

@@ -1,0 +1,97 @@
+"""Input pipeline: images/s of each recipe's training transforms from ImageNet-sized JPEGs.
+
+    python benchmarks/input_pipeline.py [--images 256] [--workers 0 1 2 4 8] [--target 4000]
+
+Writes --images JPEGs of about 500x375 px (ImageNet's typical size), then reads them through
+ImageFolder + the recipe's train transform (ResNet: RandomResizedCrop/flip; DeiT: RandAugment,
+bicubic RRC, flip, random erasing) with a DataLoader of N workers, batch 64. Reports images/s per
+worker count and how many CPU cores one GPU needs at --target images/s.
+"""
+import argparse
+import os
+import tempfile
+import time
+
+import torch
+
+from common import print_table, write_json
+
+
+def make_jpegs(root, n):
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    folder = os.path.join(root, "train", "class0")
+    os.makedirs(folder)
+    for i in range(n):
+        # smooth random colour fields compress like photographs (not like noise)
+        small = rng.integers(0, 255, size=(12, 16, 3), dtype=np.uint8)
+        Image.fromarray(small).resize((500, 375), Image.BICUBIC).save(os.path.join(folder, f"{i}.jpg"), quality=90)
+    return os.path.join(root, "train")
+
+
+def transforms_for(recipe):
+    from types import SimpleNamespace
+    if recipe == "resnet":
+        import importlib.util
+        spec = importlib.util.spec_from_file_location("resnet_main", os.path.join(os.path.dirname(__file__), "..", "resnet", "main.py"))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module.transforms_for(224)[0]
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "deit"))
+    from datasets import build_transform
+    args = SimpleNamespace(input_size=224, color_jitter=0.3, aa="rand-m9-mstd0.5-inc1", train_interpolation="bicubic",
+                           reprob=0.25, remode="pixel", recount=1, eval_crop_ratio=1.0)
+    return build_transform(True, args)
+
+
+def rate(folder, transform, workers, passes):
+    import torchvision
+    from gpt4image.recipe import load_image
+    data = torchvision.datasets.ImageFolder(folder, transform, loader=load_image)
+    loader = torch.utils.data.DataLoader(data, batch_size=64, shuffle=True, num_workers=workers,
+                                         persistent_workers=workers > 0)
+    for _ in loader:  # warm-up pass (worker start, page cache)
+        break
+    start = time.perf_counter()
+    n = 0
+    for _ in range(passes):
+        for images, _ in loader:
+            n += len(images)
+    return n / (time.perf_counter() - start)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--images", type=int, default=256)
+    p.add_argument("--workers", type=int, nargs="+", default=None)
+    p.add_argument("--passes", type=int, default=2)
+    p.add_argument("--target", type=float, default=4000.0, help="images/s the GPU step consumes")
+    p.add_argument("--json", default="benchmarks/results/input_pipeline.json")
+    args = p.parse_args(argv)
+    cores = os.cpu_count() or 1
+    workers = args.workers or sorted({0, 1, min(2, cores), min(4, cores), cores})
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = make_jpegs(tmp, args.images)
+        for recipe in ("resnet", "deit"):
+            transform = transforms_for(recipe)
+            for w in workers:
+                r = rate(folder, transform, w, args.passes)
+                rows.append({"recipe": recipe, "workers": w, "images/s": r})
+                print(rows[-1], flush=True)
+    for recipe in ("resnet", "deit"):
+        single = max(r["images/s"] for r in rows if r["recipe"] == recipe and r["workers"] <= 1)
+        for r in rows:
+            if r["recipe"] == recipe:
+                r["per-core images/s"] = single
+                r["cores for target"] = round(args.target / single, 1)
+                r["feeds target"] = r["images/s"] >= args.target
+    print()
+    print_table(rows, ["recipe", "workers", "images/s", "per-core images/s", "cores for target", "feeds target"])
+    write_json(args.json, {"rows": rows, "target_images_per_s": args.target, "jpeg_size": "500x375"})
+
+
+if __name__ == "__main__":
+    main()

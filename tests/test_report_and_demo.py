@@ -1,0 +1,35 @@
+"""The main job on built-in data, and the report that compares runs."""
+import json
+import os
+
+from conftest import REPO, run_script
+
+
+def test_the_demo_runs_the_whole_pipeline_and_prints_the_results_table(tmp_path):
+    proc = run_script(["-m", "gpt4image.demo", f"--out={tmp_path}", "--epochs=1"], timeout=600)
+    out = proc.stdout
+    table = [line for line in out.splitlines() if line.startswith("| ")]
+    assert len(table) == 1 + 4  # header and the four runs
+    assert "resnet_gpt4image" in out and "deit_baseline" in out and "eff. 0.15" in out
+    for run in ("resnet_baseline", "resnet_gpt4image", "deit_baseline", "deit_gpt4image"):
+        assert os.path.isfile(tmp_path / "runs" / run / "classifier.pth")
+    assert os.path.getsize(tmp_path / "curves.png") > 10_000
+    assert out.strip().splitlines()[-1].startswith("  curves")
+    meta = json.load(open(tmp_path / "text_emb.pth.json"))
+    assert meta["num_rows"] == 256
+
+
+def test_report_shows_an_unfinished_run_with_what_it_has(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    json.dump({"arch": "resnet50", "epochs": 120, "text_emb": "t.pth", "loss_type": "clip", "lamb": 0.3, "tau": 0.2,
+               "gather_with_grad": False, "local_loss": False, "world_size": 4, "input_size": 224},
+              open(run / "args.json", "w"))
+    rows = [{"epoch": e, "test_acc1": 10.0 + e, "train_ce_loss": 5.0, "train_text_loss": 3.0, "images_per_s": 900.0}
+            for e in range(3)]
+    (run / "log.txt").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"epoch": 3, "test_a')  # died mid-write
+    proc = run_script(["-m", "gpt4image.report", str(run), "--plot", str(tmp_path / "c.png")], cwd=REPO)
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("| run |")][0]
+    assert "best top-1" in line
+    assert "3/120 (incomplete)" in proc.stdout and "eff. 0.075" in proc.stdout and "| 12.00 |" in proc.stdout
+    assert os.path.isfile(tmp_path / "c.png")
