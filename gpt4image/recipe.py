@@ -213,10 +213,49 @@ def find_resume(resume, output_dir):
     return path if os.path.isfile(path) else None
 
 
-def load_resume(path, recipe, arch, text_dim):
+def checkpoint_state(recipe, arch, text_dim, epoch, best, model, optimizer, scheduler, scaler, args, ema=None,
+                     **position):
+    """The one checkpoint format of both recipes (``model`` is the TextAlignedModel without DDP)."""
+    return {"recipe": recipe, "arch": arch, "text_dim": text_dim, "epoch": epoch, "best": best,
+            "model": model.backbone.state_dict(),
+            "projection_head": model.projection_head.state_dict() if model.projection_head is not None else None,
+            "model_ema": ema.module.state_dict() if ema is not None else None,
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler.is_enabled() else None, "args": vars(args), **position}
+
+
+def resume_run(resume, output_dir, recipe, arch, text_dim, model, optimizer, scheduler, scaler, record, ema=None):
+    """Restore a run from ``--resume`` or ``output_dir/checkpoint.pth`` if there is one.
+
+    Returns None (fresh run) or (start epoch, step inside it, partial epoch sums, best)."""
+    path = find_resume(resume, output_dir)
+    if not path:
+        return None
     checkpoint = load_checkpoint(path)
     check_compatible(checkpoint, path, recipe, arch, text_dim)
-    return checkpoint
+    model.backbone.load_state_dict(checkpoint["model"])
+    if model.projection_head is not None and checkpoint.get("projection_head"):
+        model.projection_head.load_state_dict(checkpoint["projection_head"])
+    if ema is not None and checkpoint.get("model_ema"):
+        ema.module.load_state_dict(checkpoint["model_ema"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    scheduler.load_state_dict(checkpoint["scheduler"])
+    if checkpoint.get("scaler"):
+        scaler.load_state_dict(checkpoint["scaler"])
+    epoch, step, partial = resume_position(checkpoint)
+    record.truncate_after(epoch)
+    logger.info(f"resuming from {path}: continuing at epoch {epoch}, step {step}")
+    return epoch, step, partial, checkpoint.get("best")
+
+
+def wrap_distributed(model, dist_info, sync_bn=False):
+    """SyncBN (optional) and DDP when several processes run; returns the model to train with."""
+    if not dist_info.distributed:
+        return model
+    if sync_bn:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    device = dist_info.device
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def load_classifier_weights(backbone, state, path):

@@ -25,9 +25,9 @@ from gpt4image.engine import NonFiniteLoss, evaluate, train_one_epoch  # noqa: E
 from gpt4image.errors import UserError, exit_on_user_error  # noqa: E402
 from gpt4image.io import atomic_torch_save  # noqa: E402
 from gpt4image.recipe import (CHECKPOINT, RunRecord, SkipCorrupt, add_common_args, attach_text_embeddings,  # noqa: E402
-                              build_eval_loader, build_image_folders, build_train_loader, epoch_row, find_resume, generated_datasets,
-                              load_classifier_weights, load_resume, resume_position, seed_everything,
-                              stop_after_signal)
+                              build_eval_loader, build_image_folders, build_train_loader, checkpoint_state,
+                              epoch_row, generated_datasets, load_classifier_weights, resume_run, seed_everything,
+                              stop_after_signal, wrap_distributed)
 from gpt4image.resumable import StopRequest  # noqa: E402
 
 RECIPE = "resnet"
@@ -147,27 +147,15 @@ def _run(args, dist_info, device):
     best = {"acc1": -1.0, "epoch": -1}
     start_step, partial = 0, None
 
-    resume = find_resume(args.resume, args.save_dir)
-    if resume:
-        ckpt = load_resume(resume, RECIPE, args.arch, text_dim)
-        model.backbone.load_state_dict(ckpt["model"])
-        if model.projection_head is not None and ckpt.get("projection_head"):
-            model.projection_head.load_state_dict(ckpt["projection_head"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        if ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        args.start_epoch, start_step, partial = resume_position(ckpt)
-        best = ckpt.get("best", best)
-        record.truncate_after(args.start_epoch)
-        logger.info(f"resuming from {resume}: continuing at epoch {args.start_epoch}, step {start_step}")
+    resumed = resume_run(args.resume, args.save_dir, RECIPE, args.arch, text_dim, model, optimizer, scheduler, scaler,
+                         record)
+    if resumed:
+        args.start_epoch, start_step, partial, best = resumed
 
-    model_without_ddp = model
+    model_without_ddp = model  # SyncBN conversion keeps parameters: checkpoints hold model_without_ddp's
+    model = wrap_distributed(model, dist_info, args.sync_bn)
     if args.sync_bn and dist_info.distributed:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        model_without_ddp = model
-    if dist_info.distributed:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        model_without_ddp = model.module
     train_model = torch.compile(model) if args.compile else model
 
     sampler = torch.utils.data.DistributedSampler(train_set, dist_info.world_size, dist_info.rank, shuffle=True,
@@ -185,11 +173,8 @@ def _run(args, dist_info, device):
     stop = StopRequest(dist_info.control_group)
 
     def make_state(epoch, **position):
-        return {"recipe": RECIPE, "arch": args.arch, "text_dim": text_dim, "epoch": epoch, "best": best,
-                "model": model_without_ddp.backbone.state_dict(),
-                "projection_head": model_without_ddp.projection_head.state_dict() if text_dim else None,
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict() if scaler.is_enabled() else None, "args": vars(args), **position}
+        return checkpoint_state(RECIPE, args.arch, text_dim, epoch, best, model_without_ddp, optimizer, scheduler,
+                                scaler, args, **position)
 
     for epoch in range(args.start_epoch, last_epoch):
         first = epoch == args.start_epoch

@@ -153,3 +153,18 @@ def test_defaults_are_the_released_deit_recipe():
     assert a.model_ema and a.repeated_aug and a.eval_crop_ratio == 1.0 and not a.mix_text
     assert (a.proj_type, a.loss_type, a.lamb, a.tau) == ("mlp", "clip", 0.3, 0.05)
     assert sys.modules["deit_main"] is deit_main
+
+
+def test_deit_train_transform_survives_many_draws_of_randaugment():
+    # the recipe's RandAugment can posterize to 0 bits; a Pillow that refuses it would kill training
+    import random
+    from PIL import Image
+    import deit_main
+    from datasets import build_transform
+    args = deit_main.get_args_parser().parse_args(["--input-size", "64"])
+    transform = build_transform(True, args)
+    image = Image.new("RGB", (80, 60), (120, 60, 200))
+    for seed in range(400):
+        random.seed(seed)
+        torch.manual_seed(seed)
+        assert transform(image).shape == (3, 64, 64)
