@@ -46,6 +46,25 @@ def resume_position(checkpoint):
     return checkpoint["epoch"] + 1, 0, None
 
 
+def train_epoch(epoch, start_step, partial, resumable, batch_size, make_state, output_dir, dist_info, stop,
+                **engine_kwargs):
+    """One epoch through ``engine.train_one_epoch``, from ``start_step`` (resume inside an epoch).
+
+    A non-finite loss becomes a UserError (the last checkpoint stays); a stop request saves a
+    mid-epoch checkpoint (``make_state(epoch, **position)``) and exits with PREEMPTED_EXIT_CODE."""
+    from .engine import NonFiniteLoss, train_one_epoch
+    resumable.set_epoch(epoch, start_step * batch_size)
+    try:
+        stats = train_one_epoch(epoch=epoch, start_step=start_step, partial=partial, should_stop=stop, **engine_kwargs)
+    except NonFiniteLoss as e:
+        raise UserError(str(e)) from None
+    if "stopped_at_step" in stats:
+        step = stats["stopped_at_step"]
+        stop_after_signal(make_state(epoch, step_in_epoch=step, partial=stats["partial"]), output_dir,
+                          dist_info.is_main, stop, epoch, step)
+    return stats
+
+
 def stop_after_signal(state, output_dir, is_main, stop, epoch, step):
     """Save a mid-epoch checkpoint (``state`` plus the position) and exit with PREEMPTED_EXIT_CODE."""
     save_checkpoint(state, os.path.join(output_dir, CHECKPOINT), is_main)

@@ -21,13 +21,13 @@ from torchvision import transforms  # noqa: E402
 from gpt4image import (TextAlignedModel, build_projection_head,  # noqa: E402
                        describe_alignment, init_distributed, save_checkpoint, setup_logging)
 from gpt4image.distributed import cleanup, logger  # noqa: E402
-from gpt4image.engine import NonFiniteLoss, evaluate, train_one_epoch  # noqa: E402
+from gpt4image.engine import evaluate  # noqa: E402
 from gpt4image.errors import UserError, exit_on_user_error  # noqa: E402
 from gpt4image.io import atomic_torch_save  # noqa: E402
 from gpt4image.recipe import (CHECKPOINT, RunRecord, SkipCorrupt, add_common_args, attach_text_embeddings,  # noqa: E402
                               build_eval_loader, build_image_folders, build_train_loader, checkpoint_state,
                               epoch_row, generated_datasets, load_classifier_weights, resume_run, seed_everything,
-                              stop_after_signal, wrap_distributed)
+                              train_epoch, wrap_distributed)
 from gpt4image.resumable import StopRequest  # noqa: E402
 
 RECIPE = "resnet"
@@ -178,20 +178,13 @@ def _run(args, dist_info, device):
 
     for epoch in range(args.start_epoch, last_epoch):
         first = epoch == args.start_epoch
-        resumable.set_epoch(epoch, start_step * args.batch_size if first else 0)
-        try:
-            train_stats = train_one_epoch(train_model, train_loader, optimizer, device, epoch,
-                                          criterion=lambda _, logits, targets: ce(logits, targets), text=text_cfg,
-                                          amp_dtype=amp_dtype, scaler=scaler, print_freq=args.print_freq,
-                                          num_epochs=args.epochs, channels_last=args.channels_last,
-                                          start_step=start_step if first else 0, partial=partial if first else None,
-                                          seed=args.seed + 1000 * dist_info.rank, should_stop=stop)
-        except NonFiniteLoss as e:
-            raise UserError(str(e)) from None
-        if "stopped_at_step" in train_stats:
-            step = train_stats["stopped_at_step"]
-            stop_after_signal(make_state(epoch, step_in_epoch=step, partial=train_stats["partial"]), args.save_dir,
-                              dist_info.is_main, stop, epoch, step)
+        train_stats = train_epoch(epoch, start_step if first else 0, partial if first else None, resumable,
+                                  args.batch_size, make_state, args.save_dir, dist_info, stop,
+                                  model=train_model, loader=train_loader, optimizer=optimizer, device=device,
+                                  criterion=lambda _, logits, targets: ce(logits, targets), text=text_cfg,
+                                  amp_dtype=amp_dtype, scaler=scaler, print_freq=args.print_freq,
+                                  num_epochs=args.epochs, channels_last=args.channels_last,
+                                  seed=args.seed + 1000 * dist_info.rank)
         scheduler.step()
         test_stats = evaluate(model_without_ddp, val_loader, device, amp_dtype, args.channels_last)
         logger.info(f"epoch {epoch}: test top-1 {test_stats['acc1']:.2f}% top-5 {test_stats['acc5']:.2f}% "
