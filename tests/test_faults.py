@@ -219,3 +219,21 @@ def test_checkpoints_of_another_width_architecture_or_recipe_are_refused_untouch
     _fails(capsys, [*common, "-a", "resnet18", f"--text_emb={embeddings}", f"--save_dir={tmp_path}/x",
                     f"--resume={tmp_path}/deit.pth"], "deit recipe", "deit/main.py")
     assert (run / "checkpoint.pth").read_bytes() == before
+
+
+def test_a_non_finite_loss_stops_with_epoch_step_and_term_and_keeps_the_checkpoint(capsys, image_folder, embeddings,
+                                                                                  tmp_path):
+    import resnet_main
+    run = tmp_path / "run"
+    common = [f"--data={image_folder}", f"--text_emb={embeddings}", "--epochs=2", *SMALL, "-j", "0", "-p", "1",
+              f"--save_dir={run}"]
+    resnet_main.main([*common, "--stop-after=1"])
+    ckpt = torch.load(run / "checkpoint.pth")
+    for group in ckpt["optimizer"]["param_groups"]:
+        group["lr"] = 1e30  # the next epoch diverges at once
+    torch.save(ckpt, run / "checkpoint.pth")
+    before = (run / "checkpoint.pth").read_bytes()
+    err = _fails(capsys, common, "non-finite", "loss", "at epoch 1, step")
+    assert (run / "checkpoint.pth").read_bytes() == before
+    assert len(_log(run)) == 1
+    del err
