@@ -100,7 +100,6 @@ def test_sigkill_while_a_checkpoint_is_written_never_leaves_a_broken_file(tmp_pa
         proc.wait()
         state = torch.load(path)  # readable, and internally consistent
         assert torch.all(state["weights"] == float(state["version"]))
-    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")] or True  # stray temp files are harmless
 
 
 def test_a_rank_that_dies_ends_the_whole_job_quickly(image_folder, tmp_path):
@@ -233,7 +232,6 @@ def test_a_non_finite_loss_stops_with_epoch_step_and_term_and_keeps_the_checkpoi
         group["lr"] = 1e30  # the next epoch diverges at once
     torch.save(ckpt, run / "checkpoint.pth")
     before = (run / "checkpoint.pth").read_bytes()
-    err = _fails(capsys, common, "non-finite", "loss", "at epoch 1, step")
+    _fails(capsys, common, "non-finite", "loss", "at epoch 1, step")
     assert (run / "checkpoint.pth").read_bytes() == before
     assert len(_log(run)) == 1
-    del err
