@@ -103,7 +103,7 @@ def main(argv=None):
 def _run(args, dist_info, device):
     if args.use_amp and args.amp_dtype is None:
         args.amp_dtype = "float16"
-    amp_dtype = getattr(torch, args.amp_dtype) if args.amp_dtype and (args.use_amp or args.amp_dtype) else None
+    amp_dtype = getattr(torch, args.amp_dtype) if args.amp_dtype else None
     if args.local_loss and not args.gather_with_grad:
         raise UserError("--local-loss needs --gather-with-grad")
     args.world_size = dist_info.world_size
