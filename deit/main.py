@@ -31,9 +31,9 @@ from gpt4image.errors import UserError, exit_on_user_error  # noqa: E402
 from gpt4image.io import atomic_torch_save  # noqa: E402
 from gpt4image.recipe import (CHECKPOINT, RunRecord, SkipCorrupt, add_common_args, attach_text_embeddings,  # noqa: E402
                               build_eval_loader, build_train_loader, checkpoint_state, epoch_row,
-                              load_classifier_weights, resume_run, seed_everything, train_epoch,
+                              load_classifier_weights, resume_run, train_epoch,
                               wrap_distributed)
-from gpt4image.resumable import StopRequest  # noqa: E402
+from gpt4image.resumable import StopRequest, seed_all  # noqa: E402
 
 RECIPE = "deit"
 
@@ -193,7 +193,7 @@ def _run(args, dist_info, device):
     logger.info(f"evaluation: resize {int(args.input_size / args.eval_crop_ratio)}, centre crop {args.input_size} "
                 f"(crop ratio {args.eval_crop_ratio})")
 
-    seed_everything(args.seed)
+    seed_all(args.seed)
     model = build_model(args, num_classes, text_dim).to(device)
     n_parameters = sum(p.numel() for p in model.backbone.parameters() if p.requires_grad)
     pin = args.pin_mem and device.type == "cuda"

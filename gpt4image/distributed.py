@@ -103,15 +103,6 @@ def reduce_sums(values, device):
     return dict(zip(keys, t.tolist()))
 
 
-def all_ranks_agree(flag, device):
-    """True on every rank if ``flag`` is True on any rank (e.g. a stop request)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return bool(flag)
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t)
-    return t.item() > 0
-
-
 def cleanup():
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

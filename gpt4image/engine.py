@@ -132,13 +132,12 @@ def train_one_epoch(model, loader, optimizer, device, epoch, *, criterion, text=
             break
         fetch_start = time.time()
     elapsed = time.time() - started
+    keys = ["loss", "ce", "text", "correct", "n"]  # the order of ``stats`` and of ``partial``
+    sums = dict(zip(keys, stats.tolist()))
     if stopped_at is not None:
-        keys = ["loss", "ce", "text", "correct", "n"]
-        summed = reduce_sums(dict(zip(keys, stats.tolist())), device)
+        summed = reduce_sums(sums, device)
         return {"stopped_at_step": stopped_at, "partial": [summed[k] for k in keys], "lr": lr}
-    totals = reduce_sums({"loss": stats[0].item(), "ce": stats[1].item(), "text": stats[2].item(),
-                          "correct": stats[3].item(), "n": stats[4].item(), "images_per_s": images_seen / max(elapsed, 1e-9)},
-                         device)
+    totals = reduce_sums({**sums, "images_per_s": images_seen / max(elapsed, 1e-9)}, device)
     count = max(totals["n"], 1)
     metrics = {"loss": totals["loss"] / count, "ce_loss": totals["ce"] / count, "text_loss": totals["text"] / count,
                "lr": lr, "images_per_s": totals["images_per_s"], "epoch_time_s": elapsed, "steps": step + 1}

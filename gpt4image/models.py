@@ -34,13 +34,6 @@ def _is_torchvision_resnet(model):
     return isinstance(model, torchvision.models.ResNet)
 
 
-def feature_dim(backbone):
-    """Width of the pre-logits feature of a torchvision ResNet or a timm model."""
-    if _is_torchvision_resnet(backbone):
-        return backbone.fc.in_features
-    return backbone.num_features
-
-
 class TextAlignedModel(nn.Module):
     """A classifier plus a projection head on its pre-logits feature.
 

@@ -9,16 +9,11 @@ from .checkpoint import check_compatible, load_checkpoint, save_checkpoint
 from .distributed import logger
 from .errors import UserError
 from .io import atomic_write_json, ensure_writable_dir
-from .resumable import PREEMPTED_EXIT_CODE, ResumableSampler, SeededSamples, ignore_stop_signals, seed_all
+from .resumable import PREEMPTED_EXIT_CODE, ResumableSampler, SeededSamples, ignore_stop_signals
 from .samplers import ExactDistributedSampler
 from .text_embeddings import SyntheticTextEmbeddings, WithTextEmbeddings, load_text_embeddings
 
 CHECKPOINT = "checkpoint.pth"
-
-
-def seed_everything(seed):
-    """Seed Python, NumPy (timm's Mixup draws from it) and torch."""
-    seed_all(seed)
 
 
 def build_train_loader(dataset, sampler, batch_size, num_workers, pin_memory, seed):

@@ -26,9 +26,9 @@ from gpt4image.errors import UserError, exit_on_user_error  # noqa: E402
 from gpt4image.io import atomic_torch_save  # noqa: E402
 from gpt4image.recipe import (CHECKPOINT, RunRecord, SkipCorrupt, add_common_args, attach_text_embeddings,  # noqa: E402
                               build_eval_loader, build_image_folders, build_train_loader, checkpoint_state,
-                              epoch_row, generated_datasets, load_classifier_weights, resume_run, seed_everything,
+                              epoch_row, generated_datasets, load_classifier_weights, resume_run,
                               train_epoch, wrap_distributed)
-from gpt4image.resumable import StopRequest  # noqa: E402
+from gpt4image.resumable import StopRequest, seed_all  # noqa: E402
 
 RECIPE = "resnet"
 ARCHS = sorted(name for name in torchvision.models.list_models(module=torchvision.models)
@@ -122,7 +122,7 @@ def _run(args, dist_info, device):
         train_set = SkipCorrupt(train_set)
     text_dim = embeddings.dim if embeddings is not None else None
 
-    seed_everything(args.seed)  # same initial weights on every rank
+    seed_all(args.seed)  # same initial weights on every rank
     model = build_model(args, num_classes, text_dim)
     n_parameters = sum(p.numel() for p in model.backbone.parameters())
     model.to(device)
