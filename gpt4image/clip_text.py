@@ -1,5 +1,6 @@
 """CLIP's text tower: loading weights offline, tokenising fast, encoding descriptions in a stream."""
 import os
+import re
 
 import torch
 import torch.nn.functional as F
@@ -54,31 +55,75 @@ def load_clip(weights_path, device):
     return model.eval()
 
 
+# ASCII text with none of these is left unchanged by ftfy.fix_text and html.unescape (which only
+# act on non-ASCII characters, control characters, escape sequences and "&" entities), so the
+# tokeniser can skip them; the carriage return is fine because whitespace is collapsed afterwards.
+_NEEDS_FULL_CLEAN = re.compile(r"[^\t\n\r\x20-\x7e]|&")
+
+
 class Tokenizer:
     """Token ids identical to ``clip.tokenize(texts, truncate=True)``, plus the truncation count.
 
-    One instance per process (each DataLoader worker keeps its own BPE cache warm)."""
+    OpenAI's cleaning, regex and BPE, with shortcuts that cannot change the ids: plain ASCII text
+    skips ftfy (which would leave it as it is); the ids of each space-separated chunk of the
+    cleaned text are cached whole (no regex match crosses a space, so a chunk's ids do not depend on
+    its neighbours; the released code redoes the regex, byte mapping and vocabulary lookups for
+    every occurrence); and chunks after the context is full are not encoded. One instance per
+    process (each DataLoader worker keeps its own cache warm).
+    """
 
     def __init__(self, context_length=CONTEXT_LENGTH):
         import_clip()
+        from clip import simple_tokenizer
         from clip.clip import _tokenizer
         self._tokenizer = _tokenizer
+        self._simple = simple_tokenizer
         self.context_length = context_length
         self.sot = _tokenizer.encoder["<|startoftext|>"]
         self.eot = _tokenizer.encoder["<|endoftext|>"]
+        self._chunk_ids = {}
+        self.max_cached_chunks = 1 << 20  # about 100 MB per process at most
+
+    def clean(self, text):
+        """The text OpenAI's tokeniser splits: ftfy-fixed, HTML-unescaped, whitespace collapsed, lower case."""
+        if _NEEDS_FULL_CLEAN.search(text) is not None:
+            text = self._simple.basic_clean(text)
+        return self._simple.whitespace_clean(text).lower()
+
+    def _ids_of_chunk(self, chunk):
+        t = self._tokenizer
+        ids = []
+        for word in t.pat.findall(chunk):
+            symbols = "".join(t.byte_encoder[b] for b in word.encode("utf-8"))
+            ids.extend(t.encoder[piece] for piece in t.bpe(symbols).split(" "))
+        if len(self._chunk_ids) >= self.max_cached_chunks:
+            self._chunk_ids.clear()
+        self._chunk_ids[chunk] = ids
+        return ids
+
+    def encode(self, text, limit):
+        """Ids of ``text`` (no start/end token), stopping once more than ``limit`` are known."""
+        ids = []
+        cache = self._chunk_ids
+        for chunk in self.clean(text).split(" "):
+            chunk_ids = cache.get(chunk)
+            ids.extend(self._ids_of_chunk(chunk) if chunk_ids is None else chunk_ids)
+            if len(ids) > limit:
+                break
+        return ids
 
     def __call__(self, texts):
         """``texts``: list of str -> (LongTensor [len(texts), context_length], number truncated)."""
-        out = torch.zeros(len(texts), self.context_length, dtype=torch.long)
+        room = self.context_length - 2
+        rows = []
         truncated = 0
-        for i, text in enumerate(texts):
-            ids = [self.sot] + self._tokenizer.encode(text) + [self.eot]
-            if len(ids) > self.context_length:
+        for text in texts:
+            ids = self.encode(text, room)
+            if len(ids) > room:
                 truncated += 1
-                ids = ids[:self.context_length]
-                ids[-1] = self.eot
-            out[i, :len(ids)] = torch.tensor(ids)
-        return out, truncated
+                ids = ids[:room]
+            rows.append([self.sot] + ids + [self.eot] + [0] * (room - len(ids)))
+        return torch.tensor(rows, dtype=torch.long), truncated
 
 
 class _TokenisedBatches(torch.utils.data.Dataset):

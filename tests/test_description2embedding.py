@@ -1,6 +1,8 @@
 """description2embedding.py end to end on a tiny random CLIP, and its answers to bad input."""
 import json
 import os
+import random
+import string
 
 import pytest
 import torch
@@ -44,10 +46,18 @@ def test_metadata_counts_truncation_and_records_the_file_list(image_folder, embe
 
 
 def test_fast_tokenizer_gives_the_ids_of_clip_tokenize():
-    texts = ["a photo of a cat", "Ünïcödé &amp; html   spaces", "word " * 200, "", "x" * 500]
-    tokens, truncated = Tokenizer()(texts)
+    rng = random.Random(0)
+    nasty = string.printable + "é€’“”ﬁＡ\x00\x1b\x7f\x85\u00a0\u2028&<>;#'"
+    texts = ["a photo of a cat", "Ünïcödé &amp; html   spaces", "word " * 200, "", "x" * 500,
+             "It's a dog's life &amp;amp; I'll say: \x1b[31mred\x1b[0m", "cafÃ© â€œquotedâ€\x9d",
+             "<|endoftext|> the <|startoftext|>", "a\r\nb\rc\u2028d\te", "Don'T WE'LL 12345 x;" * 10]
+    texts += ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 300)))
+              for alphabet in (string.printable, nasty) for _ in range(1500)]
+    tokenizer = Tokenizer()
+    tokenizer.max_cached_chunks = 100  # exercise the cache being emptied as well
+    tokens, truncated = tokenizer(texts)
     assert torch.equal(tokens, clip.tokenize(texts, truncate=True))
-    assert truncated == 2
+    assert truncated == sum(len(clip.clip._tokenizer.encode(t)) > 75 for t in texts) > 2
 
 
 def test_pth_txt_json_and_jsonl_inputs_give_identical_tables(image_folder, tiny_clip, embeddings, tmp_path):
