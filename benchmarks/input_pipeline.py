@@ -18,15 +18,21 @@ from common import print_table, write_json
 
 
 def make_jpegs(root, n):
+    """``n`` 500x375 JPEGs of about 105 KiB each (ImageNet's typical size and file size): smooth
+    colour fields plus multi-scale texture, which compress like photographs rather than like noise
+    or flat colour (decoding cost follows the compressed size)."""
     import numpy as np
     from PIL import Image
     rng = np.random.default_rng(0)
     folder = os.path.join(root, "train", "class0")
     os.makedirs(folder)
     for i in range(n):
-        # smooth random colour fields compress like photographs (not like noise)
-        small = rng.integers(0, 255, size=(12, 16, 3), dtype=np.uint8)
-        Image.fromarray(small).resize((500, 375), Image.BICUBIC).save(os.path.join(folder, f"{i}.jpg"), quality=90)
+        colour = rng.integers(0, 255, size=(12, 16, 3), dtype=np.uint8)
+        image = np.asarray(Image.fromarray(colour).resize((500, 375), Image.BICUBIC)).astype(np.float32)
+        for scale in (1, 2, 4):
+            noise = rng.integers(0, 255, size=(375 // scale + 1, 500 // scale + 1, 3), dtype=np.uint8)
+            image += (np.asarray(Image.fromarray(noise).resize((500, 375), Image.BILINEAR)) - 127.5) / 3
+        Image.fromarray(image.clip(0, 255).astype(np.uint8)).save(os.path.join(folder, f"{i}.jpg"), quality=90)
     return os.path.join(root, "train")
 
 
@@ -54,12 +60,17 @@ def rate(folder, transform, workers, passes):
                                          persistent_workers=workers > 0)
     for _ in loader:  # warm-up pass (worker start, page cache)
         break
+    threads = torch.get_num_threads()
+    if workers == 0:
+        torch.set_num_threads(1)  # one core, as in a loader worker
     start = time.perf_counter()
     n = 0
     for _ in range(passes):
         for images, _ in loader:
             n += len(images)
-    return n / (time.perf_counter() - start)
+    elapsed = time.perf_counter() - start
+    torch.set_num_threads(threads)
+    return n / elapsed
 
 
 def main(argv=None):
@@ -67,6 +78,7 @@ def main(argv=None):
     p.add_argument("--images", type=int, default=256)
     p.add_argument("--workers", type=int, nargs="+", default=None)
     p.add_argument("--passes", type=int, default=2)
+    p.add_argument("--recipes", nargs="+", choices=["resnet", "deit"], default=["resnet", "deit"])
     p.add_argument("--target", type=float, nargs=2, default=[4000.0, 2000.0], metavar=("RESNET", "DEIT"),
                    help="images/s one GPU's training step consumes (issue targets on one H200, bf16)")
     p.add_argument("--json", default="benchmarks/results/input_pipeline.json")
@@ -76,13 +88,15 @@ def main(argv=None):
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = make_jpegs(tmp, args.images)
-        for recipe in ("resnet", "deit"):
+        for recipe in args.recipes:
             transform = transforms_for(recipe)
             for w in workers:
                 r = rate(folder, transform, w, args.passes)
                 rows.append({"recipe": recipe, "workers": w, "images/s": r})
                 print(rows[-1], flush=True)
     for recipe, target in zip(("resnet", "deit"), args.target):
+        if recipe not in args.recipes:
+            continue
         single = max(r["images/s"] for r in rows if r["recipe"] == recipe and r["workers"] <= 1)
         for r in rows:
             if r["recipe"] == recipe:

@@ -18,6 +18,33 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
+class DeviceNormalize:
+    """uint8 batches (B, C, H, W) from the loader -> float32 in [0, 1], normalised, on their device.
+
+    The same operations as torchvision's ToTensor + Normalize (so the same numbers, bit for bit), done
+    once per batch after the host-to-device copy: the loader workers skip the float conversion, and
+    collation, pinned memory and the copy move a quarter of the bytes.
+    """
+
+    def __init__(self, mean, std):
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+
+    def __call__(self, images):
+        if self.mean.device != images.device:
+            self.mean, self.std = self.mean.to(images.device), self.std.to(images.device)
+        return images.float().div_(255).sub_(self.mean).div_(self.std)
+
+
+def to_device(images, device, normalize=None, channels_last=False):
+    images = images.to(device, non_blocking=True)
+    if normalize is not None:
+        images = normalize(images)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images
+
+
 def autocast(device, amp_dtype):
     if amp_dtype is None:
         return contextlib.nullcontext()
@@ -37,12 +64,13 @@ def _max_memory_mib(device):
 
 def train_one_epoch(model, loader, optimizer, device, epoch, *, criterion, text=None, amp_dtype=None, scaler=None,
                     mix_fn=None, ema=None, clip_grad=None, print_freq=10, num_epochs=None, channels_last=False,
-                    start_step=0, partial=None, seed=None, should_stop=None):
+                    normalize=None, start_step=0, partial=None, seed=None, should_stop=None):
     """Train ``model`` for one pass over ``loader``; return metrics averaged over all ranks.
 
     criterion(images, logits, targets) -> classification loss. ``text``: None (baseline) or a dict
     with loss_type, tau, lamb, gather_with_grad, local_loss; batches then carry a third element,
-    the text embeddings. ``mix_fn(images, targets, text)`` applies Mixup/CutMix. ``should_stop()``
+    the text embeddings. ``normalize`` (e.g. DeviceNormalize) turns uint8 batches into the model's
+    input on the device. ``mix_fn(images, targets, text)`` applies Mixup/CutMix. ``should_stop()``
     is asked after every step; when it says True the epoch ends early and the returned dict has
     ``stopped_at_step`` and ``partial`` (the epoch's sums so far, over all ranks). ``start_step`` and
     ``partial`` continue such an epoch (the loader then starts at that step). ``seed`` seeds each
@@ -67,9 +95,7 @@ def train_one_epoch(model, loader, optimizer, device, epoch, *, criterion, text=
             seed_all(mix_seed(seed, epoch, step, 1))
         images, targets = batch[0], batch[1]
         text_emb = batch[2] if text is not None else None
-        images = images.to(device, non_blocking=True)
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
+        images = to_device(images, device, normalize, channels_last)
         targets = targets.to(device, non_blocking=True)
         if text_emb is not None:
             text_emb = text_emb.to(device, non_blocking=True)
@@ -160,15 +186,13 @@ def _check_finite(window, epoch, step):
 
 
 @torch.no_grad()
-def evaluate(model, loader, device, amp_dtype=None, channels_last=False):
+def evaluate(model, loader, device, amp_dtype=None, channels_last=False, normalize=None):
     """Top-1/top-5 and cross-entropy over exactly the samples of ``loader`` on every rank (use
     ExactDistributedSampler and the model without DDP), reduced by sample count."""
     model.eval()
     stats = torch.zeros(4, device=device, dtype=torch.float64)  # loss, top1, top5, n
     for batch in loader:
-        images, targets = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
+        images, targets = to_device(batch[0], device, normalize, channels_last), batch[1].to(device, non_blocking=True)
         with autocast(device, amp_dtype):
             logits = model(images)
         logits = logits.float()

@@ -21,7 +21,7 @@ from torchvision import transforms  # noqa: E402
 from gpt4image import (TextAlignedModel, build_projection_head,  # noqa: E402
                        describe_alignment, init_distributed, save_checkpoint, setup_logging)
 from gpt4image.distributed import cleanup, logger  # noqa: E402
-from gpt4image.engine import evaluate  # noqa: E402
+from gpt4image.engine import DeviceNormalize, evaluate  # noqa: E402
 from gpt4image.errors import UserError, exit_on_user_error  # noqa: E402
 from gpt4image.io import atomic_torch_save  # noqa: E402
 from gpt4image.recipe import (CHECKPOINT, RunRecord, SkipCorrupt, add_common_args, attach_text_embeddings,  # noqa: E402
@@ -34,6 +34,7 @@ RECIPE = "resnet"
 ARCHS = sorted(name for name in torchvision.models.list_models(module=torchvision.models)
                if name.startswith(("resnet", "resnext", "wide_resnet")))
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+NORMALIZE = DeviceNormalize(MEAN, STD)
 
 
 def get_args_parser():
@@ -72,11 +73,12 @@ def get_args_parser():
 
 
 def transforms_for(input_size):
-    normalize = transforms.Normalize(MEAN, STD)
+    """The original's transforms up to uint8 tensors; ``NORMALIZE`` does ToTensor's scaling and
+    Normalize on the device (same numbers, a quarter of the bytes through the loader)."""
     train = transforms.Compose([transforms.RandomResizedCrop(input_size), transforms.RandomHorizontalFlip(),
-                                transforms.ToTensor(), normalize])
+                                transforms.PILToTensor()])
     val = transforms.Compose([transforms.Resize(int(input_size / 0.875)), transforms.CenterCrop(input_size),
-                              transforms.ToTensor(), normalize])
+                              transforms.PILToTensor()])
     return train, val
 
 
@@ -183,10 +185,10 @@ def _run(args, dist_info, device):
                                   model=train_model, loader=train_loader, optimizer=optimizer, device=device,
                                   criterion=lambda _, logits, targets: ce(logits, targets), text=text_cfg,
                                   amp_dtype=amp_dtype, scaler=scaler, print_freq=args.print_freq,
-                                  num_epochs=args.epochs, channels_last=args.channels_last,
+                                  num_epochs=args.epochs, channels_last=args.channels_last, normalize=NORMALIZE,
                                   seed=args.seed + 1000 * dist_info.rank)
         scheduler.step()
-        test_stats = evaluate(model_without_ddp, val_loader, device, amp_dtype, args.channels_last)
+        test_stats = evaluate(model_without_ddp, val_loader, device, amp_dtype, args.channels_last, NORMALIZE)
         logger.info(f"epoch {epoch}: test top-1 {test_stats['acc1']:.2f}% top-5 {test_stats['acc5']:.2f}% "
                     f"({test_stats['num_images']} images)")
         improved = test_stats["acc1"] > best["acc1"]
@@ -214,7 +216,7 @@ def _evaluate_only(args, model, val_loader, device, amp_dtype):
         raise UserError("--evaluate needs --resume PATH (our checkpoint or a torchvision state dict)")
     from gpt4image.checkpoint import load_checkpoint
     load_classifier_weights(model.backbone, load_checkpoint(args.resume), args.resume)
-    stats = evaluate(model, val_loader, device, amp_dtype, args.channels_last)
+    stats = evaluate(model, val_loader, device, amp_dtype, args.channels_last, NORMALIZE)
     logger.info(f"evaluation of {args.resume}: top-1 {stats['acc1']:.3f}% top-5 {stats['acc5']:.3f}% "
                 f"loss {stats['loss']:.4f} over {stats['num_images']} images")
     return stats

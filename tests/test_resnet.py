@@ -113,3 +113,25 @@ def test_default_hyperparameters_are_the_papers():
     assert args.input_size == 224 and not args.use_amp and not args.sync_bn and not args.no_scale_lr
     assert args.text_emb == "imagenet_clip_text_emb_0_1281166.pth"
     assert not args.gather_with_grad and not args.local_loss
+
+
+def test_uint8_loader_and_device_normalisation_give_the_original_inputs(image_folder):
+    """The loader ships uint8 crops and the device normalises them: the model must see exactly the
+    tensors of the original's RandomResizedCrop/flip/ToTensor/Normalize on the same random draws."""
+    import resnet_main
+    from PIL import Image
+    from torchvision import transforms
+    normalize = transforms.Normalize(resnet_main.MEAN, resnet_main.STD)
+    ours_train, ours_val = resnet_main.transforms_for(32)
+    original_train = transforms.Compose([*ours_train.transforms[:-1], transforms.ToTensor(), normalize])
+    original_val = transforms.Compose([*ours_val.transforms[:-1], transforms.ToTensor(), normalize])
+    path = os.path.join(image_folder, "train", sorted(os.listdir(os.path.join(image_folder, "train")))[0])
+    image = Image.open(os.path.join(path, sorted(os.listdir(path))[0])).convert("RGB")
+    for ours, original in [(ours_train, original_train), (ours_val, original_val)]:
+        for seed in range(5):
+            torch.manual_seed(seed)
+            shipped = ours(image)
+            torch.manual_seed(seed)
+            expected = original(image)
+            assert shipped.dtype == torch.uint8
+            assert torch.equal(resnet_main.NORMALIZE(shipped[None]), expected[None])
