@@ -3,8 +3,10 @@ import torch
 from timm.data import create_transform
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.data.mixup import mixup_target
+from timm.data.random_erasing import RandomErasing
 from torchvision import datasets, transforms
 
+from gpt4image.engine import DeviceNormalize
 from gpt4image.errors import UserError
 from gpt4image.recipe import build_image_folders, generated_datasets
 
@@ -22,21 +24,40 @@ class LocalCIFAR100(datasets.CIFAR100):
 
 
 def build_transform(is_train, args):
+    """DeiT's transforms up to uint8 tensors; ToTensor's scaling, Normalize and (in training) random
+    erasing run on the device, in ``DeviceAugment``: the loader ships a quarter of the bytes."""
     if is_train:
         aa = None if str(args.aa).lower() in ("", "none") else args.aa
         t = create_transform(input_size=args.input_size, is_training=True, color_jitter=args.color_jitter,
-                             auto_augment=aa, interpolation=args.train_interpolation, re_prob=args.reprob,
-                             re_mode=args.remode, re_count=args.recount)
+                             auto_augment=aa, interpolation=args.train_interpolation, re_prob=0.0)
         if args.input_size <= 32:  # as DeiT: small images get a padded random crop, not a resized one
             t.transforms[0] = transforms.RandomCrop(args.input_size, padding=4)
+        assert [type(x).__name__ for x in t.transforms[-2:]] == ["MaybeToTensor", "Normalize"], t
+        t.transforms[-2:] = [transforms.PILToTensor()]
         return t
     size = int(args.input_size / args.eval_crop_ratio)
     return transforms.Compose([
         transforms.Resize(size, interpolation=transforms.InterpolationMode.BICUBIC),
         transforms.CenterCrop(args.input_size),
-        transforms.ToTensor(),
-        transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
+        transforms.PILToTensor(),
     ])
+
+
+class DeviceAugment:
+    """The end of DeiT's per-image pipeline, on a uint8 batch on the device: ToTensor's scaling and
+    Normalize (the same numbers as on the CPU), then timm's RandomErasing image by image with the
+    same settings and distribution as in the loader (its random draws come from the step's seed)."""
+
+    def __init__(self, reprob=0.0, remode="pixel", recount=1):
+        self.normalize = DeviceNormalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
+        self.erase = RandomErasing(reprob, mode=remode, max_count=recount, device="cpu") if reprob > 0 else None
+
+    def __call__(self, images):
+        images = self.normalize(images)
+        if self.erase is not None:
+            self.erase.device = images.device
+            images = self.erase(images)
+        return images
 
 
 def build_datasets(args):

@@ -20,7 +20,7 @@ import torch  # noqa: E402
 from timm.scheduler import CosineLRScheduler  # noqa: E402
 from timm.utils import ModelEmaV2  # noqa: E402
 
-from datasets import TextMixup, build_datasets  # noqa: E402
+from datasets import DeviceAugment, TextMixup, build_datasets  # noqa: E402
 from losses import DistillationLoss, base_criterion  # noqa: E402
 from gpt4image import (RASampler, TextAlignedModel, build_projection_head,  # noqa: E402
                        describe_alignment, init_distributed, save_checkpoint, setup_logging)
@@ -197,12 +197,14 @@ def _run(args, dist_info, device):
     model = build_model(args, num_classes, text_dim).to(device)
     n_parameters = sum(p.numel() for p in model.backbone.parameters() if p.requires_grad)
     pin = args.pin_mem and device.type == "cuda"
+    train_prepare = DeviceAugment(args.reprob, args.remode, args.recount)
+    eval_prepare = DeviceAugment()
     val_loader = build_eval_loader(val_set, dist_info, int(1.5 * args.batch_size), args.num_workers, pin)
     if args.eval:
         if not args.resume:
             raise UserError("--eval needs --resume PATH (our checkpoint or a timm state dict)")
         load_classifier_weights(model.backbone, load_checkpoint(args.resume), args.resume)
-        stats = evaluate(model, val_loader, device, amp_dtype)
+        stats = evaluate(model, val_loader, device, amp_dtype, prepare=eval_prepare)
         logger.info(f"evaluation of {args.resume}: top-1 {stats['acc1']:.3f}% top-5 {stats['acc5']:.3f}% "
                     f"over {stats['num_images']} images")
         return stats
@@ -268,12 +270,12 @@ def _run(args, dist_info, device):
                                   args.batch_size, make_state, args.output_dir, dist_info, stop,
                                   model=train_model, loader=train_loader, optimizer=optimizer, device=device,
                                   criterion=criterion, text=text_cfg, amp_dtype=amp_dtype, scaler=scaler, mix_fn=mix_fn,
-                                  ema=ema, clip_grad=args.clip_grad, print_freq=args.print_freq,
+                                  ema=ema, clip_grad=args.clip_grad, print_freq=args.print_freq, prepare=train_prepare,
                                   num_epochs=args.epochs, seed=args.seed + 1000 * dist_info.rank)
         scheduler.step(epoch + 1)
-        test_stats = evaluate(model_without_ddp, val_loader, device, amp_dtype)
+        test_stats = evaluate(model_without_ddp, val_loader, device, amp_dtype, prepare=eval_prepare)
         ema_stats = evaluate(ema.module, val_loader, device if not args.model_ema_force_cpu else torch.device("cpu"),
-                             amp_dtype) if ema is not None else {}
+                             amp_dtype, prepare=eval_prepare) if ema is not None else {}
         logger.info(f"epoch {epoch}: top-1 {test_stats['acc1']:.2f}% (EMA {ema_stats.get('acc1', float('nan')):.2f}%) "
                     f"over {test_stats['num_images']} images")
         improved = test_stats["acc1"] > best["acc1"]

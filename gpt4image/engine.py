@@ -36,10 +36,10 @@ class DeviceNormalize:
         return images.float().div_(255).sub_(self.mean).div_(self.std)
 
 
-def to_device(images, device, normalize=None, channels_last=False):
+def to_device(images, device, prepare=None, channels_last=False):
     images = images.to(device, non_blocking=True)
-    if normalize is not None:
-        images = normalize(images)
+    if prepare is not None:
+        images = prepare(images)
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     return images
@@ -64,12 +64,12 @@ def _max_memory_mib(device):
 
 def train_one_epoch(model, loader, optimizer, device, epoch, *, criterion, text=None, amp_dtype=None, scaler=None,
                     mix_fn=None, ema=None, clip_grad=None, print_freq=10, num_epochs=None, channels_last=False,
-                    normalize=None, start_step=0, partial=None, seed=None, should_stop=None):
+                    prepare=None, start_step=0, partial=None, seed=None, should_stop=None):
     """Train ``model`` for one pass over ``loader``; return metrics averaged over all ranks.
 
     criterion(images, logits, targets) -> classification loss. ``text``: None (baseline) or a dict
     with loss_type, tau, lamb, gather_with_grad, local_loss; batches then carry a third element,
-    the text embeddings. ``normalize`` (e.g. DeviceNormalize) turns uint8 batches into the model's
+    the text embeddings. ``prepare`` (e.g. DeviceNormalize) turns the loader's uint8 batches into the model's
     input on the device. ``mix_fn(images, targets, text)`` applies Mixup/CutMix. ``should_stop()``
     is asked after every step; when it says True the epoch ends early and the returned dict has
     ``stopped_at_step`` and ``partial`` (the epoch's sums so far, over all ranks). ``start_step`` and
@@ -95,7 +95,7 @@ def train_one_epoch(model, loader, optimizer, device, epoch, *, criterion, text=
             seed_all(mix_seed(seed, epoch, step, 1))
         images, targets = batch[0], batch[1]
         text_emb = batch[2] if text is not None else None
-        images = to_device(images, device, normalize, channels_last)
+        images = to_device(images, device, prepare, channels_last)
         targets = targets.to(device, non_blocking=True)
         if text_emb is not None:
             text_emb = text_emb.to(device, non_blocking=True)
@@ -186,13 +186,13 @@ def _check_finite(window, epoch, step):
 
 
 @torch.no_grad()
-def evaluate(model, loader, device, amp_dtype=None, channels_last=False, normalize=None):
+def evaluate(model, loader, device, amp_dtype=None, channels_last=False, prepare=None):
     """Top-1/top-5 and cross-entropy over exactly the samples of ``loader`` on every rank (use
     ExactDistributedSampler and the model without DDP), reduced by sample count."""
     model.eval()
     stats = torch.zeros(4, device=device, dtype=torch.float64)  # loss, top1, top5, n
     for batch in loader:
-        images, targets = to_device(batch[0], device, normalize, channels_last), batch[1].to(device, non_blocking=True)
+        images, targets = to_device(batch[0], device, prepare, channels_last), batch[1].to(device, non_blocking=True)
         with autocast(device, amp_dtype):
             logits = model(images)
         logits = logits.float()

@@ -185,7 +185,7 @@ def _run(args, dist_info, device):
                                   model=train_model, loader=train_loader, optimizer=optimizer, device=device,
                                   criterion=lambda _, logits, targets: ce(logits, targets), text=text_cfg,
                                   amp_dtype=amp_dtype, scaler=scaler, print_freq=args.print_freq,
-                                  num_epochs=args.epochs, channels_last=args.channels_last, normalize=NORMALIZE,
+                                  num_epochs=args.epochs, channels_last=args.channels_last, prepare=NORMALIZE,
                                   seed=args.seed + 1000 * dist_info.rank)
         scheduler.step()
         test_stats = evaluate(model_without_ddp, val_loader, device, amp_dtype, args.channels_last, NORMALIZE)

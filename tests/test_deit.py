@@ -168,3 +168,35 @@ def test_deit_train_transform_survives_many_draws_of_randaugment():
         random.seed(seed)
         torch.manual_seed(seed)
         assert transform(image).shape == (3, 64, 64)
+
+
+def test_uint8_loader_and_device_augment_give_deits_inputs():
+    """The loader ships uint8 tensors; DeviceAugment normalises (bit for bit as timm's transform does)
+    and erases on the device: about a quarter of the images get one rectangle of noise, the rest of
+    each image is untouched."""
+    from PIL import Image
+    from timm.data import create_transform
+    from gpt4image.resumable import seed_all
+    import deit_main
+    from datasets import DeviceAugment, build_transform
+    args = deit_main.get_args_parser().parse_args(["--input-size", "64"])
+    ours = build_transform(True, args)
+    timm_no_erasing = create_transform(input_size=64, is_training=True, color_jitter=args.color_jitter,
+                                       auto_augment=args.aa, interpolation=args.train_interpolation, re_prob=0.0)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (60, 80, 3), dtype=np.uint8))
+    shipped, expected = [], []
+    for seed in range(200):
+        for transform, out in [(ours, shipped), (timm_no_erasing, expected)]:
+            seed_all(seed)  # RandAugment draws from random and numpy.random
+            out.append(transform(image))
+    shipped, expected = torch.stack(shipped), torch.stack(expected)
+    assert shipped.dtype == torch.uint8
+    assert torch.equal(DeviceAugment()(shipped), expected)
+    seed_all(0)
+    erased = DeviceAugment(args.reprob, args.remode, args.recount)(shipped) != expected
+    touched = erased.flatten(1).any(1)
+    assert 0.15 < touched.float().mean() < 0.35  # --reprob 0.25
+    for mask in erased[touched].any(1):  # one axis-aligned rectangle per erased image
+        rows, cols = mask.any(1).nonzero().squeeze(1), mask.any(0).nonzero().squeeze(1)
+        box = mask[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+        assert box.float().mean() > 0.99 and mask.sum() == box.numel()
