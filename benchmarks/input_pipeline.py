@@ -2,10 +2,12 @@
 
     python benchmarks/input_pipeline.py [--images 256] [--workers 0 1 2 4 8] [--target 4000 2000]
 
-Writes --images JPEGs of about 500x375 px (ImageNet's typical size), then reads them through
-ImageFolder + the recipe's train transform (ResNet: RandomResizedCrop/flip; DeiT: RandAugment,
-bicubic RRC, flip, random erasing) with a DataLoader of N workers, batch 64. Reports images/s per
-worker count and how many CPU cores one GPU needs at --target images/s.
+Writes --images JPEGs of about 500x375 px and 105 KiB (ImageNet's typical size), then reads them
+through ImageFolder + the recipe's train transform (ResNet: RandomResizedCrop/flip; DeiT:
+RandAugment, bicubic RRC, flip) with a DataLoader of N workers, batch 64. "ours" ships uint8
+tensors (normalisation and DeiT's random erasing run on the GPU); "released" does ToTensor,
+Normalize (and erasing) in the loader as the original code does. Workers 0 runs in this process on
+one thread: the images/s of one core. Reports how many such cores one GPU needs at --target images/s.
 """
 import argparse
 import os
@@ -36,20 +38,33 @@ def make_jpegs(root, n):
     return os.path.join(root, "train")
 
 
-def transforms_for(recipe):
+def transforms_for(recipe, released=False):
+    """The recipe's training transform (ours ships uint8; ``released``: float, normalised, and for
+    DeiT random-erased, in the loader as the original code does)."""
     from types import SimpleNamespace
+    from torchvision import transforms
+    here = os.path.dirname(os.path.abspath(__file__))
     if recipe == "resnet":
         import importlib.util
-        spec = importlib.util.spec_from_file_location("resnet_main", os.path.join(os.path.dirname(__file__), "..", "resnet", "main.py"))
+        spec = importlib.util.spec_from_file_location("resnet_main", os.path.join(here, "..", "resnet", "main.py"))
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
-        return module.transforms_for(224)[0]
+        ours = module.transforms_for(224)[0]
+        if not released:
+            return ours
+        return transforms.Compose([*ours.transforms[:-1], transforms.ToTensor(),
+                                   transforms.Normalize(module.MEAN, module.STD)])
     import sys
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "deit"))
+    sys.path.insert(0, os.path.join(here, "..", "deit"))
     from datasets import build_transform
     args = SimpleNamespace(input_size=224, color_jitter=0.3, aa="rand-m9-mstd0.5-inc1", train_interpolation="bicubic",
                            reprob=0.25, remode="pixel", recount=1, eval_crop_ratio=1.0)
-    return build_transform(True, args)
+    if not released:
+        return build_transform(True, args)
+    from timm.data import create_transform
+    return create_transform(input_size=224, is_training=True, color_jitter=args.color_jitter, auto_augment=args.aa,
+                            interpolation=args.train_interpolation, re_prob=args.reprob, re_mode=args.remode,
+                            re_count=args.recount)
 
 
 def rate(folder, transform, workers, passes):
@@ -78,6 +93,7 @@ def main(argv=None):
     p.add_argument("--images", type=int, default=256)
     p.add_argument("--workers", type=int, nargs="+", default=None)
     p.add_argument("--passes", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=2, help="alternating measurements of each variant (best kept)")
     p.add_argument("--recipes", nargs="+", choices=["resnet", "deit"], default=["resnet", "deit"])
     p.add_argument("--target", type=float, nargs=2, default=[4000.0, 2000.0], metavar=("RESNET", "DEIT"),
                    help="images/s one GPU's training step consumes (issue targets on one H200, bf16)")
@@ -89,24 +105,27 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         folder = make_jpegs(tmp, args.images)
         for recipe in args.recipes:
-            transform = transforms_for(recipe)
+            variants = {"released": transforms_for(recipe, released=True), "ours": transforms_for(recipe)}
             for w in workers:
-                r = rate(folder, transform, w, args.passes)
-                rows.append({"recipe": recipe, "workers": w, "images/s": r})
+                best = {name: 0.0 for name in variants}
+                for _ in range(args.repeats):  # alternate, keep the best: a shared machine's noise is one-sided
+                    for name, transform in variants.items():
+                        best[name] = max(best[name], rate(folder, transform, w, args.passes))
+                rows.append({"recipe": recipe, "workers": w, "released img/s": best["released"],
+                             "ours img/s": best["ours"], "x released": best["ours"] / best["released"]})
                 print(rows[-1], flush=True)
     for recipe, target in zip(("resnet", "deit"), args.target):
         if recipe not in args.recipes:
             continue
-        single = max(r["images/s"] for r in rows if r["recipe"] == recipe and r["workers"] <= 1)
+        single = max(r["ours img/s"] for r in rows if r["recipe"] == recipe and r["workers"] <= 1)
         for r in rows:
             if r["recipe"] == recipe:
                 r["target img/s"] = target
-                r["per-core images/s"] = single
                 r["cores for target"] = round(target / single, 1)
-                r["feeds target"] = r["images/s"] >= target
+                r["feeds target"] = r["ours img/s"] >= target
     print()
-    print_table(rows, ["recipe", "workers", "images/s", "target img/s", "per-core images/s", "cores for target",
-                       "feeds target"])
+    print_table(rows, ["recipe", "workers", "released img/s", "ours img/s", "x released", "target img/s",
+                       "cores for target", "feeds target"])
     write_json(args.json, {"rows": rows, "jpeg_size": "500x375"})
 
 

@@ -9,7 +9,7 @@ if python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)
   python description2embedding.py --n 100000 --encoder rn50
 else
   python train_step.py --batch 8 --steps 3 --warmup 1 --amp fp32 --json results/train_step_cpu.json
-  python input_pipeline.py --images 128 --json results/input_pipeline_cpu.json
+  python input_pipeline.py --images 128 --workers 0 1 2 --json results/input_pipeline_cpu.json
   python description2embedding.py --n 20000 --encoder tiny --json results/description2embedding_cpu_tiny.json
 fi
 python embedding_memory.py
