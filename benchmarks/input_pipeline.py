@@ -6,7 +6,8 @@ Writes --images JPEGs of about 500x375 px and 105 KiB (ImageNet's typical size),
 through ImageFolder + the recipe's train transform (ResNet: RandomResizedCrop/flip; DeiT:
 RandAugment, bicubic RRC, flip) with a DataLoader of N workers, batch 64. "ours" ships uint8
 tensors (normalisation and DeiT's random erasing run on the GPU); "released" does ToTensor,
-Normalize (and erasing) in the loader as the original code does. Workers 0 runs in this process on
+Normalize (and erasing) in the loader and opens images with torchvision's default loader, as the
+original code does. Workers 0 runs in this process on
 one thread: the images/s of one core. Reports how many such cores one GPU needs at --target images/s.
 """
 import argparse
@@ -67,10 +68,11 @@ def transforms_for(recipe, released=False):
                             re_count=args.recount)
 
 
-def rate(folder, transform, workers, passes):
+def rate(folder, transform, workers, passes, released=False):
     import torchvision
     from gpt4image.recipe import load_image
-    data = torchvision.datasets.ImageFolder(folder, transform, loader=load_image)
+    loader = torchvision.datasets.folder.pil_loader if released else load_image
+    data = torchvision.datasets.ImageFolder(folder, transform, loader=loader)
     loader = torch.utils.data.DataLoader(data, batch_size=64, shuffle=True, num_workers=workers,
                                          persistent_workers=workers > 0)
     for _ in loader:  # warm-up pass (worker start, page cache)
@@ -110,7 +112,7 @@ def main(argv=None):
                 best = {name: 0.0 for name in variants}
                 for _ in range(args.repeats):  # alternate, keep the best: a shared machine's noise is one-sided
                     for name, transform in variants.items():
-                        best[name] = max(best[name], rate(folder, transform, w, args.passes))
+                        best[name] = max(best[name], rate(folder, transform, w, args.passes, name == "released"))
                 rows.append({"recipe": recipe, "workers": w, "released img/s": best["released"],
                              "ours img/s": best["ours"], "x released": best["ours"] / best["released"]})
                 print(rows[-1], flush=True)

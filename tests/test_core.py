@@ -204,3 +204,16 @@ def test_a_table_sent_to_a_spawned_worker_is_mapped_again_not_copied(tmp_path):
     assert len(blob) < 1000  # the path, not the rows
     again = pickle.loads(blob)
     assert torch.equal(again.table, emb.table) and again.metadata == {"num_rows": 10}
+
+
+def test_load_image_gives_the_pixels_of_torchvisions_default_loader(tmp_path):
+    import numpy as np
+    from PIL import Image
+    from torchvision.datasets.folder import pil_loader
+    from gpt4image.recipe import load_image
+    pixels = np.random.default_rng(0).integers(0, 255, (30, 40, 4), dtype=np.uint8)
+    for mode, name in [("RGB", "a.jpg"), ("L", "b.jpg"), ("CMYK", "c.jpg"), ("P", "d.png"), ("RGBA", "e.png")]:
+        image = Image.fromarray(pixels[..., :3]).convert(mode) if mode != "RGBA" else Image.fromarray(pixels)
+        image.save(tmp_path / name)
+        ours = load_image(str(tmp_path / name))
+        assert ours.mode == "RGB" and np.array_equal(np.asarray(ours), np.asarray(pil_loader(str(tmp_path / name)))), name
