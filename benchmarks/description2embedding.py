@@ -17,7 +17,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from common import print_table, write_json
+from common import RESULTS, print_table, write_json
 from gpt4image._compat import import_clip
 from gpt4image.clip_text import encode_descriptions
 
@@ -96,7 +96,7 @@ def main(argv=None):
     p.add_argument("--encoder", choices=["rn50", "tiny"], default="rn50")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
     p.add_argument("--bs", type=int, default=1024)
-    p.add_argument("--json", default="benchmarks/results/description2embedding.json")
+    p.add_argument("--json", default=os.path.join(RESULTS, "description2embedding.json"))
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     texts = descriptions(args.n)

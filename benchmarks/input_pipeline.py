@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from common import print_table, write_json
+from common import RESULTS, print_table, write_json
 
 
 def make_jpegs(root, n):
@@ -99,7 +99,7 @@ def main(argv=None):
     p.add_argument("--recipes", nargs="+", choices=["resnet", "deit"], default=["resnet", "deit"])
     p.add_argument("--target", type=float, nargs=2, default=[4000.0, 2000.0], metavar=("RESNET", "DEIT"),
                    help="images/s one GPU's training step consumes (issue targets on one H200, bf16)")
-    p.add_argument("--json", default="benchmarks/results/input_pipeline.json")
+    p.add_argument("--json", default=os.path.join(RESULTS, "input_pipeline.json"))
     args = p.parse_args(argv)
     cores = os.cpu_count() or 1
     workers = args.workers or sorted({0, 1, min(2, cores), min(4, cores), cores})

@@ -14,3 +14,4 @@ else
 fi
 python embedding_memory.py
 python embedding_memory.py --released --json results/embedding_memory_released.json
+python stop_agreement.py

@@ -12,11 +12,12 @@ are noisy: "isolated ratio" = (baseline + that) / baseline. The gather is a no-o
 cost on several GPUs is an all-gather of B x 1024 floats per rank (about 1 MB at B=256).
 """
 import argparse
+import os
 import time
 
 import torch
 
-from common import print_table, write_json
+from common import RESULTS, print_table, write_json
 from gpt4image import TextAlignedModel, alignment_loss, build_projection_head
 
 MODELS = {"resnet50": dict(batch=256, lr=0.1, tau=0.2, bn=True, std=1024 ** -0.5),
@@ -122,7 +123,7 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=None, help="default: the recipe's per-GPU batch (256 / 128)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--json", default="benchmarks/results/train_step.json")
+    p.add_argument("--json", default=os.path.join(RESULTS, "train_step.json"))
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
