@@ -69,12 +69,17 @@ def transforms_for(recipe, released=False):
 
 
 def rate(folder, transform, workers, passes, released=False):
+    """Images/s through a DataLoader: the released one (plain ImageFolder, torchvision's image loader)
+    or the recipes' own (``build_train_loader``: per-sample seeding for exact resumes, our loader)."""
     import torchvision
-    from gpt4image.recipe import load_image
-    loader = torchvision.datasets.folder.pil_loader if released else load_image
-    data = torchvision.datasets.ImageFolder(folder, transform, loader=loader)
-    loader = torch.utils.data.DataLoader(data, batch_size=64, shuffle=True, num_workers=workers,
-                                         persistent_workers=workers > 0)
+    from gpt4image.recipe import build_train_loader, load_image
+    if released:
+        data = torchvision.datasets.ImageFolder(folder, transform)
+        loader = torch.utils.data.DataLoader(data, batch_size=64, shuffle=True, num_workers=workers,
+                                             persistent_workers=workers > 0)
+    else:
+        data = torchvision.datasets.ImageFolder(folder, transform, loader=load_image)
+        loader, _ = build_train_loader(data, torch.utils.data.RandomSampler(data), 64, workers, False, seed=0)
     for _ in loader:  # warm-up pass (worker start, page cache)
         break
     threads = torch.get_num_threads()
@@ -83,8 +88,8 @@ def rate(folder, transform, workers, passes, released=False):
     start = time.perf_counter()
     n = 0
     for _ in range(passes):
-        for images, _ in loader:
-            n += len(images)
+        for batch in loader:
+            n += len(batch[0])
     elapsed = time.perf_counter() - start
     torch.set_num_threads(threads)
     return n / elapsed

@@ -193,7 +193,7 @@ def _run(args, dist_info, device):
     logger.info(f"evaluation: resize {int(args.input_size / args.eval_crop_ratio)}, centre crop {args.input_size} "
                 f"(crop ratio {args.eval_crop_ratio})")
 
-    seed_all(args.seed)
+    seed_all(args.seed, device)
     model = build_model(args, num_classes, text_dim).to(device)
     n_parameters = sum(p.numel() for p in model.backbone.parameters() if p.requires_grad)
     pin = args.pin_mem and device.type == "cuda"

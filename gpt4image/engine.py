@@ -92,7 +92,7 @@ def train_one_epoch(model, loader, optimizer, device, epoch, *, criterion, text=
     step = start_step - 1
     for step, batch in enumerate(loader, start=start_step):
         if seed is not None:
-            seed_all(mix_seed(seed, epoch, step, 1))
+            seed_all(mix_seed(seed, epoch, step, 1), device)
         images, targets = batch[0], batch[1]
         text_emb = batch[2] if text is not None else None
         images = to_device(images, device, prepare, channels_last)

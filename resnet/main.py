@@ -124,7 +124,7 @@ def _run(args, dist_info, device):
         train_set = SkipCorrupt(train_set)
     text_dim = embeddings.dim if embeddings is not None else None
 
-    seed_all(args.seed)  # same initial weights on every rank
+    seed_all(args.seed, device)  # same initial weights on every rank
     model = build_model(args, num_classes, text_dim)
     n_parameters = sum(p.numel() for p in model.backbone.parameters())
     model.to(device)
