@@ -200,3 +200,23 @@ def test_uint8_loader_and_device_augment_give_deits_inputs():
         rows, cols = mask.any(1).nonzero().squeeze(1), mask.any(0).nonzero().squeeze(1)
         box = mask[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
         assert box.float().mean() > 0.99 and mask.sum() == box.numel()
+
+
+def test_compiled_run_resumes_exactly_and_exports_plain_weights(image_folder, embeddings, tmp_path):
+    """Under --compile too, drop-path and the other per-step randomness come from the step's seed:
+    stopping after one epoch and continuing gives the weights of an uninterrupted run."""
+    import timm
+    import deit_main
+    # a loader worker: with none, every sample would reseed the main process and hide a missing step seed
+    common = [f"--data-path={image_folder}", f"--text_emb={embeddings}", "--num_workers=1", *TINY, "--epochs=2",
+              "--compile"]
+    deit_main.main([*common, f"--output_dir={tmp_path}/straight"])
+    deit_main.main([*common, f"--output_dir={tmp_path}/resumed", "--stop-after=1"])
+    deit_main.main([*common, f"--output_dir={tmp_path}/resumed"])
+    a, b = torch.load(tmp_path / "straight" / "checkpoint.pth"), torch.load(tmp_path / "resumed" / "checkpoint.pth")
+    assert not any("_orig_mod" in k for k in a["model"])
+    for part in ("model", "projection_head", "model_ema"):
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), (part, k)
+    timm.create_model("deit_tiny_patch16_224", img_size=32, num_classes=4).load_state_dict(
+        torch.load(tmp_path / "resumed" / "classifier.pth"))
