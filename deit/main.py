@@ -18,7 +18,7 @@ import gpt4image  # noqa: E402,F401  (first: makes torchvision importable)
 import timm  # noqa: E402
 import torch  # noqa: E402
 from timm.scheduler import CosineLRScheduler  # noqa: E402
-from timm.utils import ModelEmaV2  # noqa: E402
+from timm.utils import ModelEmaV3  # noqa: E402
 
 from datasets import DeviceAugment, TextMixup, build_datasets  # noqa: E402
 from losses import DistillationLoss, base_criterion  # noqa: E402
@@ -176,6 +176,13 @@ def main(argv=None):
         cleanup()
 
 
+def build_ema(model, args):
+    """EMA of the whole wrapper (backbone and projection head): ema = decay * ema + (1 - decay) * model
+    after every step, as DeiT's ModelEma, computed with timm's multi-tensor lerp (one kernel per
+    group of tensors instead of four per tensor: 35 ms instead of 133-617 ms for DeiT-B on 2 CPU cores)."""
+    return ModelEmaV3(model, decay=args.model_ema_decay, device="cpu" if args.model_ema_force_cpu else None)
+
+
 def _run(args, dist_info, device):
     if args.amp_dtype is None and device.type == "cuda":
         args.amp_dtype = "float16"  # the released recipe always trained under fp16 autocast
@@ -212,9 +219,7 @@ def _run(args, dist_info, device):
     record = RunRecord(args.output_dir, args, dist_info.is_main)
     logger.info(describe_alignment(args.loss_type, args.tau, args.lamb, args.gather_with_grad, args.local_loss,
                                    dist_info.world_size) if embeddings is not None else "text alignment: off (baseline)")
-    ema = None
-    if args.model_ema:  # EMA of the whole wrapper: backbone and projection head
-        ema = ModelEmaV2(model, decay=args.model_ema_decay, device="cpu" if args.model_ema_force_cpu else None)
+    ema = build_ema(model, args) if args.model_ema else None
     lr = args.lr if args.unscale_lr else args.lr * args.batch_size * dist_info.world_size / 512.0
     optimizer = build_optimizer(args, model, lr, device)
     scheduler = CosineLRScheduler(optimizer, t_initial=args.epochs, lr_min=args.min_lr, warmup_lr_init=args.warmup_lr,

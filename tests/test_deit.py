@@ -220,3 +220,20 @@ def test_compiled_run_resumes_exactly_and_exports_plain_weights(image_folder, em
             assert torch.equal(a[part][k], b[part][k]), (part, k)
     timm.create_model("deit_tiny_patch16_224", img_size=32, num_classes=4).load_state_dict(
         torch.load(tmp_path / "resumed" / "classifier.pth"))
+
+
+def test_ema_is_decay_times_ema_plus_the_rest_times_the_model_after_each_step():
+    import deit_main
+    args = deit_main.get_args_parser().parse_args(["--model-ema-decay", "0.9"])
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
+    ema = deit_main.build_ema(model, args)
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    for _ in range(3):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        ema.update(model)
+        expected = {k: 0.9 * expected[k] + 0.1 * v for k, v in model.state_dict().items()}
+    for k, v in ema.module.state_dict().items():
+        torch.testing.assert_close(v, expected[k], rtol=0, atol=1e-6)
+        assert not torch.equal(v, model.state_dict()[k])
