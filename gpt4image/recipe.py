@@ -271,7 +271,9 @@ def wrap_distributed(model, dist_info, sync_bn=False):
     if sync_bn:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     device = dist_info.device
-    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    # gradients live in DDP's all-reduce buckets: no copy in and out of them after every backward
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                                     gradient_as_bucket_view=True)
 
 
 def load_classifier_weights(backbone, state, path):
