@@ -8,7 +8,8 @@ RandAugment, bicubic RRC, flip) with a DataLoader of N workers, batch 64. "ours"
 tensors (normalisation and DeiT's random erasing run on the GPU); "released" does ToTensor,
 Normalize (and erasing) in the loader and opens images with torchvision's default loader, as the
 original code does. Workers 0 runs in this process on
-one thread: the images/s of one core. Reports how many such cores one GPU needs at --target images/s.
+one thread: the images/s of one core. Reports how many such cores one GPU needs at --target images/s
+and whether the loader feeds the training step measured on this machine by train_step.py.
 """
 import argparse
 import os
@@ -95,6 +96,21 @@ def rate(folder, transform, workers, passes, released=False):
     return n / elapsed
 
 
+def measured_step_rates(path=None):
+    """Fastest aligned images/s per recipe from train_step.py's JSON (the newest under results/ by
+    default), or {} when there is none: what this machine's training step consumes."""
+    import glob
+    import json
+    paths = [path] if path else sorted(glob.glob(os.path.join(RESULTS, "train_step*.json")), key=os.path.getmtime)
+    if not paths or not os.path.isfile(paths[-1]):
+        return {}, None
+    rows = json.load(open(paths[-1]))["rows"]
+    models = {"resnet": "resnet50", "deit": "deit_base_patch16_224"}
+    rates = {recipe: max(r["aligned img/s"] for r in rows if r["model"] == model)
+             for recipe, model in models.items() if any(r["model"] == model for r in rows)}
+    return rates, paths[-1]
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", type=int, default=256)
@@ -104,8 +120,11 @@ def main(argv=None):
     p.add_argument("--recipes", nargs="+", choices=["resnet", "deit"], default=["resnet", "deit"])
     p.add_argument("--target", type=float, nargs=2, default=[4000.0, 2000.0], metavar=("RESNET", "DEIT"),
                    help="images/s one GPU's training step consumes (issue targets on one H200, bf16)")
+    p.add_argument("--step-json", default=None,
+                   help="train_step.py results to compare with (default: the newest under benchmarks/results/)")
     p.add_argument("--json", default=os.path.join(RESULTS, "input_pipeline.json"))
     args = p.parse_args(argv)
+    step_rates, step_json = measured_step_rates(args.step_json)
     cores = os.cpu_count() or 1
     workers = args.workers or sorted({0, 1, min(2, cores), min(4, cores), cores})
     rows = []
@@ -130,9 +149,16 @@ def main(argv=None):
                 r["target img/s"] = target
                 r["cores for target"] = round(target / single, 1)
                 r["feeds target"] = r["ours img/s"] >= target
+                if recipe in step_rates:
+                    r["step img/s here"] = step_rates[recipe]
+                    r["feeds step here"] = r["ours img/s"] >= step_rates[recipe]
     print()
     print_table(rows, ["recipe", "workers", "released img/s", "ours img/s", "x released", "target img/s",
-                       "cores for target", "feeds target"])
+                       "cores for target", "feeds target", "step img/s here", "feeds step here"])
+    if step_json:
+        print(f"\n'step img/s here': the fastest aligned training step in {step_json}")
+    else:
+        print("\nno train_step.py results yet: run it first to see whether this machine's loader feeds its step")
     write_json(args.json, {"rows": rows, "jpeg_size": "500x375"})
 
 
