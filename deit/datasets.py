@@ -32,7 +32,8 @@ def build_transform(is_train, args):
                              auto_augment=aa, interpolation=args.train_interpolation, re_prob=0.0)
         if args.input_size <= 32:  # as DeiT: small images get a padded random crop, not a resized one
             t.transforms[0] = transforms.RandomCrop(args.input_size, padding=4)
-        assert [type(x).__name__ for x in t.transforms[-2:]] == ["MaybeToTensor", "Normalize"], t
+        assert type(t.transforms[-2]).__name__ in ("MaybeToTensor", "ToTensor"), t  # timm 1.x / 0.x
+        assert type(t.transforms[-1]).__name__ == "Normalize", t
         t.transforms[-2:] = [transforms.PILToTensor()]
         return t
     size = int(args.input_size / args.eval_crop_ratio)
