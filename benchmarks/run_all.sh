@@ -5,19 +5,20 @@
 # 10-minute device call; estimated, not yet timed on a GPU).
 set -euo pipefail
 cd "$(dirname "$0")"
-if python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-  python train_step.py --amp bf16 fp16 fp32 --channels-last 0 1 --compile 0
-  python description2embedding.py --n 100000 --encoder rn50
-  python input_pipeline.py --images 512
-  python embedding_memory.py
-  python embedding_memory.py --released --json results/embedding_memory_released.json
-  python stop_agreement.py
-  python train_step.py --amp bf16 --channels-last 1 --compile 0 1 --json results/train_step_compile.json
+PY="${PYTHON:-python3}"
+if "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  "$PY" train_step.py --amp bf16 fp16 fp32 --channels-last 0 1 --compile 0
+  "$PY" description2embedding.py --n 100000 --encoder rn50
+  "$PY" input_pipeline.py --images 512
+  "$PY" embedding_memory.py
+  "$PY" embedding_memory.py --released --json results/embedding_memory_released.json
+  "$PY" stop_agreement.py
+  "$PY" train_step.py --amp bf16 --channels-last 1 --compile 0 1 --json results/train_step_compile.json
 else
-  python train_step.py --batch 8 --steps 3 --warmup 1 --amp fp32 --json results/train_step_cpu.json
-  python input_pipeline.py --images 128 --workers 0 1 2 --json results/input_pipeline_cpu.json
-  python description2embedding.py --n 20000 --encoder tiny --json results/description2embedding_cpu_tiny.json
-  python embedding_memory.py
-  python embedding_memory.py --released --json results/embedding_memory_released.json
-  python stop_agreement.py
+  "$PY" train_step.py --batch 8 --steps 3 --warmup 1 --amp fp32 --json results/train_step_cpu.json
+  "$PY" input_pipeline.py --images 128 --workers 0 1 2 --json results/input_pipeline_cpu.json
+  "$PY" description2embedding.py --n 20000 --encoder tiny --json results/description2embedding_cpu_tiny.json
+  "$PY" embedding_memory.py
+  "$PY" embedding_memory.py --released --json results/embedding_memory_released.json
+  "$PY" stop_agreement.py
 fi
