@@ -8,7 +8,6 @@ smoothing, EMA, AdamW with warm-up and cosine, optional distillation) on timm 1.
 alignment of the class token (after the final norm) with the stored text embeddings.
 """
 import argparse
-import json
 import os
 import sys
 
@@ -23,7 +22,7 @@ from timm.utils import ModelEmaV3  # noqa: E402
 from datasets import DeviceAugment, TextMixup, build_datasets  # noqa: E402
 from losses import DistillationLoss, base_criterion  # noqa: E402
 from gpt4image import (RASampler, TextAlignedModel, build_projection_head,  # noqa: E402
-                       describe_alignment, init_distributed, save_checkpoint, setup_logging)
+                       init_distributed, save_checkpoint, setup_logging)
 from gpt4image.checkpoint import load_checkpoint  # noqa: E402
 from gpt4image.distributed import cleanup, logger  # noqa: E402
 from gpt4image.engine import evaluate  # noqa: E402
@@ -31,7 +30,7 @@ from gpt4image.errors import UserError, exit_on_user_error  # noqa: E402
 from gpt4image.io import atomic_torch_save  # noqa: E402
 from gpt4image.recipe import (CHECKPOINT, RunRecord, SkipCorrupt, add_common_args, attach_text_embeddings,  # noqa: E402
                               build_eval_loader, build_train_loader, checkpoint_state, epoch_row,
-                              load_classifier_weights, resume_run, train_epoch,
+                              load_classifier_weights, resume_run, start_run, text_config, train_epoch,
                               wrap_distributed)
 from gpt4image.resumable import StopRequest, seed_all  # noqa: E402
 
@@ -186,11 +185,7 @@ def build_ema(model, args):
 def _run(args, dist_info, device):
     if args.amp_dtype is None and device.type == "cuda":
         args.amp_dtype = "float16"  # the released recipe always trained under fp16 autocast
-    amp_dtype = getattr(torch, args.amp_dtype) if args.amp_dtype else None
-    if args.local_loss and not args.gather_with_grad:
-        raise UserError("--local-loss needs --gather-with-grad")
-    args.world_size = dist_info.world_size
-    logger.info("arguments: " + json.dumps(vars(args), sort_keys=True))
+    amp_dtype = start_run(args, dist_info)
     train_set, val_set, num_classes = build_datasets(args)
     train_set, embeddings = attach_text_embeddings(train_set, None if args.eval else args.text_emb,
                                                    args.data_path is None)
@@ -217,8 +212,7 @@ def _run(args, dist_info, device):
         return stats
 
     record = RunRecord(args.output_dir, args, dist_info.is_main)
-    logger.info(describe_alignment(args.loss_type, args.tau, args.lamb, args.gather_with_grad, args.local_loss,
-                                   dist_info.world_size) if embeddings is not None else "text alignment: off (baseline)")
+    text_cfg = text_config(args, embeddings, dist_info.world_size)
     ema = build_ema(model, args) if args.model_ema else None
     lr = args.lr if args.unscale_lr else args.lr * args.batch_size * dist_info.world_size / 512.0
     optimizer = build_optimizer(args, model, lr, device)
@@ -255,9 +249,6 @@ def _run(args, dist_info, device):
     criterion = DistillationLoss(base_criterion(mixup_active, args.smoothing, args.bce_loss),
                                  build_teacher(args, num_classes, device), args.distillation_type,
                                  args.distillation_alpha, args.distillation_tau)
-    text_cfg = None if embeddings is None else {
-        "loss_type": args.loss_type, "tau": args.tau, "lamb": args.lamb,
-        "gather_with_grad": args.gather_with_grad, "local_loss": args.local_loss}
 
     logger.info(f"training {args.model} for {args.epochs} epochs on {dist_info.world_size} process(es), "
                 f"{len(train_set)} images, lr {lr:g}, {n_parameters / 1e6:.1f}M parameters")

@@ -9,6 +9,7 @@ from .checkpoint import check_compatible, load_checkpoint, save_checkpoint
 from .distributed import logger
 from .errors import UserError
 from .io import atomic_write_json, ensure_writable_dir
+from .losses import describe_alignment
 from .resumable import PREEMPTED_EXIT_CODE, ResumableSampler, SeededSamples, ignore_stop_signals
 from .samplers import ExactDistributedSampler
 from .text_embeddings import SyntheticTextEmbeddings, WithTextEmbeddings, load_text_embeddings
@@ -66,6 +67,26 @@ def stop_after_signal(state, output_dir, is_main, stop, epoch, step):
     logger.warning(f"stopped by {stop.name} at epoch {epoch}, step {step}: checkpoint saved to "
                    f"{os.path.join(output_dir, CHECKPOINT)}; run the same command again to continue from there")
     raise SystemExit(PREEMPTED_EXIT_CODE)
+
+
+def start_run(args, dist_info):
+    """Checks and the arguments log line both recipes begin with; returns the autocast dtype (None: fp32)."""
+    if args.local_loss and not args.gather_with_grad:
+        raise UserError("--local-loss needs --gather-with-grad")
+    args.world_size = dist_info.world_size
+    logger.info("arguments: " + json.dumps(vars(args), sort_keys=True))
+    return getattr(torch, args.amp_dtype) if args.amp_dtype else None
+
+
+def text_config(args, embeddings, world_size):
+    """Log what the alignment does (or that it is off); return the engine's ``text`` dict or None."""
+    if embeddings is None:
+        logger.info("text alignment: off (baseline)")
+        return None
+    logger.info(describe_alignment(args.loss_type, args.tau, args.lamb, args.gather_with_grad, args.local_loss,
+                                   world_size))
+    return {"loss_type": args.loss_type, "tau": args.tau, "lamb": args.lamb,
+            "gather_with_grad": args.gather_with_grad, "local_loss": args.local_loss}
 
 
 def add_common_args(p):

@@ -7,7 +7,6 @@ Also runs under ``python -m torch.distributed.launch --use_env``, ``srun`` and a
 (GPU or CPU). Without ``--data`` it trains on generated images (as the original's FakeData).
 """
 import argparse
-import json
 import os
 import sys
 
@@ -19,7 +18,7 @@ import torchvision  # noqa: E402
 from torchvision import transforms  # noqa: E402
 
 from gpt4image import (TextAlignedModel, build_projection_head,  # noqa: E402
-                       describe_alignment, init_distributed, save_checkpoint, setup_logging)
+                       init_distributed, save_checkpoint, setup_logging)
 from gpt4image.distributed import cleanup, logger  # noqa: E402
 from gpt4image.engine import DeviceNormalize, evaluate  # noqa: E402
 from gpt4image.errors import UserError, exit_on_user_error  # noqa: E402
@@ -27,7 +26,7 @@ from gpt4image.io import atomic_torch_save  # noqa: E402
 from gpt4image.recipe import (CHECKPOINT, RunRecord, SkipCorrupt, add_common_args, attach_text_embeddings,  # noqa: E402
                               build_eval_loader, build_image_folders, build_train_loader, checkpoint_state,
                               epoch_row, generated_datasets, load_classifier_weights, resume_run,
-                              train_epoch, wrap_distributed)
+                              start_run, text_config, train_epoch, wrap_distributed)
 from gpt4image.resumable import StopRequest, seed_all  # noqa: E402
 
 RECIPE = "resnet"
@@ -105,11 +104,7 @@ def main(argv=None):
 def _run(args, dist_info, device):
     if args.use_amp and args.amp_dtype is None:
         args.amp_dtype = "float16"
-    amp_dtype = getattr(torch, args.amp_dtype) if args.amp_dtype else None
-    if args.local_loss and not args.gather_with_grad:
-        raise UserError("--local-loss needs --gather-with-grad")
-    args.world_size = dist_info.world_size
-    logger.info("arguments: " + json.dumps(vars(args), sort_keys=True))
+    amp_dtype = start_run(args, dist_info)
 
     train_tf, val_tf = transforms_for(args.input_size)
     generated = args.data is None
@@ -136,11 +131,7 @@ def _run(args, dist_info, device):
         return _evaluate_only(args, model, val_loader, device, amp_dtype)
 
     record = RunRecord(args.save_dir, args, dist_info.is_main)
-    if embeddings is not None:
-        logger.info(describe_alignment(args.loss_type, args.tau, args.lamb, args.gather_with_grad, args.local_loss,
-                                       dist_info.world_size))
-    else:
-        logger.info("text alignment: off (baseline)")
+    text_cfg = text_config(args, embeddings, dist_info.world_size)
 
     lr = args.lr if args.no_scale_lr else args.lr * dist_info.world_size * args.batch_size / 256
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=args.momentum, weight_decay=args.wd)
@@ -164,9 +155,6 @@ def _run(args, dist_info, device):
                                                   seed=args.seed, drop_last=True)
     train_loader, resumable = build_train_loader(train_set, sampler, args.batch_size, args.workers,
                                                  torch.cuda.is_available(), args.seed + 1000 * dist_info.rank)
-    text_cfg = None if embeddings is None else {
-        "loss_type": args.loss_type, "tau": args.tau, "lamb": args.lamb,
-        "gather_with_grad": args.gather_with_grad, "local_loss": args.local_loss}
     ce = nn.CrossEntropyLoss()
     test_stats = {}
     logger.info(f"training {args.arch} for {args.epochs} epochs on {dist_info.world_size} process(es), "
