@@ -24,6 +24,22 @@ MODELS = {"resnet50": dict(batch=256, lr=0.1, tau=0.2, bn=True, std=1024 ** -0.5
           "deit_base_patch16_224": dict(batch=128, lr=1e-3, tau=0.05, bn=False, std=0.02)}
 
 
+def seconds_per_call(step, calls, warmup, device):
+    """Mean wall time of ``step()`` over ``calls`` calls after ``warmup`` (GPU work included; peak
+    memory counted from the timed calls on)."""
+    for _ in range(warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for _ in range(calls):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / calls
+
+
 def build(name, aligned, device, channels_last):
     import timm
     import torchvision
@@ -69,17 +85,7 @@ def measure(name, aligned, amp, channels_last, compile_, batch, steps, warmup, d
         scaler.step(opt)
         scaler.update()
 
-    for _ in range(warmup):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    elapsed = (time.perf_counter() - start) / steps
+    elapsed = seconds_per_call(step, steps, warmup, device)
     peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else None
     return {"step_ms": elapsed * 1000, "images_per_s": batch / elapsed, "peak_gib": peak}
 
@@ -102,16 +108,7 @@ def measure_alignment_only(name, amp, batch, steps, warmup, device):
         loss.backward()
         opt.step()
 
-    for _ in range(warmup):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(steps * 10):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) / (steps * 10) * 1000
+    return seconds_per_call(step, steps * 10, warmup, device) * 1000
 
 
 def measure_ema(device, repeats=10):
