@@ -40,7 +40,7 @@ def _first_slurm_host(nodelist):
         return m.group(1) + (m.group(3) or "")
 
 
-def _environment(local_rank_arg):
+def launch_environment(local_rank_arg=None):
     """(rank, world_size, local_rank) from torchrun / launch / SLURM variables, or a single process."""
     env = os.environ
     if "RANK" in env and "WORLD_SIZE" in env:  # torchrun, torch.distributed.launch (--use_env or not)
@@ -60,7 +60,7 @@ def init_distributed(local_rank_arg=None, device=None, timeout_minutes=30):
     the legacy launcher's ``--local-rank`` argument (pass it as ``local_rank_arg``), SLURM's srun,
     and plain single-process runs. ``device``: "cuda", "cpu" or None (cuda when available).
     """
-    rank, world_size, local_rank = _environment(local_rank_arg)
+    rank, world_size, local_rank = launch_environment(local_rank_arg)
     use_cuda = torch.cuda.is_available() if device is None else str(device).startswith("cuda")
     if use_cuda:
         torch.cuda.set_device(local_rank % torch.cuda.device_count())

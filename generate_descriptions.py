@@ -1,0 +1,265 @@
+"""Describe every training image with a local vision-language model (stage 0 of GPT4Image).
+
+    python generate_descriptions.py --data /path/to/train --model /path/to/Qwen2-VL-2B-Instruct \\
+        --output descriptions.jsonl
+    torchrun --nproc_per_node=8 generate_descriptions.py ...   # one shard per GPU, rank 0 merges
+    python generate_descriptions.py ... --shard 3/16            # job arrays; then --merge
+
+writes ``descriptions.jsonl`` (one ``{"path", "description", "class"}`` object per image, in
+ImageFolder order: what ``description2embedding.py --caption descriptions.jsonl --data TRAIN``
+reads) and ``descriptions.jsonl.json`` (model, prompt, generation settings, counts, failures,
+versions, times). Work is kept in ``descriptions.jsonl.parts/``: the same command run again skips
+every image already described.
+"""
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+
+import gpt4image  # noqa: F401  (makes torchvision importable first: Qwen2-VL's and SmolVLM's processors need it)
+import torch
+
+from gpt4image import __version__
+from gpt4image.describe import (DEFAULT_CLASS_PROMPT, DEFAULT_PROMPT, EMPTY, Parts, PromptBatches, PromptBuilder,
+                                generate, inspect_vlm, list_images, load_vlm, parse_shard,
+                                read_class_names, resolve_dtype)
+from gpt4image.distributed import launch_environment
+from gpt4image.errors import UserError, exit_on_user_error
+
+
+def positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
+    return value
+
+
+def non_negative_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {text!r}")
+    return value
+
+
+def positive_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}")
+    return value
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser("generate_descriptions", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True,
+                   help="ImageFolder train directory (class sub-folders), or a text file of image paths")
+    p.add_argument("--model", help="local directory of a transformers image-text-to-text model "
+                                   "(e.g. Qwen2-VL-2B-Instruct), or a hub id already in Hugging Face's cache")
+    p.add_argument("--output", default="descriptions.jsonl", help="final JSON-lines file (default: %(default)s)")
+    p.add_argument("--prompt", default=DEFAULT_PROMPT, help="the request to the model (default: the paper's, %(default)r)")
+    p.add_argument("--class-prompt", nargs="?", const=DEFAULT_CLASS_PROMPT, default=None, metavar="TEMPLATE",
+                   help="class-conditioned prompt with a {class_name} placeholder filled from the class folder "
+                        f"(default template: {DEFAULT_CLASS_PROMPT!r})")
+    p.add_argument("--class-names", default=None, metavar="FILE",
+                   help="folder name -> class name: a JSON object, or lines 'folder name, synonyms' "
+                        "(ImageNet's LOC_synset_mapping.txt)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=256, help="longest description, in tokens")
+    p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding (not reproducible)")
+    p.add_argument("--temperature", type=positive_float, default=1.0, help="with --do-sample")
+    p.add_argument("--top-p", type=positive_float, default=1.0, help="with --do-sample")
+    p.add_argument("--seed", type=int, default=0, help="with --do-sample: seed of each rank's sampling (+ shard)")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="images per generate call")
+    p.add_argument("--workers", type=non_negative_int, default=min(4, os.cpu_count() or 1),
+                   help="processes decoding and preprocessing images ahead of the model")
+    p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK when available, else cpu")
+    p.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto",
+                   help="model weights (auto: bfloat16 on a GPU that supports it, else float32)")
+    p.add_argument("--shard", default=None, metavar="I/N", help="describe only shard I of N (job arrays); "
+                   "combined with torchrun, each rank takes its share of the shard")
+    p.add_argument("--merge", action="store_true", help="only merge the part files into --output")
+    p.add_argument("--allow-missing", action="store_true", help="merge even though some images are not described")
+    p.add_argument("--retry-failed", action="store_true", help="try again the images recorded as failed or empty")
+    p.add_argument("--allow-download", action="store_true", help="let a hub id be downloaded into Hugging Face's cache")
+    p.add_argument("--force", action="store_true", help="overwrite an existing final --output")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def check_args(args, items):
+    """Everything that can be wrong with the command line, before any model is loaded or file written."""
+    if not args.merge and not args.model:
+        raise UserError("--model is required (a local model directory); only --merge works without it")
+    for target in (args.output, args.output + ".json"):
+        if os.path.exists(target) and not args.force:
+            raise UserError(f"output {target!r} already exists; pass --force to overwrite it or --output "
+                            f"to choose another path")
+    directory = os.path.dirname(os.path.abspath(args.output))
+    if not os.path.isdir(directory) or not os.access(directory, os.W_OK):
+        raise UserError(f"cannot write {args.output!r}: directory {directory!r} does not exist or is not writable")
+    parts = args.output + ".parts"
+    if os.path.exists(parts) and not (os.path.isdir(parts) and os.access(parts, os.W_OK)):
+        raise UserError(f"cannot write the part files into {parts!r}; remove it or choose another --output")
+    if os.path.abspath(args.output) in {os.path.abspath(i.file) for i in items}:
+        raise UserError(f"--output {args.output!r} is one of the images; choose another path")
+    if args.class_names and not args.class_prompt:
+        raise UserError("--class-names is used only with --class-prompt; add --class-prompt")
+    if args.class_prompt and items[0].class_name is None:
+        raise UserError(f"--class-prompt needs class folders, but --data {args.data!r} is a list of images")
+    if args.class_prompt and "{class_name}" not in args.class_prompt:
+        raise UserError(f"--class-prompt {args.class_prompt!r} has no {{class_name}} placeholder; "
+                        f"e.g. --class-prompt {DEFAULT_CLASS_PROMPT!r}")
+
+
+def generation_settings(args):
+    generation = {"max_new_tokens": args.max_new_tokens, "do_sample": args.do_sample, "num_beams": 1}
+    if args.do_sample:
+        generation.update(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    return generation
+
+
+def run_settings(args, model_info):
+    """What decides the text of a description: parts made with other settings are not mixed in."""
+    return {"model": model_info["name"], "model_config_sha256": model_info["config_sha256"],
+            "dtype": model_info["dtype"], "prompt": args.prompt, "class_prompt": args.class_prompt,
+            "class_names": os.path.abspath(args.class_names) if args.class_names else None,
+            "generation": generation_settings(args), "data": os.path.abspath(args.data)}
+
+
+def describe_shard(args, items, class_names, shard, device, quiet):
+    """Describe the images of shard ``(index, count)`` not described yet; append their records."""
+    index, count = shard
+    directory, info = inspect_vlm(args.model, args.allow_download)
+    info["dtype"] = resolve_dtype(args.dtype, device)
+    parts = Parts(args.output)
+    settings = run_settings(args, info)
+    parts.check_settings(settings)
+    if quiet:
+        from transformers.utils.logging import disable_progress_bar
+        disable_progress_bar()
+    model, processor = load_vlm(directory, device, info["dtype"])
+    done = parts.done(retry_failed=args.retry_failed)
+    todo = [item for item in items if item.index % count == index and item.path not in done]
+    prompts = PromptBuilder(processor, args.prompt, args.class_prompt, class_names)
+    generation = {k: v for k, v in settings["generation"].items() if k != "seed"}
+    if args.do_sample:
+        torch.manual_seed(args.seed + index)
+    print(f"shard {index}/{count}: {len(todo)} images to describe "
+          f"({sum(1 for i in items if i.index % count == index) - len(todo)} already done) with "
+          f"{info['architecture']} ({info['dtype']}) on {device}", flush=True)
+    loader = torch.utils.data.DataLoader(PromptBatches(todo, args.batch_size, processor, prompts), batch_size=None,
+                                         num_workers=args.workers, prefetch_factor=4 if args.workers else None)
+    from tqdm import tqdm
+    waited = generating = 0.0
+    with parts.open_for_append(index, count) as out, \
+            tqdm(total=len(todo), unit="img", disable=quiet, desc=f"describing {index}/{count}",
+                 dynamic_ncols=True) as bar:
+        tick = time.perf_counter()
+        for good, inputs, failures in loader:
+            loaded = time.perf_counter()
+            records = [{"path": item.path, "error": reason} for item, reason in failures]
+            if good:
+                for item, text in zip(good, generate(model, processor, inputs, device, generation)):
+                    record = {"path": item.path, "description": text} if text else {"path": item.path, "error": EMPTY}
+                    if item.class_name is not None:
+                        record["class"] = item.class_name
+                    records.append(record)
+            out.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+            out.flush()
+            os.fsync(out.fileno())
+            for item, reason in failures:
+                bar.write(f"warning: cannot describe {item.file}: {reason}")
+            waited += loaded - tick
+            tick = time.perf_counter()
+            generating += tick - loaded
+            bar.update(len(records))
+    total = waited + generating
+    if todo and total > 0:
+        print(f"shard {index}/{count}: {len(todo)} images in {total:.1f} s ({len(todo) / total:.2f} images/s; "
+              f"waiting for the loader {100 * waited / total:.1f}% of the time)", flush=True)
+    return info
+
+
+def metadata(args, info, started):
+    return {"tool": "generate_descriptions.py", "tool_version": __version__, "model": info,
+            "prompt": args.prompt, "class_prompt": args.class_prompt, "class_names": args.class_names,
+            "generation": generation_settings(args),
+            "data": os.path.abspath(args.data), "started": started,
+            "finished": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "versions": _versions()}
+
+
+def _versions():
+    import PIL
+    import transformers
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "pillow": PIL.__version__,
+            "python": sys.version.split()[0]}
+
+
+def report(args, counts, failures):
+    print(f"{counts['described']} of {counts['images']} images described; {counts['failed']} failed, "
+          f"{counts['empty']} empty, {counts['missing']} missing", flush=True)
+    for failure in failures[:10]:
+        print(f"  not described: {failure['path']}: {failure['error']}", flush=True)
+    if failures:
+        print(f"  ({len(failures)} in all, listed in {args.output}.json; fix or remove those images, then run "
+              f"again with --retry-failed, or keep them out of training)", flush=True)
+    print(f"descriptions: {os.path.abspath(args.output)}", flush=True)
+    print(f"metadata:     {os.path.abspath(args.output)}.json", flush=True)
+    print(f"next: python description2embedding.py --caption {args.output} --data {args.data}", flush=True)
+
+
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
+    started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+    rank, world_size, local_rank = launch_environment()
+    shard_index, shard_count = parse_shard(args.shard) if args.shard else (0, 1)
+    shard = (shard_index * world_size + rank, shard_count * world_size)
+    items = list_images(args.data)
+    if not items:
+        raise UserError(f"--data {args.data!r} holds no image")
+    check_args(args, items)
+    class_names = read_class_names(args.class_names, {i.class_name for i in items}) if args.class_names else None
+    parts = Parts(args.output)
+    if args.merge:
+        info = None
+        if os.path.isfile(parts.settings_path):
+            with open(parts.settings_path, encoding="utf-8") as f:
+                info = {"name": json.load(f)["model"]}
+        counts, failures = parts.merge(items, metadata(args, info, started), args.allow_missing)
+        return report(args, counts, failures)
+    if args.device is None:
+        args.device = f"cuda:{local_rank % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu"
+    group = None
+    if world_size > 1:  # the group only says "all shards are done" to rank 0 (gloo also between nodes)
+        import torch.distributed as dist
+        dist.init_process_group("gloo", timeout=datetime.timedelta(days=7))
+        group = dist
+    info = describe_shard(args, items, class_names, shard, args.device, quiet=args.quiet or rank != 0)
+    if group is not None:
+        group.barrier()
+        group.destroy_process_group()
+        if rank != 0:
+            return None
+    missing, summary = parts.missing_report(items, parts.done())
+    if missing:
+        print(f"{summary}; when every shard has finished, run the same command with --merge "
+              f"(part files: {parts.directory})", flush=True)
+        return None
+    counts, failures = parts.merge(items, metadata(args, info, started))
+    report(args, counts, failures)
+    return args.output
+
+
+if __name__ == "__main__":
+    exit_on_user_error(main, sys.argv[1:])

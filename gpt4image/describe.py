@@ -1,0 +1,376 @@
+"""Describing images with a local vision-language model: the pieces behind generate_descriptions.py.
+
+- ``list_images``: the images to describe (an ImageFolder train directory, or a text file of paths),
+  each with its index, path relative to ``--data`` and class folder name;
+- ``load_vlm``: any image-text-to-text model of Hugging Face transformers from a local directory
+  (or the library's cache), offline unless asked otherwise, with its processor set for batched
+  generation (left padding);
+- ``PromptBatches``: a Dataset whose item i is batch i decoded and preprocessed, so DataLoader
+  workers run ahead of the model; undecodable images are reported, not raised;
+- ``generate``: greedy (by default) batched generation, prompt echo and special tokens stripped;
+- ``Parts``: the resumable output, one JSON-lines part file per shard, appended and flushed per
+  batch, and the merge into the final file.
+
+A record is ``{"path": ..., "description": ...}`` (plus ``"class"``), or ``{"path": ...,
+"error": ...}`` for an image that could not be described (undecodable, or an empty generation).
+"""
+import glob
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass
+
+import torch
+
+from .errors import UserError
+from .io import atomic_write_json, atomic_write_text
+
+DEFAULT_PROMPT = "Describe this image in detail."  # the paper's prompt to MiniGPT-4
+DEFAULT_CLASS_PROMPT = "This is a photo of a {class_name}. Describe this image in detail."
+EMPTY = "empty description"
+
+
+@dataclass(frozen=True)
+class ImageItem:
+    index: int
+    path: str  # as written to the output: relative to --data (or as listed in the text file)
+    file: str  # where to read it
+    class_name: str = None  # the class folder's name; None for a plain list of images
+
+
+def list_images(data):
+    """Images of an ImageFolder directory (its order) or of a text file with one path per line
+    (relative paths are relative to the file's folder)."""
+    from .descriptions import list_image_folder
+    if os.path.isdir(data):
+        return [ImageItem(i, rel, os.path.join(data, rel), rel.split("/")[0])
+                for i, rel in enumerate(list_image_folder(data))]
+    if not os.path.isfile(data):
+        raise UserError(f"--data {data!r} does not exist; pass an ImageFolder train directory "
+                        f"or a text file with one image path per line")
+    base = os.path.dirname(os.path.abspath(data))
+    try:
+        with open(data, encoding="utf-8") as f:
+            paths = [line.strip() for line in f if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read the image list {data!r} ({e}); pass a UTF-8 text file with one "
+                        f"image path per line, or an ImageFolder directory") from None
+    if not paths:
+        raise UserError(f"the image list {data!r} names no image")
+    if len(set(paths)) != len(paths):
+        dup = next(p for p in paths if paths.count(p) > 1)
+        raise UserError(f"the image list {data!r} names {dup!r} more than once; list each image once")
+    return [ImageItem(i, p, p if os.path.isabs(p) else os.path.join(base, p)) for i, p in enumerate(paths)]
+
+
+def read_class_names(path, classes):
+    """``{folder name: words}`` from a .json object or a text file of ``folder words...`` lines (the
+    format of ImageNet's LOC_synset_mapping.txt; only the first comma-separated name is used)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            if path.lower().endswith(".json"):
+                names = json.load(f)
+                if not isinstance(names, dict) or not all(isinstance(v, str) for v in names.values()):
+                    raise ValueError("not an object mapping folder names to strings")
+            else:
+                names = {}
+                for line in f:
+                    folder, _, words = line.strip().partition(" ")
+                    if folder:
+                        names[folder] = words.split(",")[0].strip() or folder
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read --class-names {path!r} ({e}); pass a JSON object "
+                        f"{{folder: name}} or lines 'folder name'") from None
+    missing = sorted(set(classes) - set(names))
+    if missing:
+        raise UserError(f"--class-names {path!r} has no name for {len(missing)} class folders "
+                        f"(first: {', '.join(missing[:3])}); add them")
+    return names
+
+
+class PromptBuilder:
+    """The text prompt of each image: a fixed prompt, or a template filled with its class name,
+    put into the model's chat template (or used as it is when the processor has none)."""
+
+    def __init__(self, processor, prompt=DEFAULT_PROMPT, class_template=None, class_names=None):
+        self.processor = processor
+        self.prompt = prompt
+        self.class_template = class_template
+        self.class_names = class_names or {}
+        self._cache = {}
+
+    def user_text(self, item):
+        if self.class_template is None or item.class_name is None:
+            return self.prompt
+        name = self.class_names.get(item.class_name, item.class_name).replace("_", " ")
+        return self.class_template.replace("{class_name}", name)
+
+    def __call__(self, item):
+        text = self.user_text(item)
+        if text not in self._cache:
+            if getattr(self.processor, "chat_template", None):
+                messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+                self._cache[text] = self.processor.apply_chat_template(messages, add_generation_prompt=True)
+            else:  # e.g. BLIP-2: the processor adds the image tokens to a plain prompt
+                self._cache[text] = text
+        return self._cache[text]
+
+
+def open_rgb(path):
+    """The image as RGB, or the reason it cannot be used (any error Pillow raises, decompression-bomb
+    limits included)."""
+    from PIL import Image
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.convert("RGB"), None
+    except Exception as e:  # noqa: BLE001  every way a file can fail is the file's problem
+        return None, f"{type(e).__name__}: {e}".replace("\n", " ")
+
+
+class PromptBatches(torch.utils.data.Dataset):
+    """Item i: batch i of ``items`` decoded and preprocessed for the model.
+
+    Returns ``(items, inputs, failures)``: the described items, the processor's tensors for them
+    (None when none is left), and ``[(item, reason)]`` for images that could not be used.
+    """
+
+    def __init__(self, items, batch_size, processor, prompts):
+        self.batches = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
+        self.processor = processor
+        self.prompts = prompts
+
+    def __len__(self):
+        return len(self.batches)
+
+    def _process(self, items, images):
+        return self.processor(text=[self.prompts(item) for item in items], images=images, padding=True,
+                              return_tensors="pt")
+
+    def __getitem__(self, i):
+        good, images, failures = [], [], []
+        for item in self.batches[i]:
+            image, reason = open_rgb(item.file)
+            if image is None:
+                failures.append((item, reason))
+            else:
+                good.append(item)
+                images.append(image)
+        if not good:
+            return [], None, failures
+        try:
+            return good, self._process(good, images), failures
+        except Exception:  # noqa: BLE001  find the image the processor refuses, keep the others
+            kept, kept_images = [], []
+            for item, image in zip(good, images):
+                try:
+                    self._process([item], [image])
+                    kept.append(item)
+                    kept_images.append(image)
+                except Exception as e:  # noqa: BLE001
+                    failures.append((item, f"the processor refused it: {type(e).__name__}: {e}".replace("\n", " ")))
+            return kept, (self._process(kept, kept_images) if kept else None), failures
+
+
+def resolve_model_dir(model, allow_download=False):
+    """A local directory holding the model: ``model`` itself, or a hub id found in (or, with
+    ``allow_download``, fetched into) Hugging Face's cache."""
+    if os.path.isdir(model):
+        return model
+    looks_like_id = re.fullmatch(r"[\w-][\w.-]*/[\w.-]+", model) is not None and not model.startswith(".")
+    if looks_like_id:
+        try:
+            from huggingface_hub import snapshot_download
+            return snapshot_download(model, local_files_only=not allow_download)
+        except Exception:  # noqa: BLE001  not cached (or no network): say what to do below
+            pass
+    name = model if looks_like_id else "Qwen/Qwen2-VL-2B-Instruct"
+    raise UserError(f"model directory {model!r} does not exist; on a machine with internet run "
+                    f"`hf download {name} --local-dir /path/to/{name.split('/')[-1]}`, copy the folder here "
+                    f"and pass --model /path/to/{name.split('/')[-1]}"
+                    + ("" if allow_download else " (or pass --allow-download with a hub id)"))
+
+
+def _config_sha256(directory):
+    path = os.path.join(directory, "config.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def resolve_dtype(dtype, device):
+    """"auto": bfloat16 on a GPU that has it, else float32."""
+    if dtype != "auto":
+        return dtype
+    device = torch.device(device)
+    return "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+
+
+def inspect_vlm(model, allow_download=False):
+    """``(directory, info)`` of a local image-text-to-text model, checked without loading weights:
+    a missing folder, a model of another kind or a missing processor is a UserError."""
+    from transformers import AutoConfig, AutoProcessor
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+    directory = resolve_model_dir(model, allow_download)
+    try:
+        config = AutoConfig.from_pretrained(directory, local_files_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise UserError(f"{directory!r} holds no readable model config ({type(e).__name__}: {e}); "
+                        f"pass the folder of a downloaded model (with config.json)") from None
+    if config.model_type not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
+        raise UserError(f"{directory!r} is a {config.model_type!r} model, not an image-text-to-text model; "
+                        f"pass a vision-language model such as Qwen2-VL, Qwen2.5-VL, LLaVA, SmolVLM or BLIP-2")
+    try:
+        processor = AutoProcessor.from_pretrained(directory, local_files_only=True)
+    except Exception as e:  # noqa: BLE001
+        processor = e
+    if not hasattr(processor, "image_processor") or not hasattr(processor, "tokenizer"):
+        found = f"{type(processor).__name__}: {processor}" if isinstance(processor, Exception) else type(processor).__name__
+        raise UserError(f"{directory!r} has no processor for images and text ({found}); the folder needs the "
+                        f"model's preprocessor_config.json and tokenizer files as downloaded".replace("\n", " "))
+    architectures = getattr(config, "architectures", None) or [config.model_type]
+    info = {"name": getattr(config, "_name_or_path", None) or model, "path": os.path.abspath(directory),
+            "model_type": config.model_type, "architecture": architectures[0],
+            "config_sha256": _config_sha256(directory)}
+    return directory, info
+
+
+def load_vlm(directory, device, dtype):
+    """``(model, processor)`` from a directory ``inspect_vlm`` accepted; the processor pads on the
+    left (new tokens start at the same position in every row); on a GPU attention uses SDPA."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    device = torch.device(device)
+    kwargs = {"attn_implementation": "sdpa"} if device.type == "cuda" else {}
+    model = AutoModelForImageTextToText.from_pretrained(directory, local_files_only=True,
+                                                        dtype=getattr(torch, dtype), **kwargs)
+    processor = AutoProcessor.from_pretrained(directory, local_files_only=True)
+    processor.tokenizer.padding_side = "left"
+    return model.to(device).eval(), processor
+
+
+@torch.inference_mode()
+def generate(model, processor, inputs, device, generation):
+    """Descriptions for one preprocessed batch: ``model.generate`` with the settings in
+    ``generation`` (a dict of generate's keyword arguments), without the prompt."""
+    inputs = inputs.to(device)
+    floating = next(model.parameters()).dtype
+    for key, value in inputs.items():
+        if torch.is_floating_point(value):
+            inputs[key] = value.to(floating)
+    out = model.generate(**inputs, **generation)
+    prompt = inputs["input_ids"]
+    if out.shape[1] >= prompt.shape[1] and torch.equal(out[:, :prompt.shape[1]], prompt):
+        out = out[:, prompt.shape[1]:]  # decoder-only models return the prompt before the new tokens
+    return [text.strip() for text in processor.tokenizer.batch_decode(out, skip_special_tokens=True)]
+
+
+def parse_shard(text):
+    m = re.fullmatch(r"(\d+)/(\d+)", text or "")
+    if not m or int(m.group(2)) < 1 or int(m.group(1)) >= int(m.group(2)):
+        raise UserError(f"--shard {text!r} must be I/N with 0 <= I < N, e.g. --shard 0/4")
+    return int(m.group(1)), int(m.group(2))
+
+
+def read_records(path):
+    """Records of one part file; a last line cut short by a kill is ignored."""
+    records = []
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number == len(lines):  # the unterminated last line: the batch the kill interrupted
+                continue
+            raise UserError(f"{path}:{number} is not a JSON record; delete the line (that image is then "
+                            f"described again) and rerun") from None
+    return records
+
+
+class Parts:
+    """The part files of one output, ``<output>.parts/part-IIIII-of-NNNNN.jsonl``, and their merge."""
+
+    def __init__(self, output):
+        self.output = output
+        self.directory = output + ".parts"
+        self.settings_path = os.path.join(self.directory, "settings.json")
+
+    def part_path(self, index, count):
+        return os.path.join(self.directory, f"part-{index:05d}-of-{count:05d}.jsonl")
+
+    def part_files(self):
+        return sorted(glob.glob(os.path.join(self.directory, "part-*-of-*.jsonl")))
+
+    def check_settings(self, settings):
+        """Refuse to add to parts made with other settings (model, prompt, generation); record them
+        for a new output."""
+        os.makedirs(self.directory, exist_ok=True)
+        if os.path.isfile(self.settings_path):
+            with open(self.settings_path, encoding="utf-8") as f:
+                before = json.load(f)
+            differ = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
+            if differ:
+                shown = "; ".join(f"{k}: {before.get(k)!r} before, {settings.get(k)!r} now" for k in differ[:3])
+                raise UserError(f"{self.directory} holds descriptions made with other settings ({shown}); "
+                                f"use another --output, or delete that folder to start again")
+        else:
+            atomic_write_json(self.settings_path, settings)
+
+    def done(self, retry_failed=False):
+        """``{path: record}`` over every part file: a description wins over an error."""
+        best = {}
+        for path in self.part_files():
+            for record in read_records(path):
+                if retry_failed and "error" in record:
+                    continue
+                if record["path"] not in best or "error" in best[record["path"]]:
+                    best[record["path"]] = record
+        return best
+
+    def open_for_append(self, index, count):
+        """The shard's part file, ready to append; a last line cut short by a kill is removed first."""
+        path = self.part_path(index, count)
+        if os.path.exists(path):
+            with open(path, "rb+") as f:
+                data = f.read()
+                if data and not data.endswith(b"\n"):
+                    f.truncate(data.rfind(b"\n") + 1)
+        return open(path, "a", encoding="utf-8")
+
+    def missing_report(self, items, done):
+        """How many images have no record, and in which shards of the part files' layout."""
+        missing = [item for item in items if item.path not in done]
+        counts = {int(m.group(1)) for m in (re.search(r"-of-(\d+)\.jsonl$", p) for p in self.part_files()) if m}
+        count = max(counts) if counts else 1
+        shards = sorted({item.index % count for item in missing})
+        return missing, (f"{len(missing)} of {len(items)} images are not described yet (first: {missing[0].path}; "
+                         f"shards {', '.join(f'{s}/{count}' for s in shards[:10])}"
+                         f"{' ...' if len(shards) > 10 else ''})" if missing else "")
+
+    def merge(self, items, metadata, allow_missing=False):
+        """Write ``output`` (records in ``items``' order, descriptions only) and ``output.json``;
+        returns the counts."""
+        done = self.done()
+        missing, report = self.missing_report(items, done)
+        if missing and not allow_missing:
+            raise UserError(f"cannot merge {self.output}: {report}; run the missing shards (the same command "
+                            f"skips what is done), or pass --allow-missing")
+        lines, failures = [], []
+        for item in items:
+            record = done.get(item.path)
+            if record is None:
+                continue
+            if "error" in record:
+                failures.append({"path": item.path, "error": record["error"]})
+            else:
+                lines.append(json.dumps(record, ensure_ascii=False) + "\n")
+        counts = {"images": len(items), "described": len(lines),
+                  "failed": sum(f["error"] != EMPTY for f in failures),
+                  "empty": sum(f["error"] == EMPTY for f in failures), "missing": len(missing)}
+        atomic_write_text(self.output, "".join(lines))
+        atomic_write_json(self.output + ".json", dict(metadata, counts=counts, failures=failures))
+        return counts, failures

@@ -1,0 +1,285 @@
+"""generate_descriptions.py on tiny random VLMs of each family: batching, sharding, resume, bad input."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from conftest import REPO, run_script
+from gpt4image.errors import exit_on_user_error
+from gpt4image.tiny_vlm import FAMILIES, save_tiny_vlm
+
+SCRIPT = os.path.join(REPO, "generate_descriptions.py")
+
+
+@pytest.fixture(scope="session")
+def vlm(tmp_path_factory):
+    """family -> directory of its tiny random model (built once per session)."""
+    root = tmp_path_factory.mktemp("vlm")
+    return {family: save_tiny_vlm(family, str(root / family)) for family in FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def photos(tmp_path_factory):
+    """An ImageFolder of 13 images of different sizes in 3 classes (so batches need padding)."""
+    root = tmp_path_factory.mktemp("photos") / "train"
+    generator = torch.Generator().manual_seed(0)
+    for i in range(13):
+        folder = root / ["n01440764", "n01443537", "n01484850"][i % 3]
+        folder.mkdir(parents=True, exist_ok=True)
+        w, h = 24 + 9 * (i % 4), 28 + 5 * (i % 3)
+        pixels = torch.randint(0, 256, (h, w, 3), generator=generator, dtype=torch.uint8).numpy()
+        Image.fromarray(pixels).save(folder / f"img_{i:02d}.jpg", quality=90)
+    return str(root)
+
+
+@pytest.fixture
+def gd_main():
+    sys.path.insert(0, REPO)
+    import generate_descriptions
+    yield generate_descriptions.main
+    sys.path.remove(REPO)
+
+
+def _records(path):
+    return [json.loads(line) for line in open(path, encoding="utf-8")]
+
+
+def _own_generate(model_dir, image_path, prompt, max_new_tokens):
+    """What the model's own processor and generate give for one image, with nothing of ours."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    processor = AutoProcessor.from_pretrained(model_dir)
+    model = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
+    if processor.chat_template:
+        text = processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}],
+            add_generation_prompt=True)
+    else:
+        text = prompt
+    inputs = processor(text=[text], images=[Image.open(image_path).convert("RGB")], return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    new = out[0, inputs["input_ids"].shape[1]:]
+    return processor.tokenizer.decode(new, skip_special_tokens=True).strip()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_each_family_gives_in_batches_what_its_own_generate_gives_one_image_at_a_time(family, vlm, photos, gd_main,
+                                                                                      tmp_path):
+    out = tmp_path / "d.jsonl"
+    gd_main([f"--data={photos}", f"--model={vlm[family]}", f"--output={out}", "--batch-size=5", "--workers=1",
+             "--max-new-tokens=6", "--quiet"])
+    records = _records(out)
+    assert [r["path"] for r in records] == sorted(r["path"] for r in records) and len(records) == 13
+    assert all(r["class"] == r["path"].split("/")[0] for r in records)
+    for r in records:
+        assert r["description"] == _own_generate(vlm[family], os.path.join(photos, r["path"]),
+                                                 "Describe this image in detail.", 6), r["path"]
+    assert len({r["description"] for r in records}) > 1  # the image reaches the model
+    meta = json.load(open(f"{out}.json"))
+    assert meta["counts"] == {"images": 13, "described": 13, "failed": 0, "empty": 0, "missing": 0}
+    assert meta["model"]["model_type"] == json.load(open(os.path.join(vlm[family], "config.json")))["model_type"]
+    assert meta["prompt"] == "Describe this image in detail." and meta["generation"]["do_sample"] is False
+    assert meta["versions"]["transformers"] and meta["started"] <= meta["finished"]
+
+
+def test_class_prompt_names_the_class_from_the_class_names_file(vlm, photos, gd_main, tmp_path, capsys):
+    names = tmp_path / "LOC_synset_mapping.txt"
+    names.write_text("n01440764 tench, Tinca tinca\nn01443537 goldfish, Carassius auratus\n"
+                     "n01484850 great white shark, white shark\n")
+    out = tmp_path / "d.jsonl"
+    gd_main([f"--data={photos}", f"--model={vlm['llava']}", f"--output={out}", "--class-prompt",
+             f"--class-names={names}", "--max-new-tokens=6", "--workers=0", "--quiet"])
+    record = next(r for r in _records(out) if r["class"] == "n01484850")
+    prompt = "This is a photo of a great white shark. Describe this image in detail."
+    assert record["description"] == _own_generate(vlm["llava"], os.path.join(photos, record["path"]), prompt, 6)
+    assert json.load(open(f"{out}.json"))["class_prompt"] == "This is a photo of a {class_name}. Describe this image in detail."
+
+
+def _part_paths(output):
+    paths = []
+    for part in sorted(os.listdir(f"{output}.parts")):
+        if part.endswith(".jsonl"):
+            paths += [json.loads(line)["path"] for line in open(os.path.join(f"{output}.parts", part))]
+    return paths
+
+
+@pytest.fixture(scope="module")
+def single_run(vlm, photos, tmp_path_factory):
+    out = tmp_path_factory.mktemp("single") / "d.jsonl"
+    run_script([SCRIPT, f"--data={photos}", f"--model={vlm['qwen2_vl']}", f"--output={out}", "--max-new-tokens=6",
+                "--workers=0", "--quiet"])
+    return out
+
+
+def test_two_ranks_describe_every_image_once_and_merge_what_one_process_writes(vlm, photos, single_run, tmp_path):
+    out = tmp_path / "d.jsonl"
+    run_script(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", SCRIPT, f"--data={photos}",
+                f"--model={vlm['qwen2_vl']}", f"--output={out}", "--max-new-tokens=6", "--workers=1",
+                "--batch-size=4"])
+    described = _part_paths(out)
+    assert sorted(described) == sorted(set(described)) and len(described) == 13
+    assert out.read_bytes() == single_run.read_bytes()
+
+
+def test_job_array_shards_and_merge_equal_one_process(vlm, photos, single_run, tmp_path, gd_main, capsys):
+    out = tmp_path / "d.jsonl"
+    common = [f"--data={photos}", f"--model={vlm['qwen2_vl']}", f"--output={out}", "--max-new-tokens=6",
+              "--workers=0", "--quiet"]
+    for i in range(2):
+        gd_main([*common, f"--shard={i}/3"])
+    assert not out.exists()
+    assert "not described yet" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        exit_on_user_error(gd_main, [*common, "--merge"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "4 of 13 images are not described yet" in err and "shards 2/3" in err and not out.exists()
+    gd_main([*common, "--shard=2/3"])  # the last shard to finish merges
+    described = _part_paths(out)
+    assert sorted(described) == sorted(set(described)) and len(described) == 13
+    assert out.read_bytes() == single_run.read_bytes()
+
+
+def test_a_run_killed_part_way_resumes_without_describing_an_image_twice(vlm, photos, single_run, tmp_path):
+    out = tmp_path / "d.jsonl"
+    cmd = [sys.executable, SCRIPT, f"--data={photos}", f"--model={vlm['qwen2_vl']}", f"--output={out}",
+           "--max-new-tokens=6", "--workers=0", "--batch-size=1", "--quiet"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    part = tmp_path / "d.jsonl.parts" / "part-00000-of-00001.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (part.exists() and part.read_bytes().count(b"\n") >= 4):
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = part.read_bytes().count(b"\n")
+    assert 4 <= done_before < 13 and not out.exists()
+    with open(part, "ab") as f:  # as if the kill came in the middle of a write
+        f.write(b'{"path": "n01440764/img_')
+    subprocess.run(cmd, env=env, cwd=REPO, check=True, capture_output=True)
+    described = _part_paths(out)
+    assert sorted(described) == sorted(set(described)) and len(described) == 13
+    assert out.read_bytes() == single_run.read_bytes()
+
+
+def test_generated_descriptions_become_the_embedding_row_of_their_own_image(vlm, photos, single_run, tiny_clip,
+                                                                          tmp_path):
+    from gpt4image._compat import import_clip
+    from gpt4image.clip_text import load_clip
+    from gpt4image.recipe import build_image_folders
+    from gpt4image.text_embeddings import WithTextEmbeddings, load_text_embeddings
+    clip = import_clip()
+    root = str(tmp_path / "data")
+    shutil.copytree(photos, os.path.join(root, "train"))
+    shutil.copytree(photos, os.path.join(root, "val"))
+    table = str(tmp_path / "emb.pth")
+    run_script(["description2embedding.py", f"--caption={single_run}", f"--data={root}/train", f"--model={tiny_clip}",
+                f"--output={table}", "--workers=0", "--quiet", "--dtype=float32"])
+    records = _records(single_run)
+    train, _ = build_image_folders(root, None, None)
+    paired = WithTextEmbeddings(train, load_text_embeddings(table))
+    model = load_clip(tiny_clip, "cpu")
+    with torch.no_grad():
+        expected = F.normalize(model.encode_text(clip.tokenize([r["description"] for r in records], truncate=True)),
+                               dim=-1)
+    for k in range(len(records)):
+        _, target, text = paired[k]
+        assert train.samples[k][0].endswith(records[k]["path"]) and target == train.class_to_idx[records[k]["class"]]
+        torch.testing.assert_close(text.float(), expected[k], atol=1e-5, rtol=0)
+    run_script([os.path.join(REPO, "resnet", "main.py"), f"--data={root}", f"--text_emb={table}", "--epochs=1",
+                f"--save_dir={tmp_path}/run", "-a", "resnet18", "-b", "4", "--input-size", "32", "-j", "0"],
+               cwd=os.path.join(REPO, "resnet"))
+    assert json.loads(open(f"{tmp_path}/run/log.txt").readline())["train_text_loss"] > 0
+
+
+def test_an_undecodable_image_is_recorded_skipped_and_reported(vlm, photos, tmp_path, gd_main, capsys):
+    data = tmp_path / "train"
+    shutil.copytree(photos, data)
+    (data / "n01440764" / "img_00.jpg").write_bytes(b"not a jpeg at all")
+    out = tmp_path / "d.jsonl"
+    gd_main([f"--data={data}", f"--model={vlm['blip2']}", f"--output={out}", "--max-new-tokens=4", "--workers=1",
+             "--batch-size=4", "--quiet"])
+    captured = capsys.readouterr()
+    assert "12 of 13 images described; 1 failed" in captured.out
+    assert "n01440764/img_00.jpg" in captured.out + captured.err
+    meta = json.load(open(f"{out}.json"))
+    assert meta["counts"]["failed"] == 1 and meta["failures"][0]["path"] == "n01440764/img_00.jpg"
+    assert "UnidentifiedImageError" in meta["failures"][0]["error"]
+    assert len(_records(out)) == 12
+
+
+def _fail(gd_main, argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        exit_on_user_error(gd_main, argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_bad_input_is_one_line_exit_2_and_nothing_is_overwritten(vlm, photos, tmp_path, gd_main, capsys):
+    from transformers import BertConfig, BertModel
+    out = tmp_path / "d.jsonl"
+    base = [f"--data={photos}", f"--output={out}", "--workers=0", "--quiet"]
+    err = _fail(gd_main, [*base, f"--model={tmp_path}/Qwen2-VL-2B-Instruct"], capsys)
+    assert f"{tmp_path}/Qwen2-VL-2B-Instruct" in err and "hf download" in err
+    no_processor = tmp_path / "no_processor"
+    shutil.copytree(vlm["llava"], no_processor)
+    for name in os.listdir(no_processor):
+        if "token" in name or "processor" in name or "chat_template" in name:
+            os.remove(no_processor / name)
+    err = _fail(gd_main, [*base, f"--model={no_processor}"], capsys)
+    assert str(no_processor) in err and "processor" in err
+    BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+              ).save_pretrained(tmp_path / "bert")
+    capsys.readouterr()
+    err = _fail(gd_main, [*base, f"--model={tmp_path}/bert"], capsys)
+    assert "'bert' model, not an image-text-to-text model" in err
+    err = _fail(gd_main, [f"--data={photos}", f"--model={vlm['llava']}", f"--output={tmp_path}/no/such/d.jsonl"],
+                capsys)
+    assert f"{tmp_path}/no/such" in err
+    err = _fail(gd_main, [*base, f"--model={vlm['llava']}", "--class-prompt=Describe it."], capsys)
+    assert "{class_name}" in err
+    err = _fail(gd_main, [*base, f"--model={vlm['llava']}", "--shard=3/3"], capsys)
+    assert "'3/3'" in err
+    err = _fail(gd_main, [f"--data={tmp_path}/nowhere", f"--model={vlm['llava']}", f"--output={out}"], capsys)
+    assert f"{tmp_path}/nowhere" in err
+    out.write_bytes(b"precious")
+    err = _fail(gd_main, [*base, f"--model={vlm['llava']}"], capsys)
+    assert "already exists" in err and "--force" in err and out.read_bytes() == b"precious"
+    assert not os.path.exists(f"{out}.parts")
+    with pytest.raises(SystemExit) as e:  # argparse's own range check
+        gd_main([*base, f"--model={vlm['llava']}", "--batch-size=0"])
+    assert e.value.code == 2 and "--batch-size" in capsys.readouterr().err
+
+
+def test_other_settings_are_not_mixed_into_existing_parts(vlm, photos, tmp_path, gd_main, capsys):
+    out = tmp_path / "d.jsonl"
+    common = [f"--data={photos}", f"--model={vlm['llava']}", f"--output={out}", "--workers=0", "--quiet",
+              "--max-new-tokens=4"]
+    gd_main([*common, "--shard=0/2"])
+    capsys.readouterr()
+    part = out.parent / "d.jsonl.parts" / "part-00000-of-00002.jsonl"
+    before = part.read_bytes()
+    err = _fail(gd_main, [*common, "--shard=1/2", "--prompt=What is in the picture?"], capsys)
+    assert "prompt" in err and "'What is in the picture?'" in err and part.read_bytes() == before
+
+
+def test_a_list_of_image_paths_is_described_with_paths_as_listed(vlm, photos, tmp_path, gd_main):
+    listing = tmp_path / "images.txt"
+    names = sorted(os.path.join(c, f) for c in os.listdir(photos) for f in os.listdir(os.path.join(photos, c)))[:4]
+    listing.write_text("".join(f"{os.path.join(photos, n)}\n" for n in names[:2]) +
+                       "".join(f"{os.path.relpath(os.path.join(photos, n), tmp_path)}\n" for n in names[2:]))
+    out = tmp_path / "d.jsonl"
+    gd_main([f"--data={listing}", f"--model={vlm['idefics3']}", f"--output={out}", "--max-new-tokens=4",
+             "--workers=0", "--quiet"])
+    records = _records(out)
+    assert [r["path"] for r in records] == listing.read_text().split() and all("class" not in r for r in records)
