@@ -2,9 +2,12 @@
 
     python -m gpt4image.demo [--out gpt4image_demo] [--nproc 2] [--epochs 5]
 
-1. draws a small ImageFolder (4 visibly different classes, 32 px) and writes one description per
-   training image; builds a tiny random CLIP in OpenAI's checkpoint format;
-2. runs description2embedding.py: descriptions -> text-embedding table;
+1. draws a small ImageFolder (4 visibly different classes, 32 px); builds a tiny random
+   vision-language model (Qwen2-VL architecture) and a tiny random CLIP in OpenAI's checkpoint format;
+2. runs generate_descriptions.py (images -> descriptions; a random model writes word salad, which
+   shows that the pipeline works, not what a real model says), then description2embedding.py
+   (descriptions -> text-embedding table); ``--descriptions template`` writes class-naming
+   descriptions in code instead;
 3. trains the ResNet recipe (resnet18) and the DeiT recipe (deit_tiny) with torchrun on --nproc
    processes, each with and without text alignment;
 4. prints the results table (python -m gpt4image.report) and draws the curves.
@@ -19,6 +22,7 @@ import time
 import torch
 
 from .synthetic import describe_image_folder, make_image_folder, save_tiny_clip
+from .tiny_vlm import save_tiny_vlm
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -28,15 +32,33 @@ def _run(cmd, cwd, env=None):
     subprocess.run(cmd, cwd=cwd, check=True, env=env)
 
 
-def prepare_data(out):
-    """Images, descriptions, tiny CLIP and the embedding table under ``out``; returns their paths."""
+def describe(data, out, how):
+    """Descriptions of the training images: by a tiny random VLM through generate_descriptions.py
+    (``how="vlm"``) or written from the class names (``how="template"``); returns their file."""
+    train = os.path.join(data, "train")
+    if how == "template":
+        captions = os.path.join(out, "descriptions.pth")
+        texts, _ = describe_image_folder(train)
+        torch.save(texts, captions)
+        return captions
+    captions = os.path.join(out, "descriptions.jsonl")
+    vlm = save_tiny_vlm("qwen2_vl", os.path.join(out, "tiny_vlm"))
+    print("\nThe descriptions below come from a tiny randomly initialised vision-language model: they are\n"
+          "gibberish. The demo shows that every stage runs; a real model (README) writes real descriptions.",
+          flush=True)
+    shutil.rmtree(captions + ".parts", ignore_errors=True)
+    _run([sys.executable, os.path.join(REPO, "generate_descriptions.py"), f"--data={train}", f"--model={vlm}",
+          f"--output={captions}", "--max-new-tokens=24", "--batch-size=16", "--workers=1", "--force"], cwd=out)
+    return captions
+
+
+def prepare_data(out, how="vlm"):
+    """Images, descriptions, tiny models and the embedding table under ``out``; returns their paths."""
     data = os.path.join(out, "data")
     if not os.path.isfile(os.path.join(data, "train", "red_circle", "train_0063.jpg")):
         print(f"generating images under {data}", flush=True)
         make_image_folder(data, num_classes=4, train_per_class=64, val_per_class=16, size=32)
-    captions = os.path.join(out, "descriptions.pth")
-    texts, _ = describe_image_folder(os.path.join(data, "train"))
-    torch.save(texts, captions)
+    captions = describe(data, out, how)
     clip_path = save_tiny_clip(os.path.join(out, "tiny_clip.pt"))
     emb = os.path.join(out, "text_emb.pth")
     _run([sys.executable, os.path.join(REPO, "description2embedding.py"), f"--caption={captions}",
@@ -70,12 +92,14 @@ def main(argv=None):
     p.add_argument("--out", default="gpt4image_demo", help="folder for everything the demo makes")
     p.add_argument("--nproc", type=int, default=2, help="processes per training run (torchrun, gloo on CPU)")
     p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--descriptions", choices=["vlm", "template"], default="vlm",
+                   help="vlm: a tiny random VLM describes the images (gibberish); template: class-naming sentences")
     p.add_argument("--skip-training", action="store_true", help="stop after the embedding table")
     args = p.parse_args(argv)
     started = time.time()
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
-    paths = prepare_data(out)
+    paths = prepare_data(out, args.descriptions)
     runs = []
     if not args.skip_training:
         for recipe in ("resnet", "deit"):

@@ -51,23 +51,31 @@ def _llama_text(tokenizer, **extra):
                 pad_token_id=tokenizer.pad_token_id, **extra)
 
 
-def _qwen2_vl():
+def _qwen2_vl(size="tiny"):
     from transformers import (Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor,
                               Qwen2VLProcessor, Qwen2VLVideoProcessor)
     tok = byte_level_tokenizer(["<|im_start|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
                                 "<|video_pad|>"], eos="<|im_end|>", pad="<|endoftext|>")
     ids = tok.convert_tokens_to_ids
+    if size == "2b":  # the published Qwen2-VL-2B-Instruct sizes (random weights: the cost, not the words)
+        text = dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                    num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=True,
+                    rope_parameters={"rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 1e6})
+        vision = dict(depth=32, embed_dim=1280, hidden_size=1536, num_heads=16)
+        pixels = dict(min_pixels=56 * 56, max_pixels=28 * 28 * 1280)
+    else:
+        text = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                    num_attention_heads=2, num_key_value_heads=1,
+                    rope_parameters={"rope_type": "default", "mrope_section": [4, 6, 6], "rope_theta": 1e4})
+        vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2)
+        pixels = dict(min_pixels=56 * 56, max_pixels=56 * 56)  # 4 x 4 patches of 14, merged 2 x 2: 4 tokens
     config = Qwen2VLConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1,
-                         rope_parameters={"rope_type": "default", "mrope_section": [4, 6, 6], "rope_theta": 1e4},
-                         bos_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id),
-        vision_config=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, patch_size=14,
-                           spatial_merge_size=2, temporal_patch_size=2),
+        text_config=dict(text, bos_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id),
+        vision_config=dict(vision, patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
         image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
         vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"))
-    # 56 x 56 pixels: 4 x 4 patches of 14, merged 2 x 2 into 4 image tokens
-    processor = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=56 * 56),
+    processor = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(**pixels),
                                  tokenizer=tok, video_processor=Qwen2VLVideoProcessor(), chat_template=_QWEN_TEMPLATE)
     return Qwen2VLForConditionalGeneration(config), processor
 
@@ -126,21 +134,32 @@ def _blip2():
 _BUILDERS = {"qwen2_vl": _qwen2_vl, "llava": _llava, "idefics3": _idefics3, "blip2": _blip2}
 
 
-def save_tiny_vlm(family, directory, seed=0, min_new_tokens=4):
-    """Write a tiny random model of ``family`` (one of FAMILIES) and its processor to ``directory``.
-
-    Its generation config asks for at least ``min_new_tokens`` tokens, so that a random model does
-    not end most descriptions at once.
-    """
+def build_tiny_vlm(family, seed=0, min_new_tokens=4, size="tiny"):
+    """``(model, processor)`` of ``family`` with random weights, in memory (see save_tiny_vlm).
+    ``size="2b"`` (Qwen2-VL only) gives Qwen2-VL-2B's sizes, for benchmarks."""
     if family not in _BUILDERS:
         raise ValueError(f"unknown family {family!r}; use one of {FAMILIES}")
     torch.manual_seed(seed)
-    model, processor = _BUILDERS[family]()
+    model, processor = _BUILDERS[family](size) if size != "tiny" else _BUILDERS[family]()
     model.eval()
     tok = processor.tokenizer
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id
     model.generation_config.min_new_tokens = min_new_tokens
+    allowed = {tok.convert_tokens_to_ids(c) for c in "abcdefghijklmnopqrstuvwxyz\u0120"} | {tok.eos_token_id}
+    model.generation_config.suppress_tokens = [i for i in range(model.config.get_text_config().vocab_size)
+                                               if i not in allowed]
+    return model, processor
+
+
+def save_tiny_vlm(family, directory, seed=0, min_new_tokens=4):
+    """Write a tiny random model of ``family`` (one of FAMILIES) and its processor to ``directory``.
+
+    Its generation config asks for at least ``min_new_tokens`` tokens and lets it write only lower
+    case letters and spaces, so that a random model writes a non-empty word salad rather than
+    stray bytes or an immediate end.
+    """
+    model, processor = build_tiny_vlm(family, seed, min_new_tokens)
     model.save_pretrained(directory)
     processor.save_pretrained(directory)
     return str(directory)
