@@ -1,9 +1,12 @@
-"""Turn one description per training image into the table of CLIP text embeddings.
+"""Turn one description per training image into the table of text embeddings.
 
     python description2embedding.py --caption=./minigpt4_caption_imagenet_train_0_1281166.pth
+    python description2embedding.py --caption=descriptions.jsonl --data=train/ --model=hf:/models/all-mpnet-base-v2
 
 writes ``imagenet_clip_text_emb_0_1281166.pth`` (an [N, D] tensor of L2-normalised rows, row k for
-image k of the ImageFolder train set) and, beside it, ``<output>.json`` describing it.
+image k of the ImageFolder train set) and, beside it, ``<output>.json`` describing it. The encoder is
+OpenAI CLIP (default RN50, as released), any open_clip model (``open_clip:ARCH[:PRETRAINED]``) or a
+transformers text encoder from a local folder (``hf:DIR``).
 """
 import argparse
 import os
@@ -14,7 +17,7 @@ import gpt4image  # noqa: F401  (makes torchvision importable first)
 import torch
 
 from gpt4image import __version__
-from gpt4image.clip_text import encode_descriptions, load_clip, resolve_clip_weights
+from gpt4image.text_encoders import encode_texts, load_text_encoder
 from gpt4image.descriptions import read_descriptions
 from gpt4image.errors import UserError, exit_on_user_error
 from gpt4image.io import atomic_torch_save, atomic_write_json, atomic_write_text, sha256_file, sha256_lines
@@ -36,11 +39,20 @@ def get_args_parser():
     p.add_argument("--caption", required=True,
                    help="descriptions: .pth list of str (the released file), .txt, .json or .jsonl")
     p.add_argument("--model", default="RN50",
-                   help="CLIP model: a name from clip.available_models() (RN50 -> 1024-d, ViT-L/14 -> 768-d) "
-                        "or the path of a checkpoint file")
+                   help="OpenAI CLIP: a name from clip.available_models() (RN50 -> 1024-d, ViT-L/14 -> 768-d) or a "
+                        "checkpoint path; open_clip:ARCH[:PRETRAINED_TAG_OR_FILE]; or hf:DIR (a transformers text "
+                        "encoder: CLIP/SigLIP text towers, BERT, RoBERTa, MPNet, MiniLM, ...)")
     p.add_argument("--download-root", default=None,
-                   help="folder holding (or receiving) CLIP weights; default ~/.cache/clip")
-    p.add_argument("--no-download", action="store_true", help="never download weights; fail if missing")
+                   help="folder holding (or receiving) OpenAI CLIP weights; default ~/.cache/clip")
+    p.add_argument("--no-download", action="store_true", help="never download OpenAI CLIP weights; fail if missing")
+    p.add_argument("--allow-download", action="store_true",
+                   help="let open_clip fetch a pretrained tag into Hugging Face's cache (offline otherwise)")
+    p.add_argument("--pooling", choices=["mean", "cls"], default="mean",
+                   help="hf: encoders without a projection head: mean over tokens (sentence encoders) or the "
+                        "first token")
+    p.add_argument("--long-text", choices=["truncate", "chunks"], default="truncate",
+                   help="truncate: cut at the encoder's context (as released); chunks: encode sentence-packed "
+                        "pieces that fit and average them weighted by their token counts")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--bs", type=int, default=1024, help="descriptions encoded per forward pass")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
@@ -77,28 +89,35 @@ def main(argv=None):
     started = time.time()
     texts, files = read_descriptions(args.caption, args.data)
     print(f"read {len(texts)} descriptions from {args.caption}", flush=True)
-    weights = resolve_clip_weights(args.model, args.download_root, allow_download=not args.no_download)
-    model = load_clip(weights, args.device)
+    encoder = load_text_encoder(args.model, args.device, args.download_root, allow_download=not args.no_download,
+                                allow_hub_download=args.allow_download, pooling=args.pooling)
     dtype = getattr(torch, args.dtype)
-    embeddings, truncated = encode_descriptions(model, texts, args.device, batch_size=args.bs,
-                                                num_workers=args.workers, out_dtype=dtype,
-                                                progress=not args.quiet)
+    embeddings, truncated, pieces = encode_texts(encoder, texts, batch_size=args.bs, num_workers=args.workers,
+                                                 out_dtype=dtype, chunks=args.long_text == "chunks",
+                                                 progress=not args.quiet,
+                                                 pin_memory=torch.device(args.device).type == "cuda")
     if not torch.isfinite(embeddings).all():
         bad = (~torch.isfinite(embeddings)).any(dim=1).nonzero()[0].item()
         raise UserError(f"the encoder produced non-finite values (first at row {bad}); "
-                        f"try --dtype float32 or check the checkpoint {weights!r}")
+                        f"try --dtype float32 or check the model {args.model!r}")
     metadata = {
         "encoder": args.model,
+        "family": encoder.family,
+        "pooling": encoder.pooling,
         "embedding_dim": embeddings.shape[1],
         "num_rows": embeddings.shape[0],
         "dtype": args.dtype,
+        "long_text": args.long_text,
         "num_truncated": truncated,
-        "context_length": 77,
+        "context_length": encoder.context_length,
         "source": os.path.basename(args.caption),
         "source_sha256": sha256_file(args.caption),
         "tool": "description2embedding.py",
         "tool_version": __version__,
+        "versions": encoder.extra.get("versions", {}),
     }
+    if args.long_text == "chunks":
+        metadata["pieces_per_description"] = {"mean": sum(pieces) / len(pieces), "max": max(pieces)}
     if files is not None:
         metadata["file_list_sha256"] = sha256_lines(files)
         metadata["file_list"] = os.path.basename(file_list_path(args.output))
@@ -106,7 +125,9 @@ def main(argv=None):
     atomic_torch_save(embeddings, args.output)
     atomic_write_json(metadata_path(args.output), metadata)
     rate = len(texts) / max(time.time() - started, 1e-9)
-    print(f"{len(texts)} descriptions ({truncated} truncated at 77 tokens) -> {embeddings.shape[0]} x "
+    cut = (f"{truncated} truncated at {encoder.context_length} tokens" if args.long_text == "truncate" else
+           f"{sum(pieces) / len(pieces):.2f} pieces per description, at most {max(pieces)}")
+    print(f"{len(texts)} descriptions ({cut}) -> {embeddings.shape[0]} x "
           f"{embeddings.shape[1]} {args.dtype} embeddings, {rate:.0f} descriptions/s overall", flush=True)
     print(f"embeddings: {os.path.abspath(args.output)}", flush=True)
     print(f"metadata:   {os.path.abspath(metadata_path(args.output))}", flush=True)

@@ -1,9 +1,8 @@
-"""CLIP's text tower: loading weights offline, tokenising fast, encoding descriptions in a stream."""
+"""CLIP's text tower: loading weights offline and tokenising fast."""
 import os
 import re
 
 import torch
-import torch.nn.functional as F
 
 from ._compat import import_clip
 from .errors import UserError
@@ -124,51 +123,3 @@ class Tokenizer:
                 ids = ids[:room]
             rows.append([self.sot] + ids + [self.eot] + [0] * (room - len(ids)))
         return torch.tensor(rows, dtype=torch.long), truncated
-
-
-class _TokenisedBatches(torch.utils.data.Dataset):
-    """Batch ``i`` of the descriptions, tokenised (so DataLoader workers tokenise in parallel)."""
-
-    def __init__(self, texts, batch_size):
-        self.texts = texts
-        self.batch_size = batch_size
-        self.tokenizer = None
-
-    def __len__(self):
-        return (len(self.texts) + self.batch_size - 1) // self.batch_size
-
-    def __getitem__(self, i):
-        if self.tokenizer is None:
-            self.tokenizer = Tokenizer()
-        start = i * self.batch_size
-        tokens, truncated = self.tokenizer(self.texts[start:start + self.batch_size])
-        return start, tokens, truncated
-
-
-@torch.inference_mode()
-def encode_descriptions(model, texts, device, batch_size=1024, num_workers=4, out_dtype=torch.float16,
-                        progress=True):
-    """Encode every text with ``model.encode_text`` into L2-normalised rows.
-
-    Returns ``(embeddings [len(texts), D] in out_dtype on CPU, number of truncated texts)``.
-    Rows are streamed into one preallocated tensor, so memory stays flat for any N; tokenisation
-    runs in ``num_workers`` processes ahead of the model.
-    """
-    from tqdm import tqdm
-    device = torch.device(device)
-    width = model.text_projection.shape[1]
-    out = torch.empty(len(texts), width, dtype=out_dtype)
-    loader = torch.utils.data.DataLoader(
-        _TokenisedBatches(texts, batch_size), batch_size=None, shuffle=False, num_workers=num_workers,
-        pin_memory=device.type == "cuda", prefetch_factor=4 if num_workers > 0 else None,
-        persistent_workers=False)
-    truncated = 0
-    with tqdm(total=len(texts), unit="desc", unit_scale=True, disable=not progress,
-              desc="encoding descriptions", dynamic_ncols=True) as bar:
-        for start, tokens, n_trunc in loader:
-            features = model.encode_text(tokens.to(device, non_blocking=True))
-            features = F.normalize(features.float(), dim=-1)
-            out[start:start + len(tokens)].copy_(features.to(out_dtype), non_blocking=False)
-            truncated += n_trunc
-            bar.update(len(tokens))
-    return out, truncated

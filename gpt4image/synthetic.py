@@ -114,3 +114,54 @@ def tiny_clip_state_dict(embed_dim=64, width=64, layers=1, seed=0):
 def save_tiny_clip(path, **kwargs):
     torch.save(tiny_clip_state_dict(**kwargs), path)
     return path
+
+
+def save_tiny_open_clip(directory, seed=0):
+    """A small open_clip model config (``tiny_open_clip.json``, CLIP's real tokenizer and context)
+    and random weights (``tiny_open_clip.pt``) in ``directory``; returns the ``--model`` value
+    ``open_clip:CONFIG:WEIGHTS``."""
+    import json
+    from ._compat import ensure_torchvision_importable
+    ensure_torchvision_importable()
+    import open_clip
+    os.makedirs(directory, exist_ok=True)
+    config = os.path.join(directory, "tiny_open_clip.json")
+    with open(config, "w") as f:
+        json.dump({"embed_dim": 48,
+                   "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 16},
+                   "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}}, f)
+    open_clip.add_model_config(config)
+    torch.manual_seed(seed)
+    model = open_clip.create_model("tiny_open_clip")
+    weights = os.path.join(directory, "tiny_open_clip.pt")
+    torch.save(model.state_dict(), weights)
+    return f"open_clip:{config}:{weights}"
+
+
+def save_tiny_hf_text_encoder(kind, directory, seed=0):
+    """A tiny random transformers text encoder with a byte-level tokenizer made in code, saved to
+    ``directory``: ``kind`` "clip" (CLIPTextModelWithProjection, 40-d projection, context 77) or
+    "bert" (BertModel, hidden 32, context 128). Returns the ``--model`` value ``hf:DIR``."""
+    from transformers import BertConfig, BertModel, CLIPTextConfig, CLIPTextModelWithProjection
+    from .tiny_vlm import byte_level_tokenizer
+    torch.manual_seed(seed)
+    if kind == "clip":
+        tok = byte_level_tokenizer([], eos="<|endoftext|>", pad="<|endoftext|>", bos="<|startoftext|>",
+                                   wrap=("<|startoftext|>", "<|endoftext|>"))
+        tok.model_max_length = 77
+        model = CLIPTextModelWithProjection(CLIPTextConfig(
+            vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+            projection_dim=40, max_position_embeddings=77, bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+    elif kind == "bert":
+        tok = byte_level_tokenizer([], eos=None, pad="[PAD]", wrap=("[CLS]", "[SEP]"), cls_token="[CLS]",
+                                   sep_token="[SEP]", unk_token="[UNK]", mask_token="[MASK]")
+        tok.model_max_length = 128
+        model = BertModel(BertConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                     num_attention_heads=2, max_position_embeddings=128,
+                                     pad_token_id=tok.pad_token_id))
+    else:
+        raise ValueError(f"unknown kind {kind!r}; use clip or bert")
+    model.eval().save_pretrained(directory)
+    tok.save_pretrained(directory)
+    return f"hf:{directory}"

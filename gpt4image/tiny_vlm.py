@@ -30,16 +30,28 @@ _IDEFICS3_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}")
 
 
-def byte_level_tokenizer(special_tokens, eos, pad, bos=None):
-    """A fast tokenizer over the 256 byte symbols (no merges) plus ``special_tokens``."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+def byte_level_tokenizer(special_tokens, eos, pad, bos=None, wrap=None, **named):
+    """A fast tokenizer over the 256 byte symbols (no merges) plus ``special_tokens``; ``wrap``
+    ``(first, last)`` puts those special tokens around every encoded text (as BERT's or CLIP's do);
+    ``named`` sets other named special tokens (cls_token=..., sep_token=...)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from tokenizers.pre_tokenizers import ByteLevel
     from transformers import PreTrainedTokenizerFast
     vocab = {symbol: i for i, symbol in enumerate(sorted(ByteLevel.alphabet()))}
+    specials = list(dict.fromkeys([t for t in (eos, pad, bos, *named.values()) if t] + list(special_tokens)))
+    for token in specials:
+        vocab[token] = len(vocab)
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.add_special_tokens(specials)
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=eos, pad_token=pad, bos_token=bos)
+    if wrap:
+        first, last = wrap
+        backend.post_processor = processors.TemplateProcessing(
+            single=f"{first} $A {last}", pair=f"{first} $A {last} $B {last}",
+            special_tokens=[(first, vocab[first]), (last, vocab[last])])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=eos, pad_token=pad, bos_token=bos,
+                                        **named)
     tokenizer.add_special_tokens({"additional_special_tokens": [t for t in special_tokens if t not in (eos, pad, bos)]})
     return tokenizer
 
