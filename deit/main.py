@@ -66,6 +66,8 @@ def get_args_parser():
     a("--warmup-lr", type=float, default=1e-6)
     a("--min-lr", type=float, default=1e-5)
     a("--warmup-epochs", type=int, default=5)
+    a("--sched-no-lag", action="store_true",
+      help="epoch e trains at the schedule's lr(e); default (released): at lr(e - 1), epochs 0 and 1 at --warmup-lr")
     # augmentation
     a("--color-jitter", type=float, default=0.3)
     a("--aa", type=str, default="rand-m9-mstd0.5-inc1")
@@ -116,6 +118,14 @@ def get_args_parser():
     return add_common_args(p)
 
 
+def schedule_position(epoch, no_lag=False):
+    """The scheduler time whose lr epoch ``epoch`` trains at. The release stepped timm's scheduler
+    with ``step(e)`` after epoch e, so epoch e trains at lr(e - 1): epochs 0 and 1 both at the warm-up
+    start, the peak first in epoch warmup + 1. ``no_lag``: epoch e trains at lr(e). The same
+    function positions a resumed run, so resumed and uninterrupted runs train at the same lrs."""
+    return epoch if no_lag else max(epoch - 1, 0)
+
+
 def build_model(args, num_classes, text_dim):
     backbone = timm.create_model(args.model, pretrained=False, num_classes=num_classes, drop_rate=args.drop,
                                  drop_path_rate=args.drop_path, img_size=args.input_size)
@@ -124,6 +134,10 @@ def build_model(args, num_classes, text_dim):
             raise UserError(f"--distillation-type {args.distillation_type} needs a distilled student such as "
                             f"deit_base_distilled_patch16_224, not {args.model}")
         backbone.set_distilled_training(True)
+    if getattr(backbone, "cls_token", None) is not None:
+        # timm 0.3.2 (the release's) drew the class token from a truncated normal, std 0.02; timm 1.x
+        # uses std 1e-6. Everything else of the backbone's initialisation is the same in both.
+        torch.nn.init.trunc_normal_(backbone.cls_token, std=0.02)
     if args.finetune:
         _load_finetune(backbone, args.finetune)
     head = None
@@ -227,7 +241,7 @@ def _run(args, dist_info, device):
     if resumed:
         args.start_epoch, start_step, partial, best = resumed
     if args.start_epoch > 0:
-        scheduler.step(args.start_epoch)
+        scheduler.step(schedule_position(args.start_epoch, args.sched_no_lag))
 
     model_without_ddp = model
     model = wrap_distributed(model, dist_info)
@@ -268,7 +282,7 @@ def _run(args, dist_info, device):
                                   criterion=criterion, text=text_cfg, amp_dtype=amp_dtype, scaler=scaler, mix_fn=mix_fn,
                                   ema=ema, clip_grad=args.clip_grad, print_freq=args.print_freq, prepare=train_prepare,
                                   num_epochs=args.epochs, seed=args.seed + 1000 * dist_info.rank)
-        scheduler.step(epoch + 1)
+        scheduler.step(schedule_position(epoch + 1, args.sched_no_lag))
         test_stats = evaluate(model_without_ddp, val_loader, device, amp_dtype, prepare=eval_prepare)
         ema_stats = evaluate(ema.module, val_loader, device if not args.model_ema_force_cpu else torch.device("cpu"),
                              amp_dtype, prepare=eval_prepare) if ema is not None else {}

@@ -103,6 +103,15 @@ def reduce_sums(values, device):
     return dict(zip(keys, t.tolist()))
 
 
+def broadcast_buffers(module, src=0):
+    """Copy rank ``src``'s buffers (e.g. BatchNorm running statistics) to every rank; no-op alone."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        nccl = dist.get_backend() == "nccl"
+        for buffer in module.buffers():
+            if not (nccl and buffer.device.type == "cpu"):  # a CPU copy (e.g. an EMA kept on CPU) is the same everywhere
+                dist.broadcast(buffer.data, src)
+
+
 def cleanup():
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from .distributed import is_main_process, logger, reduce_sums
+from .distributed import broadcast_buffers, is_main_process, logger, reduce_sums
 from .losses import alignment_loss
 from .resumable import mix_seed, seed_all
 
@@ -188,7 +188,11 @@ def _check_finite(window, epoch, step):
 @torch.no_grad()
 def evaluate(model, loader, device, amp_dtype=None, channels_last=False, prepare=None):
     """Top-1/top-5 and cross-entropy over exactly the samples of ``loader`` on every rank (use
-    ExactDistributedSampler and the model without DDP), reduced by sample count."""
+    ExactDistributedSampler and the model without DDP), reduced by sample count.
+
+    Every rank first takes rank 0's buffers (BatchNorm statistics, which each rank's last training
+    step left different), so the figures are those of the weights rank 0 saves."""
+    broadcast_buffers(model)
     model.eval()
     stats = torch.zeros(4, device=device, dtype=torch.float64)  # loss, top1, top5, n
     for batch in loader:

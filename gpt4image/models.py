@@ -8,7 +8,8 @@ def build_projection_head(kind, in_dim, out_dim, batchnorm, init_std):
 
     ``mlp``: Linear(in, 2*out) -> [BatchNorm1d] -> ReLU -> Linear(2*out, out); the first Linear has
     a bias only without BatchNorm (ResNet recipe: BN, std 1024**-0.5; DeiT recipe: no BN, std 0.02).
-    ``linear``: Linear(in, out, no bias). Weights truncated-normal with ``init_std``, biases zero.
+    ``linear``: Linear(in, out, no bias). Weights truncated-normal with ``init_std``; biases keep
+    PyTorch's default uniform initialisation, as in the released code.
     """
     if kind == "mlp":
         hidden = 2 * out_dim
@@ -24,8 +25,6 @@ def build_projection_head(kind, in_dim, out_dim, batchnorm, init_std):
     for m in head.modules():
         if isinstance(m, nn.Linear):
             nn.init.trunc_normal_(m.weight, std=init_std)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
     return head
 
 

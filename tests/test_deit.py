@@ -152,6 +152,8 @@ def test_defaults_are_the_released_deit_recipe():
         ("rand-m9-mstd0.5-inc1", 0.25, 0.8, 1.0, 0.5, 0.1)
     assert a.model_ema and a.repeated_aug and a.eval_crop_ratio == 1.0 and not a.mix_text
     assert (a.proj_type, a.loss_type, a.lamb, a.tau) == ("mlp", "clip", 0.3, 0.05)
+    assert not a.sched_no_lag  # epoch e trains at lr(e - 1), as released
+    assert deit_main.schedule_position(0) == deit_main.schedule_position(1) == 0 and deit_main.schedule_position(7) == 6
     assert sys.modules["deit_main"] is deit_main
 
 
@@ -237,3 +239,49 @@ def test_ema_is_decay_times_ema_plus_the_rest_times_the_model_after_each_step():
     for k, v in ema.module.state_dict().items():
         torch.testing.assert_close(v, expected[k], rtol=0, atol=1e-6)
         assert not torch.equal(v, model.state_dict()[k])
+
+
+def _released_lrs(epochs, warmup, lr, warmup_lr, min_lr, lag=True):
+    """The lr each epoch trains at under the released loop (timm's cosine scheduler stepped with
+    ``step(e)`` after epoch e), computed with timm's scheduler itself."""
+    from timm.scheduler import CosineLRScheduler
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr)
+    scheduler = CosineLRScheduler(opt, t_initial=epochs, lr_min=min_lr, warmup_lr_init=warmup_lr, warmup_t=warmup,
+                                  cycle_limit=1, t_in_epochs=True)
+    lrs = [opt.param_groups[0]["lr"]]  # epoch 0 trains at the scheduler's initial lr
+    for epoch in range(epochs - 1):
+        scheduler.step(epoch if lag else epoch + 1)
+        lrs.append(opt.param_groups[0]["lr"])
+    return lrs
+
+
+def test_lr_per_epoch_is_the_released_schedule_also_after_a_resume_and_no_lag_is_one_epoch_ahead(
+        image_folder, embeddings, tmp_path):
+    import deit_main
+    schedule = ["--epochs=5", "--warmup-epochs=2", "--lr=1e-3", "--unscale-lr", "--warmup-lr=1e-4", "--min-lr=1e-5"]
+    common = [f"--data-path={image_folder}", "--text_emb=none", "--num_workers=0", *TINY, *schedule, "--no-model-ema",
+              "--mixup=0", "--cutmix=0", "--aa=none", "--reprob=0"]
+    released = _released_lrs(5, 2, 1e-3, 1e-4, 1e-5)
+    # epochs 0 and 1 at the warm-up start, epoch 2 at lr(1), the second warm-up step
+    assert released[0] == released[1] == 1e-4 and released[2] == pytest.approx(1e-4 + (1e-3 - 1e-4) / 2)
+    deit_main.main([*common, f"--output_dir={tmp_path}/straight"])
+    assert [r["lr"] for r in _log(tmp_path / "straight")] == pytest.approx(released, rel=1e-9)
+    deit_main.main([*common, f"--output_dir={tmp_path}/resumed", "--stop-after=2"])
+    deit_main.main([*common, f"--output_dir={tmp_path}/resumed"])
+    assert [r["lr"] for r in _log(tmp_path / "resumed")] == pytest.approx(released, rel=1e-9)
+    deit_main.main([*common, f"--output_dir={tmp_path}/no_lag", "--sched-no-lag", "--epochs=5", "--stop-after=2"])
+    deit_main.main([*common, f"--output_dir={tmp_path}/no_lag", "--sched-no-lag"])
+    ahead = _released_lrs(5, 2, 1e-3, 1e-4, 1e-5, lag=False)
+    assert [r["lr"] for r in _log(tmp_path / "no_lag")] == pytest.approx(ahead, rel=1e-9) and ahead[1] > released[1]
+
+
+def test_released_initialisation_class_token_std_and_uniform_head_biases():
+    import deit_main
+    args = deit_main.get_args_parser().parse_args(["--model", "deit_small_patch16_224", "--input-size", "224"])
+    torch.manual_seed(0)
+    model = deit_main.build_model(args, 10, 512)
+    assert 0.015 < model.backbone.cls_token.std().item() < 0.025  # timm 0.3.2's trunc_normal(std=0.02)
+    for layer in (m for m in model.projection_head if isinstance(m, torch.nn.Linear)):
+        bound = layer.in_features ** -0.5  # PyTorch's default: uniform(-1/sqrt(fan_in), 1/sqrt(fan_in))
+        assert layer.bias.abs().max() <= bound and layer.bias.abs().max() > 0.5 * bound
+        assert layer.bias.std().item() == pytest.approx(bound / 3 ** 0.5, rel=0.2)

@@ -155,3 +155,27 @@ def test_compiled_training_matches_eager_and_its_checkpoint_resumes_without_comp
     resnet_main.main([*common, f"--save_dir={tmp_path}/compiled"])  # resumes, eager
     assert [row["epoch"] for row in _log(tmp_path / "compiled")] == [0, 1]
     torchvision.models.resnet18(num_classes=4).load_state_dict(torch.load(tmp_path / "compiled" / "classifier.pth"))
+
+
+def test_two_ranks_report_the_top1_and_loss_of_the_checkpoint_rank_0_saves(image_folder, embeddings, tmp_path):
+    # each rank's last training step leaves its own BatchNorm statistics; the saved model has rank 0's
+    run_script(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", MAIN, f"--data={image_folder}",
+                f"--text_emb={embeddings}", "--epochs=1", f"--save_dir={tmp_path}", "-j", "0", *SMALL],
+               cwd=os.path.join(REPO, "resnet"))
+    logged = _log(tmp_path)[-1]
+    import resnet_main
+    alone = resnet_main.main([f"--data={image_folder}", "-e", f"--resume={tmp_path}/checkpoint.pth", "-j", "0",
+                              *SMALL])
+    assert alone["acc1"] == pytest.approx(logged["test_acc1"])
+    assert alone["loss"] == pytest.approx(logged["test_loss"], rel=1e-5)
+
+
+def test_projection_head_biases_keep_pytorchs_default_uniform_initialisation():
+    import resnet_main
+    args = resnet_main.get_args_parser().parse_args(["-a", "resnet50"])
+    torch.manual_seed(0)
+    head = resnet_main.build_model(args, 10, 1024).projection_head
+    last = [m for m in head if isinstance(m, torch.nn.Linear)][-1]
+    bound = last.in_features ** -0.5
+    assert last.bias.abs().max() <= bound and last.bias.std().item() == pytest.approx(bound / 3 ** 0.5, rel=0.2)
+    assert [m for m in head if isinstance(m, torch.nn.Linear)][0].bias is None  # BatchNorm follows it, as released
