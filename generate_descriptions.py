@@ -4,6 +4,7 @@
         --output descriptions.jsonl
     torchrun --nproc_per_node=8 generate_descriptions.py ...   # one shard per GPU, rank 0 merges
     python generate_descriptions.py ... --shard 3/16            # job arrays; then --merge
+    python generate_descriptions.py ... --backend vllm          # vLLM's continuous batching
 
 writes ``descriptions.jsonl`` (one ``{"path", "description", "class"}`` object per image, in
 ImageFolder order: what ``description2embedding.py --caption descriptions.jsonl --data TRAIN``
@@ -23,7 +24,7 @@ import torch
 
 from gpt4image import __version__
 from gpt4image.describe import (DEFAULT_CLASS_PROMPT, DEFAULT_PROMPT, EMPTY, Parts, PromptBatches, PromptBuilder,
-                                generate, inspect_vlm, list_images, load_vlm, parse_shard,
+                                VLLMEngine, generate, inspect_vlm, list_images, load_vlm, parse_shard,
                                 read_class_names, resolve_dtype)
 from gpt4image.distributed import launch_environment
 from gpt4image.errors import UserError, exit_on_user_error
@@ -79,7 +80,13 @@ def get_args_parser():
     p.add_argument("--temperature", type=positive_float, default=1.0, help="with --do-sample")
     p.add_argument("--top-p", type=positive_float, default=1.0, help="with --do-sample")
     p.add_argument("--seed", type=int, default=0, help="with --do-sample: seed of each rank's sampling (+ shard)")
-    p.add_argument("--batch-size", type=positive_int, default=16, help="images per generate call")
+    p.add_argument("--backend", choices=["transformers", "vllm"], default="transformers",
+                   help="transformers' generate (static batches), or vLLM's engine (continuous batching; "
+                        "pip install -e .[vllm])")
+    p.add_argument("--batch-size", type=positive_int, default=None,
+                   help="images per generate call (default 16), or requests handed to vLLM at a time (default 256)")
+    p.add_argument("--gpu-memory-utilization", type=positive_float, default=None,
+                   help="vLLM: share of the GPU's memory it may take (on a CPU: of the machine's, default 0.2)")
     p.add_argument("--workers", type=non_negative_int, default=min(4, os.cpu_count() or 1),
                    help="processes decoding and preprocessing images ahead of the model")
     p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK when available, else cpu")
@@ -130,7 +137,7 @@ def generation_settings(args):
 
 def run_settings(args, model_info):
     """What decides the text of a description: parts made with other settings are not mixed in."""
-    return {"model": model_info["name"], "model_config_sha256": model_info["config_sha256"],
+    return {"model": model_info["name"], "model_config_sha256": model_info["config_sha256"], "backend": args.backend,
             "dtype": model_info["dtype"], "prompt": args.prompt, "class_prompt": args.class_prompt,
             "class_names": os.path.abspath(args.class_names) if args.class_names else None,
             "generation": generation_settings(args), "data": os.path.abspath(args.data)}
@@ -147,17 +154,29 @@ def describe_shard(args, items, class_names, shard, device, quiet):
     if quiet:
         from transformers.utils.logging import disable_progress_bar
         disable_progress_bar()
-    model, processor = load_vlm(directory, device, info["dtype"])
+    generation = {k: v for k, v in settings["generation"].items() if k != "seed"}
+    if args.backend == "vllm":
+        from transformers import AutoConfig, AutoProcessor
+        processor = AutoProcessor.from_pretrained(directory, local_files_only=True)  # its chat template
+        vocab = AutoConfig.from_pretrained(directory, local_files_only=True).get_text_config().vocab_size
+        engine = VLLMEngine(directory, device, info["dtype"], generation, vocab, args.gpu_memory_utilization,
+                            args.seed + index)
+        info["backend"] = f"vllm {engine.version}"
+        describe = engine
+    else:
+        model, processor = load_vlm(directory, device, info["dtype"])
+        info["backend"] = "transformers"
+        describe = lambda inputs: generate(model, processor, inputs, device, generation)  # noqa: E731
     done = parts.done(retry_failed=args.retry_failed)
     todo = [item for item in items if item.index % count == index and item.path not in done]
     prompts = PromptBuilder(processor, args.prompt, args.class_prompt, class_names)
-    generation = {k: v for k, v in settings["generation"].items() if k != "seed"}
     if args.do_sample:
         torch.manual_seed(args.seed + index)
     print(f"shard {index}/{count}: {len(todo)} images to describe "
           f"({sum(1 for i in items if i.index % count == index) - len(todo)} already done) with "
           f"{info['architecture']} ({info['dtype']}) on {device}", flush=True)
-    loader = torch.utils.data.DataLoader(PromptBatches(todo, args.batch_size, processor, prompts), batch_size=None,
+    batches = PromptBatches(todo, args.batch_size, processor, prompts, preprocess=args.backend == "transformers")
+    loader = torch.utils.data.DataLoader(batches, batch_size=None,
                                          num_workers=args.workers, prefetch_factor=4 if args.workers else None)
     from tqdm import tqdm
     waited = generating = 0.0
@@ -169,7 +188,7 @@ def describe_shard(args, items, class_names, shard, device, quiet):
             loaded = time.perf_counter()
             records = [{"path": item.path, "error": reason} for item, reason in failures]
             if good:
-                for item, text in zip(good, generate(model, processor, inputs, device, generation)):
+                for item, text in zip(good, describe(inputs)):
                     record = {"path": item.path, "description": text} if text else {"path": item.path, "error": EMPTY}
                     if item.class_name is not None:
                         record["class"] = item.class_name
@@ -190,8 +209,19 @@ def describe_shard(args, items, class_names, shard, device, quiet):
     return info
 
 
+def launch_run_id():
+    """The same string on every rank of one launch (torchrun's run id, SLURM's job step)."""
+    env = os.environ
+    if env.get("TORCHELASTIC_RUN_ID"):
+        return env["TORCHELASTIC_RUN_ID"]
+    if env.get("SLURM_JOB_ID"):
+        return f"{env['SLURM_JOB_ID']}.{env.get('SLURM_STEP_ID', 0)}"
+    return f"{env.get('MASTER_ADDR', 'local')}-{env.get('MASTER_PORT', '0')}"
+
+
 def metadata(args, info, started):
     return {"tool": "generate_descriptions.py", "tool_version": __version__, "model": info,
+            "backend": (info or {}).get("backend", args.backend),
             "prompt": args.prompt, "class_prompt": args.class_prompt, "class_names": args.class_names,
             "generation": generation_settings(args),
             "data": os.path.abspath(args.data), "started": started,
@@ -221,6 +251,8 @@ def report(args, counts, failures):
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
+    if args.batch_size is None:
+        args.batch_size = 256 if args.backend == "vllm" else 16
     started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
     rank, world_size, local_rank = launch_environment()
     shard_index, shard_count = parse_shard(args.shard) if args.shard else (0, 1)
@@ -240,17 +272,13 @@ def main(argv=None):
         return report(args, counts, failures)
     if args.device is None:
         args.device = f"cuda:{local_rank % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu"
-    group = None
-    if world_size > 1:  # the group only says "all shards are done" to rank 0 (gloo also between nodes)
-        import torch.distributed as dist
-        dist.init_process_group("gloo", timeout=datetime.timedelta(days=7))
-        group = dist
     info = describe_shard(args, items, class_names, shard, args.device, quiet=args.quiet or rank != 0)
-    if group is not None:
-        group.barrier()
-        group.destroy_process_group()
+    if world_size > 1:  # rank 0 merges once every rank has marked its shard done
+        run_id = launch_run_id()
+        parts.mark_done(run_id, rank)
         if rank != 0:
             return None
+        parts.wait_for_ranks(run_id, world_size)
     missing, summary = parts.missing_report(items, parts.done())
     if missing:
         print(f"{summary}; when every shard has finished, run the same command with --merge "

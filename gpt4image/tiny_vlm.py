@@ -7,6 +7,8 @@ a byte-level tokenizer made in code with the family's special tokens, the family
 and a chat template written here. Their descriptions are gibberish: they show that the pipeline
 works, not what a real model would say.
 """
+import os
+
 import torch
 
 FAMILIES = ("qwen2_vl", "llava", "idefics3", "blip2")
@@ -56,8 +58,8 @@ def byte_level_tokenizer(special_tokens, eos, pad, bos=None, wrap=None, **named)
     return tokenizer
 
 
-def _llama_text(tokenizer, **extra):
-    return dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+def _llama_text(tokenizer, width=64, **extra):
+    return dict(vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
                 num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
                 bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                 pad_token_id=tokenizer.pad_token_id, **extra)
@@ -75,11 +77,12 @@ def _qwen2_vl(size="tiny"):
                     rope_parameters={"rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 1e6})
         vision = dict(depth=32, embed_dim=1280, hidden_size=1536, num_heads=16)
         pixels = dict(min_pixels=56 * 56, max_pixels=28 * 28 * 1280)
-    else:
-        text = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    else:  # "vllm": attention heads of 64 (a size vLLM's CPU kernels support)
+        width, section = (128, [8, 12, 12]) if size == "vllm" else (64, [4, 6, 6])
+        text = dict(vocab_size=len(tok), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
                     num_attention_heads=2, num_key_value_heads=1,
-                    rope_parameters={"rope_type": "default", "mrope_section": [4, 6, 6], "rope_theta": 1e4})
-        vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2)
+                    rope_parameters={"rope_type": "default", "mrope_section": section, "rope_theta": 1e4})
+        vision = dict(depth=2, embed_dim=32, hidden_size=width, num_heads=2)  # hidden_size: the text width
         pixels = dict(min_pixels=56 * 56, max_pixels=56 * 56)  # 4 x 4 patches of 14, merged 2 x 2: 4 tokens
     config = Qwen2VLConfig(
         text_config=dict(text, bos_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
@@ -92,13 +95,13 @@ def _qwen2_vl(size="tiny"):
     return Qwen2VLForConditionalGeneration(config), processor
 
 
-def _llava():
+def _llava(size="tiny"):
     from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration,
                               LlavaProcessor)
     tok = byte_level_tokenizer(["<image>"], eos="</s>", pad="<pad>", bos="<s>")
     vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                               image_size=32, patch_size=8, projection_dim=32)
-    config = LlavaConfig(vision_config=vision, text_config=_llama_text(tok),
+    config = LlavaConfig(vision_config=vision, text_config=_llama_text(tok, 128 if size == "vllm" else 64),
                          image_token_index=tok.convert_tokens_to_ids("<image>"), vision_feature_layer=-1,
                          vision_feature_select_strategy="default", projector_hidden_act="gelu")
     processor = LlavaProcessor(
@@ -148,7 +151,8 @@ _BUILDERS = {"qwen2_vl": _qwen2_vl, "llava": _llava, "idefics3": _idefics3, "bli
 
 def build_tiny_vlm(family, seed=0, min_new_tokens=4, size="tiny"):
     """``(model, processor)`` of ``family`` with random weights, in memory (see save_tiny_vlm).
-    ``size="2b"`` (Qwen2-VL only) gives Qwen2-VL-2B's sizes, for benchmarks."""
+    ``size="2b"`` (Qwen2-VL only) gives Qwen2-VL-2B's sizes, for benchmarks; ``size="vllm"``
+    (Qwen2-VL, LLaVA) attention heads of 64, which vLLM's CPU kernels need."""
     if family not in _BUILDERS:
         raise ValueError(f"unknown family {family!r}; use one of {FAMILIES}")
     torch.manual_seed(seed)
@@ -164,14 +168,27 @@ def build_tiny_vlm(family, seed=0, min_new_tokens=4, size="tiny"):
     return model, processor
 
 
-def save_tiny_vlm(family, directory, seed=0, min_new_tokens=4):
+def _hub_layout(directory):
+    """Store LLaVA's vision tower under ``vision_tower.vision_model.`` as the published llava-hf
+    checkpoints do (transformers reads both layouts; vLLM reads only this one)."""
+    from safetensors.torch import load_file, save_file
+    path = os.path.join(directory, "model.safetensors")
+    state = load_file(path)
+    state = {("vision_tower.vision_model." + k[len("vision_tower."):] if k.startswith("vision_tower.") else k): v
+             for k, v in state.items()}
+    save_file(state, path, metadata={"format": "pt"})
+
+
+def save_tiny_vlm(family, directory, seed=0, min_new_tokens=4, size="tiny"):
     """Write a tiny random model of ``family`` (one of FAMILIES) and its processor to ``directory``.
 
     Its generation config asks for at least ``min_new_tokens`` tokens and lets it write only lower
     case letters and spaces, so that a random model writes a non-empty word salad rather than
     stray bytes or an immediate end.
     """
-    model, processor = build_tiny_vlm(family, seed, min_new_tokens)
+    model, processor = build_tiny_vlm(family, seed, min_new_tokens, size)
     model.save_pretrained(directory)
     processor.save_pretrained(directory)
+    if family == "llava":
+        _hub_layout(directory)
     return str(directory)

@@ -4,6 +4,7 @@ import sys
 
 import pytest
 import torch
+from PIL import Image
 
 import gpt4image  # noqa: F401
 from gpt4image.synthetic import describe_image_folder, make_image_folder, save_tiny_clip
@@ -45,6 +46,20 @@ def embeddings(image_folder, tiny_clip, tmp_path_factory):
     run_script(["description2embedding.py", f"--caption={image_folder}/captions.pth", f"--model={tiny_clip}",
                 f"--output={out}", f"--data={image_folder}/train", "--workers=0", "--quiet"])
     return out
+
+
+@pytest.fixture(scope="session")
+def photos(tmp_path_factory):
+    """An ImageFolder of 13 images of different sizes in 3 classes (so batches need padding)."""
+    root = tmp_path_factory.mktemp("photos") / "train"
+    generator = torch.Generator().manual_seed(0)
+    for i in range(13):
+        folder = root / ["n01440764", "n01443537", "n01484850"][i % 3]
+        folder.mkdir(parents=True, exist_ok=True)
+        w, h = 24 + 9 * (i % 4), 28 + 5 * (i % 3)
+        pixels = torch.randint(0, 256, (h, w, 3), generator=generator, dtype=torch.uint8).numpy()
+        Image.fromarray(pixels).save(folder / f"img_{i:02d}.jpg", quality=90)
+    return str(root)
 
 
 def _load_recipe(name):

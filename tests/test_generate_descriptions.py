@@ -26,20 +26,6 @@ def vlm(tmp_path_factory):
     return {family: save_tiny_vlm(family, str(root / family)) for family in FAMILIES}
 
 
-@pytest.fixture(scope="session")
-def photos(tmp_path_factory):
-    """An ImageFolder of 13 images of different sizes in 3 classes (so batches need padding)."""
-    root = tmp_path_factory.mktemp("photos") / "train"
-    generator = torch.Generator().manual_seed(0)
-    for i in range(13):
-        folder = root / ["n01440764", "n01443537", "n01484850"][i % 3]
-        folder.mkdir(parents=True, exist_ok=True)
-        w, h = 24 + 9 * (i % 4), 28 + 5 * (i % 3)
-        pixels = torch.randint(0, 256, (h, w, 3), generator=generator, dtype=torch.uint8).numpy()
-        Image.fromarray(pixels).save(folder / f"img_{i:02d}.jpg", quality=90)
-    return str(root)
-
-
 @pytest.fixture
 def gd_main():
     sys.path.insert(0, REPO)
