@@ -19,7 +19,7 @@ import torch
 from gpt4image import __version__
 from gpt4image.text_encoders import encode_texts, load_text_encoder
 from gpt4image.descriptions import read_descriptions
-from gpt4image.errors import UserError, exit_on_user_error
+from gpt4image.errors import UserError, at_least, exit_on_user_error
 from gpt4image.io import atomic_torch_save, atomic_write_json, atomic_write_text, sha256_file, sha256_lines
 
 DEFAULT_OUTPUT = "imagenet_clip_text_emb_0_1281166.pth"
@@ -54,8 +54,8 @@ def get_args_parser():
                    help="truncate: cut at the encoder's context (as released); chunks: encode sentence-packed "
                         "pieces that fit and average them weighted by their token counts")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--bs", type=int, default=1024, help="descriptions encoded per forward pass")
-    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+    p.add_argument("--bs", type=at_least(1), default=1024, help="descriptions encoded per forward pass")
+    p.add_argument("--workers", type=at_least(0), default=min(8, os.cpu_count() or 1),
                    help="tokeniser processes working ahead of the model (0: tokenise in this process)")
     p.add_argument("--output", default=DEFAULT_OUTPUT)
     p.add_argument("--dtype", choices=["float16", "float32"], default="float16",
@@ -79,8 +79,6 @@ def check_output(args):
         raise UserError(f"cannot write {args.output!r}: directory {directory!r} does not exist")
     if not os.access(directory, os.W_OK):
         raise UserError(f"cannot write {args.output!r}: directory {directory!r} is not writable")
-    if args.bs < 1:
-        raise UserError(f"--bs must be at least 1, got {args.bs}")
 
 
 def main(argv=None):

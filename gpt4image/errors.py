@@ -26,3 +26,21 @@ def one_line(error):
         last = text.splitlines()[-1]
         text = last.split("UserError: ", 1)[-1]
     return text
+
+
+def at_least(minimum, kind=int, strict=False):
+    """An argparse ``type`` that reads ``kind`` and refuses values below ``minimum`` (or equal to
+    it with ``strict``) with argparse's own one-line error and exit code 2."""
+    import argparse
+    relation = ">" if strict else ">="
+    noun = "a whole number" if kind is int else "a number"
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum or (strict and value == minimum) or value != value:
+            raise argparse.ArgumentTypeError(f"must be {noun} {relation} {minimum}, got {text!r}")
+        return value
+    return parse

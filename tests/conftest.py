@@ -24,6 +24,27 @@ def run_script(args, cwd=None, timeout=300, env=None, check=True):
     return proc
 
 
+def kill_once_written(cmd, part, lines, env=None, timeout=300):
+    """Start ``cmd``, SIGKILL it as soon as the file ``part`` holds ``lines`` lines; return how many it holds."""
+    import signal
+    import time
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while time.time() < deadline and not (os.path.exists(part) and open(part, "rb").read().count(b"\n") >= lines):
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return open(part, "rb").read().count(b"\n")
+
+
+def described_paths(output):
+    """Image paths of every record in generate_descriptions' part files for ``output``, repeats kept."""
+    import json
+    parts = f"{output}.parts"
+    return [json.loads(line)["path"] for name in sorted(os.listdir(parts)) if name.endswith(".jsonl")
+            for line in open(os.path.join(parts, name), encoding="utf-8")]
+
+
 @pytest.fixture(scope="session")
 def tiny_clip(tmp_path_factory):
     return save_tiny_clip(str(tmp_path_factory.mktemp("clip") / "tiny_clip.pt"))

@@ -2,17 +2,15 @@
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from conftest import REPO, run_script
+from conftest import REPO, described_paths, kill_once_written, run_script
 from gpt4image.errors import exit_on_user_error
 from gpt4image.tiny_vlm import FAMILIES, save_tiny_vlm
 
@@ -89,14 +87,6 @@ def test_class_prompt_names_the_class_from_the_class_names_file(vlm, photos, gd_
     assert json.load(open(f"{out}.json"))["class_prompt"] == "This is a photo of a {class_name}. Describe this image in detail."
 
 
-def _part_paths(output):
-    paths = []
-    for part in sorted(os.listdir(f"{output}.parts")):
-        if part.endswith(".jsonl"):
-            paths += [json.loads(line)["path"] for line in open(os.path.join(f"{output}.parts", part))]
-    return paths
-
-
 @pytest.fixture(scope="module")
 def single_run(vlm, photos, tmp_path_factory):
     out = tmp_path_factory.mktemp("single") / "d.jsonl"
@@ -110,7 +100,7 @@ def test_two_ranks_describe_every_image_once_and_merge_what_one_process_writes(v
     run_script(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", SCRIPT, f"--data={photos}",
                 f"--model={vlm['qwen2_vl']}", f"--output={out}", "--max-new-tokens=6", "--workers=1",
                 "--batch-size=4"])
-    described = _part_paths(out)
+    described = described_paths(out)
     assert sorted(described) == sorted(set(described)) and len(described) == 13
     assert out.read_bytes() == single_run.read_bytes()
 
@@ -129,7 +119,7 @@ def test_job_array_shards_and_merge_equal_one_process(vlm, photos, single_run, t
     err = capsys.readouterr().err
     assert "4 of 13 images are not described yet" in err and "shards 2/3" in err and not out.exists()
     gd_main([*common, "--shard=2/3"])  # the last shard to finish merges
-    described = _part_paths(out)
+    described = described_paths(out)
     assert sorted(described) == sorted(set(described)) and len(described) == 13
     assert out.read_bytes() == single_run.read_bytes()
 
@@ -139,19 +129,12 @@ def test_a_run_killed_part_way_resumes_without_describing_an_image_twice(vlm, ph
     cmd = [sys.executable, SCRIPT, f"--data={photos}", f"--model={vlm['qwen2_vl']}", f"--output={out}",
            "--max-new-tokens=6", "--workers=0", "--batch-size=1", "--quiet"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     part = tmp_path / "d.jsonl.parts" / "part-00000-of-00001.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (part.exists() and part.read_bytes().count(b"\n") >= 4):
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    done_before = part.read_bytes().count(b"\n")
-    assert 4 <= done_before < 13 and not out.exists()
+    assert 4 <= kill_once_written(cmd, part, 4, env) < 13 and not out.exists()
     with open(part, "ab") as f:  # as if the kill came in the middle of a write
         f.write(b'{"path": "n01440764/img_')
     subprocess.run(cmd, env=env, cwd=REPO, check=True, capture_output=True)
-    described = _part_paths(out)
+    described = described_paths(out)
     assert sorted(described) == sorted(set(described)) and len(described) == 13
     assert out.read_bytes() == single_run.read_bytes()
 

@@ -6,13 +6,11 @@ without it.
 """
 import json
 import os
-import signal
 import subprocess
-import time
 
 import pytest
 
-from conftest import REPO, run_script
+from conftest import REPO, described_paths, kill_once_written, run_script
 from gpt4image.tiny_vlm import save_tiny_vlm
 
 VLLM_PYTHON = os.environ.get("GPT4IMAGE_VLLM_PYTHON")
@@ -58,19 +56,11 @@ def test_a_killed_vllm_shard_resumes_and_the_shards_cover_every_image_once(model
     out = tmp_path / "v.jsonl"
     common = [VLLM_PYTHON, SCRIPT, "--backend=vllm", f"--data={photos}", f"--model={model}", f"--output={out}",
               *FLAGS, "--batch-size=1"]
-    proc = subprocess.Popen([*common, "--shard=0/2"], cwd=REPO, env=ENV, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
     part = tmp_path / "v.jsonl.parts" / "part-00000-of-00002.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and not (part.exists() and part.read_bytes().count(b"\n") >= 2):
-        time.sleep(0.002)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert 2 <= part.read_bytes().count(b"\n") < 7  # shard 0 of 2 holds 7 of the 13 images
+    assert 2 <= kill_once_written([*common, "--shard=0/2"], part, 2, ENV) < 7  # shard 0 of 2: 7 of the 13 images
     _vllm(["--shard=0/2", *common[3:]])
     _vllm(["--shard=1/2", *common[3:]])  # the last shard merges
-    described = [json.loads(line)["path"] for name in sorted(os.listdir(tmp_path / "v.jsonl.parts"))
-                 if name.endswith(".jsonl") for line in open(tmp_path / "v.jsonl.parts" / name)]
+    described = described_paths(out)
     assert sorted(described) == sorted(set(described)) and len(described) == 13
     ours, reference = _records(out), _records(tmp_path / "t.jsonl")
     assert [r["path"] for r in ours] == [r["path"] for r in reference]
