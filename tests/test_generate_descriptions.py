@@ -1,4 +1,5 @@
 """generate_descriptions.py on tiny random VLMs of each family: batching, sharding, resume, bad input."""
+import importlib.util
 import json
 import os
 import shutil
@@ -221,6 +222,9 @@ def test_bad_input_is_one_line_exit_2_and_nothing_is_overwritten(vlm, photos, tm
     assert "'3/3'" in err
     err = _fail(gd_main, [f"--data={tmp_path}/nowhere", f"--model={vlm['llava']}", f"--output={out}"], capsys)
     assert f"{tmp_path}/nowhere" in err
+    if importlib.util.find_spec("vllm") is None:
+        err = _fail(gd_main, [*base, f"--model={vlm['llava']}", "--backend=vllm"], capsys)
+        assert "pip install -e .[vllm]" in err and not os.path.exists(f"{out}.parts")
     out.write_bytes(b"precious")
     err = _fail(gd_main, [*base, f"--model={vlm['llava']}"], capsys)
     assert "already exists" in err and "--force" in err and out.read_bytes() == b"precious"
