@@ -139,7 +139,7 @@ def describe_shard(args, items, class_names, shard, device, quiet):
         engine = VLLMEngine(directory, device, info["dtype"], generation, vocab, args.gpu_memory_utilization,
                             args.seed + index)
         info["backend"] = f"vllm {engine.version}"
-        describe = engine
+        describe = None
     else:
         model, processor = load_vlm(directory, device, info["dtype"])
         info["backend"] = "transformers"
@@ -153,37 +153,68 @@ def describe_shard(args, items, class_names, shard, device, quiet):
           f"({sum(1 for i in items if i.index % count == index) - len(todo)} already done) with "
           f"{info['architecture']} ({info['dtype']}) on {device}", flush=True)
     batches = PromptBatches(todo, args.batch_size, processor, prompts, preprocess=args.backend == "transformers")
-    loader = torch.utils.data.DataLoader(batches, batch_size=None,
-                                         num_workers=args.workers, prefetch_factor=4 if args.workers else None)
+    loader = TimedLoader(torch.utils.data.DataLoader(batches, batch_size=None, num_workers=args.workers,
+                                                     prefetch_factor=4 if args.workers else None))
+    results = engine.stream(loader, args.batch_size) if args.backend == "vllm" else batch_results(loader, describe)
+    started = time.perf_counter()
+    write_results(results, parts, shard, len(todo), quiet)
+    total = time.perf_counter() - started
+    if todo and total > 0:
+        print(f"shard {index}/{count}: {len(todo)} images in {total:.1f} s ({len(todo) / total:.2f} images/s; "
+              f"waiting for the loader {100 * loader.waited / total:.1f}% of the time)", flush=True)
+    return info
+
+
+class TimedLoader:
+    """A DataLoader that adds up how long the model waited for it."""
+
+    def __init__(self, loader):
+        self.loader = loader
+        self.waited = 0.0
+
+    def __iter__(self):
+        iterator = iter(self.loader)
+        while True:
+            tick = time.perf_counter()
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                return
+            self.waited += time.perf_counter() - tick
+            yield batch
+
+
+def batch_results(loader, describe):
+    """transformers: one list of ``(item, description or None, reason or None)`` per batch."""
+    for good, inputs, failures in loader:
+        results = [(item, None, reason) for item, reason in failures]
+        if good:
+            results += [(item, text, None) for item, text in zip(good, describe(inputs))]
+        yield results
+
+
+def write_results(results, parts, shard, total, quiet):
+    """Append each list of results to the shard's part file, flushed to disk before the next."""
     from tqdm import tqdm
-    waited = generating = 0.0
+    index, count = shard
     with parts.open_for_append(index, count) as out, \
-            tqdm(total=len(todo), unit="img", disable=quiet, desc=f"describing {index}/{count}",
-                 dynamic_ncols=True) as bar:
-        tick = time.perf_counter()
-        for good, inputs, failures in loader:
-            loaded = time.perf_counter()
-            records = [{"path": item.path, "error": reason} for item, reason in failures]
-            if good:
-                for item, text in zip(good, describe(inputs)):
-                    record = {"path": item.path, "description": text} if text else {"path": item.path, "error": EMPTY}
+            tqdm(total=total, unit="img", disable=quiet, desc=f"describing {index}/{count}", dynamic_ncols=True) as bar:
+        for batch in results:
+            records = []
+            for item, text, reason in batch:
+                if reason is not None:
+                    bar.write(f"warning: cannot describe {item.file}: {reason}")
+                    records.append({"path": item.path, "error": reason})
+                elif not text:
+                    records.append({"path": item.path, "error": EMPTY})
+                else:
+                    records.append({"path": item.path, "description": text})
                     if item.class_name is not None:
-                        record["class"] = item.class_name
-                    records.append(record)
+                        records[-1]["class"] = item.class_name
             out.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
             out.flush()
             os.fsync(out.fileno())
-            for item, reason in failures:
-                bar.write(f"warning: cannot describe {item.file}: {reason}")
-            waited += loaded - tick
-            tick = time.perf_counter()
-            generating += tick - loaded
             bar.update(len(records))
-    total = waited + generating
-    if todo and total > 0:
-        print(f"shard {index}/{count}: {len(todo)} images in {total:.1f} s ({len(todo) / total:.2f} images/s; "
-              f"waiting for the loader {100 * waited / total:.1f}% of the time)", flush=True)
-    return info
 
 
 def launch_run_id():

@@ -323,10 +323,38 @@ class VLLMEngine:
         self.version = vllm.__version__
 
     def __call__(self, inputs):
+        """Descriptions of ``(prompts, images)``, all at once."""
         prompts, images = inputs
         requests = [{"prompt": p, "multi_modal_data": {"image": im}} for p, im in zip(prompts, images)]
         outputs = self.llm.generate(requests, self.params, use_tqdm=False)
         return [o.outputs[0].text.strip() for o in outputs]
+
+    def stream(self, batches, in_flight=256):
+        """Continuous batching over a whole shard: requests from ``batches`` (PromptBatches items
+        without preprocessing) are kept ``in_flight`` deep in the engine, and each engine step yields
+        its finished ones as ``[(item, description, None)]`` (undecodable images as ``(item, None,
+        reason)``), so every answer can be written as soon as it exists."""
+        engine = self.llm.llm_engine
+        batches = iter(batches)
+        pending, exhausted = {}, False
+        while True:
+            while not exhausted and len(pending) < in_flight:
+                try:
+                    good, inputs, failures = next(batches)
+                except StopIteration:
+                    exhausted = True
+                    break
+                if failures:
+                    yield [(item, None, reason) for item, reason in failures]
+                for item, prompt, image in zip(good, *(inputs or ([], []))):
+                    request = str(item.index)
+                    engine.add_request(request, {"prompt": prompt, "multi_modal_data": {"image": image}}, self.params)
+                    pending[request] = item
+            if not pending:
+                return
+            finished = [out for out in engine.step() if out.finished]
+            if finished:
+                yield [(pending.pop(out.request_id), out.outputs[0].text.strip(), None) for out in finished]
 
 
 def parse_shard(text):
