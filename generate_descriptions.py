@@ -139,11 +139,14 @@ def describe_shard(args, items, class_names, shard, device, quiet):
         engine = VLLMEngine(directory, device, info["dtype"], generation, vocab, args.gpu_memory_utilization,
                             args.seed + index)
         info["backend"] = f"vllm {engine.version}"
-        describe = None
+        loader_batch = min(args.batch_size, 32)  # images decoded per loader item; the engine holds --batch-size
+        results_of = lambda loader: engine.stream(loader, args.batch_size)  # noqa: E731
     else:
         model, processor = load_vlm(directory, device, info["dtype"])
         info["backend"] = "transformers"
-        describe = lambda inputs: generate(model, processor, inputs, device, generation)  # noqa: E731
+        loader_batch = args.batch_size
+        results_of = lambda loader: batch_results(  # noqa: E731
+            loader, lambda inputs: generate(model, processor, inputs, device, generation))
     done = parts.done(retry_failed=args.retry_failed)
     todo = [item for item in items if item.index % count == index and item.path not in done]
     prompts = PromptBuilder(processor, args.prompt, args.class_prompt, class_names)
@@ -152,12 +155,11 @@ def describe_shard(args, items, class_names, shard, device, quiet):
     print(f"shard {index}/{count}: {len(todo)} images to describe "
           f"({sum(1 for i in items if i.index % count == index) - len(todo)} already done) with "
           f"{info['architecture']} ({info['dtype']}) on {device}", flush=True)
-    batches = PromptBatches(todo, args.batch_size, processor, prompts, preprocess=args.backend == "transformers")
+    batches = PromptBatches(todo, loader_batch, processor, prompts, preprocess=args.backend == "transformers")
     loader = TimedLoader(torch.utils.data.DataLoader(batches, batch_size=None, num_workers=args.workers,
                                                      prefetch_factor=4 if args.workers else None))
-    results = engine.stream(loader, args.batch_size) if args.backend == "vllm" else batch_results(loader, describe)
     started = time.perf_counter()
-    write_results(results, parts, shard, len(todo), quiet)
+    write_results(results_of(loader), parts, shard, len(todo), quiet)
     total = time.perf_counter() - started
     if todo and total > 0:
         print(f"shard {index}/{count}: {len(todo)} images in {total:.1f} s ({len(todo) / total:.2f} images/s; "
