@@ -182,6 +182,9 @@ def resolve_model_dir(model, allow_download=False):
     ``allow_download``, fetched into) Hugging Face's cache."""
     if os.path.isdir(model):
         return model
+    if os.path.exists(model):
+        raise UserError(f"--model {model!r} is a file, not a model directory; pass the folder that holds the "
+                        f"model's config.json, weights and processor files")
     looks_like_id = re.fullmatch(r"[\w-][\w.-]*/[\w.-]+", model) is not None and not model.startswith(".")
     if looks_like_id:
         try:

@@ -128,7 +128,8 @@ def open_clip_encoder(spec, device, allow_download=False):
     arch, pretrained = _parse_open_clip(spec)
     if arch.endswith(".json"):  # a model config of the user's: register it under its file name
         if not os.path.isfile(arch):
-            raise UserError(f"open_clip model config {arch!r} does not exist")
+            raise UserError(f"open_clip model config {arch!r} does not exist; pass the path of a model config .json "
+                            f"(open_clip's format: embed_dim, vision_cfg, text_cfg) or an architecture name")
         open_clip.add_model_config(arch)
         arch = os.path.splitext(os.path.basename(arch))[0]
     elif not arch.startswith(("local-dir:", "hf-hub:")) and arch not in open_clip.list_models():
@@ -208,7 +209,7 @@ def hf_encoder(spec, device, pooling="mean"):
     import transformers
     directory = spec[len("hf:"):]
     if not os.path.isdir(directory):
-        raise UserError(f"--model {spec!r}: directory {directory!r} does not exist; pass hf:DIR with the folder of "
+        raise UserError(f"--model {spec!r}: {directory!r} is not a directory; pass hf:DIR with the folder of "
                         f"a downloaded text encoder (e.g. `hf download sentence-transformers/all-MiniLM-L6-v2 "
                         f"--local-dir DIR` on a machine with internet)")
     try:
