@@ -113,6 +113,8 @@ def test_default_hyperparameters_are_the_papers():
     assert args.input_size == 224 and not args.use_amp and not args.sync_bn and not args.no_scale_lr
     assert args.text_emb == "imagenet_clip_text_emb_0_1281166.pth"
     assert not args.gather_with_grad and not args.local_loss
+    head = resnet_main.build_model(args, 10, 1024).projection_head  # released: PyTorch's default bias init
+    assert head[-1].bias.abs().min() > 0 and head[-1].bias.abs().max() <= head[-1].in_features ** -0.5
 
 
 def test_uint8_loader_and_device_normalisation_give_the_original_inputs(image_folder):
