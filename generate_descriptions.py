@@ -123,7 +123,8 @@ def run_settings(args, model_info):
 def describe_shard(args, items, class_names, shard, device, quiet):
     """Describe the images of shard ``(index, count)`` not described yet; append their records."""
     index, count = shard
-    directory, info = inspect_vlm(args.model, args.allow_download)
+    source = inspect_vlm(args.model, args.allow_download)
+    directory, info, processor = source.directory, source.info, source.processor
     info["dtype"] = resolve_dtype(args.dtype, device)
     parts = Parts(args.output)
     settings = run_settings(args, info)
@@ -133,16 +134,14 @@ def describe_shard(args, items, class_names, shard, device, quiet):
         disable_progress_bar()
     generation = {k: v for k, v in settings["generation"].items() if k != "seed"}
     if args.backend == "vllm":
-        from transformers import AutoConfig, AutoProcessor
-        processor = AutoProcessor.from_pretrained(directory, local_files_only=True)  # its chat template
-        vocab = AutoConfig.from_pretrained(directory, local_files_only=True).get_text_config().vocab_size
+        vocab = source.config.get_text_config().vocab_size
         engine = VLLMEngine(directory, device, info["dtype"], generation, vocab, args.gpu_memory_utilization,
                             args.seed + index)
         info["backend"] = f"vllm {engine.version}"
         loader_batch = min(args.batch_size, 32)  # images decoded per loader item; the engine holds --batch-size
         results_of = lambda loader: engine.stream(loader, args.batch_size)  # noqa: E731
     else:
-        model, processor = load_vlm(directory, device, info["dtype"])
+        model = load_vlm(directory, device, info["dtype"])
         info["backend"] = "transformers"
         loader_batch = args.batch_size
         results_of = lambda loader: batch_results(  # noqa: E731

@@ -215,9 +215,19 @@ def resolve_dtype(dtype, device):
     return "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
 
 
+@dataclass
+class VLMSource:
+    """A checked model folder: its config, its processor (padding on the left, so that new tokens
+    start at the same position in every row) and what the metadata says of it."""
+    directory: str
+    config: object
+    processor: object
+    info: dict
+
+
 def inspect_vlm(model, allow_download=False):
-    """``(directory, info)`` of a local image-text-to-text model, checked without loading weights:
-    a missing folder, a model of another kind or a missing processor is a UserError."""
+    """The ``VLMSource`` of a local image-text-to-text model, checked without loading weights: a
+    missing folder, a model of another kind or a missing processor is a UserError."""
     from transformers import AutoConfig, AutoProcessor
     from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
     directory = resolve_model_dir(model, allow_download)
@@ -237,24 +247,23 @@ def inspect_vlm(model, allow_download=False):
         found = f"{type(processor).__name__}: {processor}" if isinstance(processor, Exception) else type(processor).__name__
         raise UserError(f"{directory!r} has no processor for images and text ({found}); the folder needs the "
                         f"model's preprocessor_config.json and tokenizer files as downloaded".replace("\n", " "))
+    processor.tokenizer.padding_side = "left"
     architectures = getattr(config, "architectures", None) or [config.model_type]
     info = {"name": getattr(config, "_name_or_path", None) or model, "path": os.path.abspath(directory),
             "model_type": config.model_type, "architecture": architectures[0],
             "config_sha256": _config_sha256(directory)}
-    return directory, info
+    return VLMSource(directory, config, processor, info)
 
 
 def load_vlm(directory, device, dtype):
-    """``(model, processor)`` from a directory ``inspect_vlm`` accepted; the processor pads on the
-    left (new tokens start at the same position in every row); on a GPU attention uses SDPA."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    """The model of a folder ``inspect_vlm`` accepted, in ``dtype``, on ``device``; on a GPU
+    attention uses SDPA."""
+    from transformers import AutoModelForImageTextToText
     device = torch.device(device)
     kwargs = {"attn_implementation": "sdpa"} if device.type == "cuda" else {}
     model = AutoModelForImageTextToText.from_pretrained(directory, local_files_only=True,
                                                         dtype=getattr(torch, dtype), **kwargs)
-    processor = AutoProcessor.from_pretrained(directory, local_files_only=True)
-    processor.tokenizer.padding_side = "left"
-    return model.to(device).eval(), processor
+    return model.to(device).eval()
 
 
 @torch.inference_mode()
@@ -281,9 +290,9 @@ def model_generation_defaults(directory):
         config = GenerationConfig.from_pretrained(directory, local_files_only=True)
     except Exception:  # noqa: BLE001  no generation_config.json: the library defaults
         return {}
-    found = {"repetition_penalty": config.repetition_penalty, "min_new_tokens": config.min_new_tokens,
-             "suppress_tokens": config.suppress_tokens}
-    return {k: v for k, v in found.items() if v not in (None, 1.0, 0, [])}
+    neutral = {"repetition_penalty": 1.0, "min_new_tokens": 0, "suppress_tokens": []}
+    found = {key: getattr(config, key, None) for key in neutral}
+    return {k: v for k, v in found.items() if v is not None and v != neutral[k]}
 
 
 class VLLMEngine:
