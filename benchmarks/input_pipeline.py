@@ -58,7 +58,7 @@ def transforms_for(recipe, released=False):
                                    transforms.Normalize(module.MEAN, module.STD)])
     import sys
     sys.path.insert(0, os.path.join(here, "..", "deit"))
-    from datasets import build_transform
+    from deit_data import build_transform
     args = SimpleNamespace(input_size=224, color_jitter=0.3, aa="rand-m9-mstd0.5-inc1", train_interpolation="bicubic",
                            reprob=0.25, remode="pixel", recount=1, eval_crop_ratio=1.0)
     if not released:
@@ -73,7 +73,7 @@ def rate(folder, transform, workers, passes, released=False):
     """Images/s through a DataLoader: the released one (plain ImageFolder, torchvision's image loader)
     or the recipes' own (``build_train_loader``: per-sample seeding for exact resumes, our loader)."""
     import torchvision
-    from gpt4image.recipe import build_train_loader, load_image
+    from gpt4image.data import build_train_loader, load_image
     if released:
         data = torchvision.datasets.ImageFolder(folder, transform)
         loader = torch.utils.data.DataLoader(data, batch_size=64, shuffle=True, num_workers=workers,

@@ -5,7 +5,7 @@
 Starts itself under torchrun (gloo, CPU). Each simulated step is --step-ms of work in a background
 thread (as a GPU computes while the host waits); after each step every rank asks whether to stop:
 "none" does not ask, "blocking" all-reduces its flag and waits (what a plain implementation does),
-"ours" is gpt4image's StopRequest (starts the exchange, reads the previous step's). Reports the
+"ours" is gpt4image's RunControl (starts the exchange, reads the previous step's). Reports the
 time per step and the overhead against "none".
 """
 import argparse
@@ -20,7 +20,7 @@ from common import RESULTS, print_table, write_json
 def worker(args):
     import torch
     import torch.distributed as dist
-    from gpt4image.resumable import StopRequest
+    from gpt4image.resumable import RunControl
     dist.init_process_group("gloo")
     group = dist.new_group(backend="gloo")
 
@@ -32,7 +32,7 @@ def worker(args):
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
         return bool(flag.item())
 
-    stop = StopRequest(group)
+    stop = RunControl(group)
     modes = {"none": lambda: False, "blocking": blocking, "ours": stop}
     rows = []
     for name, ask in modes.items():

@@ -8,31 +8,25 @@ smoothing, EMA, AdamW with warm-up and cosine, optional distillation) on timm 1.
 alignment of the class token (after the final norm) with the stored text embeddings.
 """
 import argparse
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import gpt4image  # noqa: E402,F401  (first: makes torchvision importable)
-import timm  # noqa: E402
-import torch  # noqa: E402
-from timm.scheduler import CosineLRScheduler  # noqa: E402
-from timm.utils import ModelEmaV3  # noqa: E402
+import gpt4image  # noqa: F401  (first: makes torchvision importable)
+import timm
+import torch
+from timm.scheduler import CosineLRScheduler
+from timm.utils import ModelEmaV3
 
-from datasets import DeviceAugment, TextMixup, build_datasets  # noqa: E402
-from losses import DistillationLoss, base_criterion  # noqa: E402
-from gpt4image import (RASampler, TextAlignedModel, build_projection_head,  # noqa: E402
-                       init_distributed, save_checkpoint, setup_logging)
-from gpt4image.checkpoint import load_checkpoint  # noqa: E402
-from gpt4image.distributed import cleanup, logger  # noqa: E402
-from gpt4image.engine import evaluate  # noqa: E402
-from gpt4image.errors import UserError, exit_on_user_error  # noqa: E402
-from gpt4image.io import atomic_torch_save  # noqa: E402
-from gpt4image.recipe import (CHECKPOINT, RunRecord, SkipCorrupt, add_common_args, attach_text_embeddings,  # noqa: E402
-                              build_eval_loader, build_train_loader, checkpoint_state, epoch_row,
-                              load_classifier_weights, resume_run, start_run, text_config, train_epoch,
-                              wrap_distributed)
-from gpt4image.resumable import StopRequest, seed_all  # noqa: E402
+from criteria import DistillationLoss, base_criterion
+from deit_data import DeviceAugment, TextMixup, build_datasets
+from gpt4image import RASampler, TextAlignedModel, build_projection_head, init_distributed, setup_logging
+from gpt4image.checkpoint import load_checkpoint, load_classifier_weights
+from gpt4image.data import SkipCorrupt, attach_text_embeddings, build_eval_loader, build_train_loader
+from gpt4image.distributed import cleanup, logger
+from gpt4image.engine import evaluate
+from gpt4image.errors import UserError, exit_on_user_error
+from gpt4image.options import add_common_args, alignment_from_args, run_options, start_run
+from gpt4image.resumable import PREEMPTED_EXIT_CODE, seed_all
+from gpt4image.training import Data, Recipe, fit
 
 RECIPE = "deit"
 
@@ -196,6 +190,27 @@ def build_ema(model, args):
     return ModelEmaV3(model, decay=args.model_ema_decay, device="cpu" if args.model_ema_force_cpu else None)
 
 
+def build_sampler(args, train_set, dist_info):
+    if args.repeated_aug:
+        return RASampler(train_set, dist_info.rank, dist_info.world_size, shuffle=True, seed=args.seed)
+    return torch.utils.data.DistributedSampler(train_set, dist_info.world_size, dist_info.rank, shuffle=True,
+                                               seed=args.seed)
+
+
+def build_criterion(args, num_classes, device):
+    """(criterion, mix_fn): DeiT's Mixup/CutMix (None when off), smoothing or BCE, distillation."""
+    mixup_active = args.mixup > 0 or args.cutmix > 0.0 or args.cutmix_minmax is not None
+    mix_fn = None
+    if mixup_active:
+        mix_fn = TextMixup(mix_text=args.mix_text, mixup_alpha=args.mixup, cutmix_alpha=args.cutmix,
+                           cutmix_minmax=args.cutmix_minmax, prob=args.mixup_prob, switch_prob=args.mixup_switch_prob,
+                           mode=args.mixup_mode, label_smoothing=args.smoothing, num_classes=num_classes)
+    criterion = DistillationLoss(base_criterion(mixup_active, args.smoothing, args.bce_loss),
+                                 build_teacher(args, num_classes, device), args.distillation_type,
+                                 args.distillation_alpha, args.distillation_tau)
+    return criterion, mix_fn
+
+
 def _run(args, dist_info, device):
     if args.amp_dtype is None and device.type == "cuda":
         args.amp_dtype = "float16"  # the released recipe always trained under fp16 autocast
@@ -211,107 +226,42 @@ def _run(args, dist_info, device):
 
     seed_all(args.seed, device)
     model = build_model(args, num_classes, text_dim).to(device)
-    n_parameters = sum(p.numel() for p in model.backbone.parameters() if p.requires_grad)
     pin = args.pin_mem and device.type == "cuda"
-    train_prepare = DeviceAugment(args.reprob, args.remode, args.recount)
-    eval_prepare = DeviceAugment()
     val_loader = build_eval_loader(val_set, dist_info, int(1.5 * args.batch_size), args.num_workers, pin)
     if args.eval:
-        if not args.resume:
-            raise UserError("--eval needs --resume PATH (our checkpoint or a timm state dict)")
-        load_classifier_weights(model.backbone, load_checkpoint(args.resume), args.resume)
-        stats = evaluate(model, val_loader, device, amp_dtype, prepare=eval_prepare)
-        logger.info(f"evaluation of {args.resume}: top-1 {stats['acc1']:.3f}% top-5 {stats['acc5']:.3f}% "
-                    f"over {stats['num_images']} images")
-        return stats
+        return _evaluate_only(args, model, val_loader, device, amp_dtype)
 
-    record = RunRecord(args.output_dir, args, dist_info.is_main)
-    text_cfg = text_config(args, embeddings, dist_info.world_size)
-    ema = build_ema(model, args) if args.model_ema else None
     lr = args.lr if args.unscale_lr else args.lr * args.batch_size * dist_info.world_size / 512.0
     optimizer = build_optimizer(args, model, lr, device)
     scheduler = CosineLRScheduler(optimizer, t_initial=args.epochs, lr_min=args.min_lr, warmup_lr_init=args.warmup_lr,
                                   warmup_t=args.warmup_epochs, cycle_limit=1, t_in_epochs=True)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    best = {"acc1": -1.0, "epoch": -1, "ema_acc1": -1.0, "ema_epoch": -1}
-    start_step, partial = 0, None
+    criterion, mix_fn = build_criterion(args, num_classes, device)
+    recipe = Recipe(RECIPE, args.model, model, optimizer, scheduler,
+                    step_scheduler=lambda done: scheduler.step(schedule_position(done, args.sched_no_lag)),
+                    criterion=criterion, scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
+                    text_dim=text_dim, train_prepare=DeviceAugment(args.reprob, args.remode, args.recount),
+                    eval_prepare=DeviceAugment(), mix_fn=mix_fn, ema=build_ema(model, args) if args.model_ema else None,
+                    ema_device=torch.device("cpu") if args.model_ema_force_cpu else None, clip_grad=args.clip_grad,
+                    best_name="best_checkpoint.pth", classifier_hint=f"load into timm.create_model('{args.model}')",
+                    log_extra={"n_parameters": sum(p.numel() for p in model.backbone.parameters() if p.requires_grad),
+                               "eval_crop_ratio": args.eval_crop_ratio})
+    train_loader, sampler = build_train_loader(train_set, build_sampler(args, train_set, dist_info), args.batch_size,
+                                               args.num_workers, pin, args.seed + 1000 * dist_info.rank)
+    alignment = alignment_from_args(args, embeddings, dist_info.world_size)
+    opts = run_options(args, args.output_dir, args.start_epoch, args.batch_size, amp_dtype, alignment)
+    return fit(recipe, Data(train_set, train_loader, sampler, val_loader), opts, dist_info)
 
-    resumed = resume_run(args.resume, args.output_dir, RECIPE, args.model, text_dim, model, optimizer, scheduler,
-                         scaler, record, ema)
-    if resumed:
-        args.start_epoch, start_step, partial, best = resumed
-    if args.start_epoch > 0:
-        scheduler.step(schedule_position(args.start_epoch, args.sched_no_lag))
 
-    model_without_ddp = model
-    model = wrap_distributed(model, dist_info)
-    train_model = torch.compile(model) if args.compile else model
-
-    if args.repeated_aug:
-        sampler = RASampler(train_set, dist_info.rank, dist_info.world_size, shuffle=True, seed=args.seed)
-    else:
-        sampler = torch.utils.data.DistributedSampler(train_set, dist_info.world_size, dist_info.rank, shuffle=True,
-                                                      seed=args.seed)
-    train_loader, resumable = build_train_loader(train_set, sampler, args.batch_size, args.num_workers, pin,
-                                                 args.seed + 1000 * dist_info.rank)
-    mixup_active = args.mixup > 0 or args.cutmix > 0.0 or args.cutmix_minmax is not None
-    mix_fn = None
-    if mixup_active:
-        mix_fn = TextMixup(mix_text=args.mix_text, mixup_alpha=args.mixup, cutmix_alpha=args.cutmix,
-                           cutmix_minmax=args.cutmix_minmax, prob=args.mixup_prob, switch_prob=args.mixup_switch_prob,
-                           mode=args.mixup_mode, label_smoothing=args.smoothing, num_classes=num_classes)
-    criterion = DistillationLoss(base_criterion(mixup_active, args.smoothing, args.bce_loss),
-                                 build_teacher(args, num_classes, device), args.distillation_type,
-                                 args.distillation_alpha, args.distillation_tau)
-
-    logger.info(f"training {args.model} for {args.epochs} epochs on {dist_info.world_size} process(es), "
-                f"{len(train_set)} images, lr {lr:g}, {n_parameters / 1e6:.1f}M parameters")
-    test_stats, ema_stats = {}, {}
-    last_epoch = args.epochs if args.stop_after is None else min(args.epochs, args.start_epoch + args.stop_after)
-    stop = StopRequest(dist_info.control_group)
-
-    def make_state(epoch, **position):
-        return checkpoint_state(RECIPE, args.model, text_dim, epoch, best, model_without_ddp, optimizer, scheduler,
-                                scaler, args, ema, **position)
-
-    for epoch in range(args.start_epoch, last_epoch):
-        first = epoch == args.start_epoch
-        train_stats = train_epoch(epoch, start_step if first else 0, partial if first else None, resumable,
-                                  args.batch_size, make_state, args.output_dir, dist_info, stop,
-                                  model=train_model, loader=train_loader, optimizer=optimizer, device=device,
-                                  criterion=criterion, text=text_cfg, amp_dtype=amp_dtype, scaler=scaler, mix_fn=mix_fn,
-                                  ema=ema, clip_grad=args.clip_grad, print_freq=args.print_freq, prepare=train_prepare,
-                                  num_epochs=args.epochs, seed=args.seed + 1000 * dist_info.rank)
-        scheduler.step(schedule_position(epoch + 1, args.sched_no_lag))
-        test_stats = evaluate(model_without_ddp, val_loader, device, amp_dtype, prepare=eval_prepare)
-        ema_stats = evaluate(ema.module, val_loader, device if not args.model_ema_force_cpu else torch.device("cpu"),
-                             amp_dtype, prepare=eval_prepare) if ema is not None else {}
-        logger.info(f"epoch {epoch}: top-1 {test_stats['acc1']:.2f}% (EMA {ema_stats.get('acc1', float('nan')):.2f}%) "
-                    f"over {test_stats['num_images']} images")
-        improved = test_stats["acc1"] > best["acc1"]
-        if improved:
-            best.update(acc1=test_stats["acc1"], epoch=epoch)
-        if ema_stats and ema_stats["acc1"] > best["ema_acc1"]:
-            best.update(ema_acc1=ema_stats["acc1"], ema_epoch=epoch)
-        state = make_state(epoch)
-        save_checkpoint(state, os.path.join(args.output_dir, CHECKPOINT), dist_info.is_main)
-        if improved:
-            save_checkpoint(state, os.path.join(args.output_dir, "best_checkpoint.pth"), dist_info.is_main)
-        record.log_epoch(epoch_row(epoch, train_stats, test_stats, ema_stats, train_set=train_set,
-                                   n_parameters=n_parameters, eval_crop_ratio=args.eval_crop_ratio))
-    record.close()
-    stop.restore()
-    if dist_info.is_main:
-        atomic_torch_save(model_without_ddp.backbone.state_dict(), os.path.join(args.output_dir, "classifier.pth"))
-        if ema is not None:
-            atomic_torch_save(ema.module.backbone.state_dict(), os.path.join(args.output_dir, "classifier_ema.pth"))
-        logger.info(f"outputs in {os.path.abspath(args.output_dir)}: checkpoint.pth, best_checkpoint.pth, classifier.pth "
-                    f"and classifier_ema.pth (load into timm.create_model('{args.model}')), log.txt, args.json, tensorboard/")
-    nan = float("nan")
-    logger.info(f"best top-1 {best['acc1']:.2f}% (raw) / {best['ema_acc1']:.2f}% (EMA) at epochs "
-                f"{best['epoch']}/{best['ema_epoch']}, final {test_stats.get('acc1', nan):.2f}% / {ema_stats.get('acc1', nan):.2f}%")
-    return {"best": best, "final_acc1": test_stats.get("acc1"), "final_ema_acc1": ema_stats.get("acc1")}
+def _evaluate_only(args, model, val_loader, device, amp_dtype):
+    if not args.resume:
+        raise UserError("--eval needs --resume PATH (our checkpoint or a timm state dict)")
+    load_classifier_weights(model.backbone, load_checkpoint(args.resume), args.resume)
+    stats = evaluate(model, val_loader, device, amp_dtype, prepare=DeviceAugment())
+    logger.info(f"evaluation of {args.resume}: top-1 {stats['acc1']:.3f}% top-5 {stats['acc5']:.3f}% "
+                f"over {stats['num_images']} images")
+    return stats
 
 
 if __name__ == "__main__":
-    exit_on_user_error(main, sys.argv[1:])
+    result = exit_on_user_error(main, sys.argv[1:])
+    sys.exit(PREEMPTED_EXIT_CODE if result.get("stopped") else 0)

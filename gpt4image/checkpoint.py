@@ -1,10 +1,13 @@
-"""One checkpoint format for both recipes, written atomically, and one way to load it."""
+"""The one checkpoint format of both recipes: written atomically, read back, checked, resumed from."""
 import os
 
 import torch
 
+from .distributed import logger
 from .errors import UserError
 from .io import atomic_torch_save
+
+CHECKPOINT = "checkpoint.pth"
 
 
 def save_checkpoint(state, path, is_main=True):
@@ -39,3 +42,62 @@ def check_compatible(checkpoint, path, recipe, arch, text_dim):
     if saved_dim != text_dim:
         raise UserError(f"checkpoint {path!r} has a projection head for {saved_dim}-d text embeddings but "
                         f"--text_emb gives {text_dim}-d; use the table the run started with")
+
+
+def training_state(recipe, epoch, best, args, **position):
+    """The checkpoint of ``recipe`` (a ``training.Recipe``) after ``epoch``; ``position`` (step_in_epoch,
+    partial) marks a checkpoint taken inside the epoch."""
+    model, ema, scaler = recipe.model, recipe.ema, recipe.scaler
+    return {"recipe": recipe.name, "arch": recipe.arch, "text_dim": recipe.text_dim, "epoch": epoch, "best": best,
+            "model": model.backbone.state_dict(),
+            "projection_head": model.projection_head.state_dict() if model.projection_head is not None else None,
+            "model_ema": ema.module.state_dict() if ema is not None else None,
+            "optimizer": recipe.optimizer.state_dict(), "scheduler": recipe.scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler.is_enabled() else None, "args": vars(args), **position}
+
+
+def find_resume(resume, output_dir):
+    """Checkpoint to resume from: ``--resume PATH``, else ``<output_dir>/checkpoint.pth`` if present."""
+    if resume:
+        return resume
+    path = os.path.join(output_dir, CHECKPOINT)
+    return path if os.path.isfile(path) else None
+
+
+def resume_position(checkpoint):
+    """(epoch to start, step inside it, partial sums) from a checkpoint; mid-epoch after a stop."""
+    if checkpoint.get("step_in_epoch"):
+        return checkpoint["epoch"], checkpoint["step_in_epoch"], checkpoint.get("partial")
+    return checkpoint["epoch"] + 1, 0, None
+
+
+def restore(recipe, path):
+    """Load the checkpoint at ``path`` into ``recipe``'s model, EMA, optimizer, scheduler and scaler.
+
+    Returns (start epoch, step inside it, partial epoch sums, best)."""
+    checkpoint = load_checkpoint(path)
+    check_compatible(checkpoint, path, recipe.name, recipe.arch, recipe.text_dim)
+    model = recipe.model
+    model.backbone.load_state_dict(checkpoint["model"])
+    if model.projection_head is not None and checkpoint.get("projection_head"):
+        model.projection_head.load_state_dict(checkpoint["projection_head"])
+    if recipe.ema is not None and checkpoint.get("model_ema"):
+        recipe.ema.module.load_state_dict(checkpoint["model_ema"])
+    recipe.optimizer.load_state_dict(checkpoint["optimizer"])
+    recipe.scheduler.load_state_dict(checkpoint["scheduler"])
+    if checkpoint.get("scaler"):
+        recipe.scaler.load_state_dict(checkpoint["scaler"])
+    epoch, step, partial = resume_position(checkpoint)
+    logger.info(f"resuming from {path}: continuing at epoch {epoch}, step {step}")
+    return epoch, step, partial, checkpoint.get("best")
+
+
+def load_classifier_weights(backbone, state, path):
+    """Load a plain torchvision/timm state dict, or our checkpoint's ``model`` entry, into ``backbone``."""
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    try:
+        backbone.load_state_dict(state)
+    except RuntimeError as e:
+        first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
+        raise UserError(f"checkpoint {path!r} does not fit this model ({first}); pass the same architecture") from None

@@ -2,6 +2,8 @@
 
 With one process (or no process group) nothing here makes a distributed call.
 """
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -87,21 +89,34 @@ def alignment_loss(image_features, text_embeddings, loss_type="clip", tau=0.2, g
             return (2 - 2 * (z * t).sum(dim=-1)).mean()
         if loss_type == "ctr":
             return F.cross_entropy(z @ t.t() / tau, _arange(len(z), z.device))
-        rank, world = _world()
-        if world == 1:
-            logits = z @ t.t() / tau
-            labels = _arange(len(z), z.device)
-            return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
-        z_all = gather_features(z, gather_with_grad)
-        t_all = gather_features(t)
-        if local_loss:
+        rank = _world()[0]
+        z_all, t_all = gather_features(z, gather_with_grad), gather_features(t)  # [W*B, D]; alone: z, t
+        if local_loss:  # this rank's rows of both directions
+            image_to_text, text_to_image = z @ t_all.t() / tau, t @ z_all.t() / tau
             labels = _arange(len(z), z.device, offset=rank * len(z))
-            image_to_text = z @ t_all.t() / tau
-            text_to_image = t @ z_all.t() / tau
-            return (F.cross_entropy(image_to_text, labels) + F.cross_entropy(text_to_image, labels)) / 2
-        logits = z_all @ t_all.t() / tau
-        labels = _arange(len(z_all), z.device)
-        return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
+        else:
+            image_to_text = z_all @ t_all.t() / tau
+            text_to_image = image_to_text.t()
+            labels = _arange(len(z_all), z.device)
+        return (F.cross_entropy(image_to_text, labels) + F.cross_entropy(text_to_image, labels)) / 2
+
+
+@dataclass(frozen=True)
+class Alignment:
+    """The text-alignment settings of a run: ``loss(projected, text)`` is ``alignment_loss`` with them."""
+    loss_type: str = "clip"
+    tau: float = 0.2
+    lamb: float = 0.3
+    gather_with_grad: bool = False
+    local_loss: bool = False
+
+    def loss(self, image_features, text_embeddings):
+        return alignment_loss(image_features, text_embeddings, self.loss_type, self.tau, self.gather_with_grad,
+                              self.local_loss)
+
+    def describe(self, world_size):
+        return describe_alignment(self.loss_type, self.tau, self.lamb, self.gather_with_grad, self.local_loss,
+                                  world_size)
 
 
 def effective_text_weight(lamb, loss_type, gather_with_grad, world_size):

@@ -1,4 +1,4 @@
-"""Deterministic, resumable data order and augmentation, and stopping cleanly on SIGTERM/SIGINT.
+"""Deterministic, resumable data order and augmentation, and stopping or saving cleanly at a step.
 
 Every training sample's augmentation is seeded from (seed, epoch, position in the rank's epoch
 order), and every step's main-process randomness (Mixup, drop-path) from (seed, epoch, step). A run
@@ -8,6 +8,7 @@ whatever the number of loader workers, without reading the skipped images.
 import os
 import signal
 import threading
+import time
 
 import numpy as np
 import torch
@@ -96,23 +97,32 @@ def ignore_stop_signals(worker_id=None):
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-class StopRequest:
-    """Turns SIGTERM / SIGINT into a request to stop at a step boundary, agreed by all ranks.
+CONTINUE, CHECKPOINT, STOP = 0, 1, 2  # what RunControl tells the training loop after a step
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
-    A second SIGINT interrupts at once. ``group`` is a CPU (gloo) process group for the agreement,
-    so no GPU synchronisation is added to the step; each call starts an asynchronous all-reduce of
-    this rank's flag and reads the one started by the previous call, so the exchange runs in the
-    background during a step instead of blocking every rank at every step boundary
-    (``benchmarks/stop_agreement.py``: about a third of the blocking cost). Every rank calls once per
-    step, so all read the same answer at the same step: the stop comes one step after the signal.
+
+class RunControl:
+    """Agrees, after every step and on all ranks alike, whether to go on, save a checkpoint, or stop.
+
+    SIGTERM, SIGINT and SIGUSR1 (SLURM's warning before the time limit, ``#SBATCH --signal=USR1@120``)
+    become a request to stop at a step boundary; a second SIGINT interrupts at once. Every
+    ``checkpoint_every_s`` seconds (by rank 0's clock; 0: never) it asks for a checkpoint inside
+    the epoch. ``group`` is a CPU (gloo) process group for the agreement, so no GPU synchronisation
+    is added to the step; each call starts an asynchronous all-reduce of this rank's flags and reads
+    the one started by the previous call, so the exchange runs in the background during a step
+    instead of blocking every rank at every step boundary (``benchmarks/stop_agreement.py``: about a
+    third of the blocking cost). Every rank calls once per step, so all read the same answer at the
+    same step: the action comes one step after the signal or the deadline.
     """
 
-    def __init__(self, group=None):
+    def __init__(self, group=None, checkpoint_every_s=0.0, is_main=True):
         self.received = None
         self.group = group
+        self.checkpoint_every_s = checkpoint_every_s if is_main else 0.0
+        self._last_save = time.monotonic()
         self._pending = None  # (work, tensor) of the exchange started by the previous call
         self._previous = {}
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in STOP_SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
@@ -129,18 +139,31 @@ class StopRequest:
         work.wait()
         return int(flag.item())
 
+    def _local_flags(self):
+        """(signal number << 1) | checkpoint due: a MAX over ranks keeps any stop, else any due."""
+        due = self.checkpoint_every_s > 0 and time.monotonic() - self._last_save >= self.checkpoint_every_s
+        if due:
+            self._last_save = time.monotonic()
+        return (int(self.received or 0) << 1) | int(due)
+
     def __call__(self):
-        local = 0 if self.received is None else int(self.received)
-        if not (dist.is_available() and dist.is_initialized()):
-            return bool(local)
-        agreed = self._collect()
-        flag = torch.tensor([local], dtype=torch.int32)
-        self._pending = (dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True), flag)
-        if agreed:
+        local = self._local_flags()
+        if dist.is_available() and dist.is_initialized():
+            agreed = self._collect()
+            flag = torch.tensor([local], dtype=torch.int32)
+            self._pending = (dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True), flag)
+        else:
+            agreed = local
+        if agreed >> 1:
             self._collect()  # every rank started this exchange too: finish it before stopping
             if self.received is None:
-                self.received = agreed
-        return bool(agreed)
+                self.received = agreed >> 1
+            return STOP
+        return CHECKPOINT if agreed & 1 else CONTINUE
+
+    def saved(self):
+        """A checkpoint was written: the next periodic one is due ``checkpoint_every_s`` from now."""
+        self._last_save = time.monotonic()
 
     @property
     def name(self):

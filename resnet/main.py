@@ -7,27 +7,24 @@ Also runs under ``python -m torch.distributed.launch --use_env``, ``srun`` and a
 (GPU or CPU). Without ``--data`` it trains on generated images (as the original's FakeData).
 """
 import argparse
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import gpt4image  # noqa: E402,F401  (first: makes torchvision importable)
-import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
-import torchvision  # noqa: E402
-from torchvision import transforms  # noqa: E402
+import gpt4image  # noqa: F401  (first: makes torchvision importable)
+import torch
+import torch.nn as nn
+import torchvision
+from torchvision import transforms
 
-from gpt4image import (TextAlignedModel, build_projection_head,  # noqa: E402
-                       init_distributed, save_checkpoint, setup_logging)
-from gpt4image.distributed import cleanup, logger  # noqa: E402
-from gpt4image.engine import DeviceNormalize, evaluate  # noqa: E402
-from gpt4image.errors import UserError, exit_on_user_error  # noqa: E402
-from gpt4image.io import atomic_torch_save  # noqa: E402
-from gpt4image.recipe import (CHECKPOINT, RunRecord, SkipCorrupt, add_common_args, attach_text_embeddings,  # noqa: E402
-                              build_eval_loader, build_image_folders, build_train_loader, checkpoint_state,
-                              epoch_row, generated_datasets, load_classifier_weights, resume_run,
-                              start_run, text_config, train_epoch, wrap_distributed)
-from gpt4image.resumable import StopRequest, seed_all  # noqa: E402
+from gpt4image import TextAlignedModel, build_projection_head, init_distributed, setup_logging
+from gpt4image.checkpoint import load_checkpoint, load_classifier_weights
+from gpt4image.data import (DeviceNormalize, SkipCorrupt, attach_text_embeddings, build_eval_loader,
+                            build_image_folders, build_train_loader, generated_datasets)
+from gpt4image.distributed import cleanup, logger
+from gpt4image.engine import evaluate
+from gpt4image.errors import UserError, exit_on_user_error
+from gpt4image.options import add_common_args, alignment_from_args, run_options, start_run
+from gpt4image.resumable import PREEMPTED_EXIT_CODE, seed_all
+from gpt4image.training import Data, Recipe, fit
 
 RECIPE = "resnet"
 ARCHS = sorted(name for name in torchvision.models.list_models(module=torchvision.models)
@@ -93,116 +90,73 @@ def build_model(args, num_classes, text_dim):
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
     dist_info = init_distributed(args.local_rank, args.device)
-    device = dist_info.device
     setup_logging(dist_info.is_main)
     try:
-        return _run(args, dist_info, device)
+        return _run(args, dist_info, dist_info.device)
     finally:
         cleanup()
+
+
+def build_data(args, dist_info):
+    """(train set with its embeddings, val set, number of classes, TextEmbeddings or None)."""
+    train_tf, val_tf = transforms_for(args.input_size)
+    generated = args.data is None
+    if generated:
+        train_set, val_set = generated_datasets(args.num_classes, args.input_size, *args.generated_size, train_tf, val_tf)
+        logger.info(f"no --data: generated images ({len(train_set)} train, {len(val_set)} val)")
+        num_classes = args.num_classes
+    else:
+        train_set, val_set = build_image_folders(args.data, train_tf, val_tf)
+        num_classes = len(train_set.classes)
+    train_set, embeddings = attach_text_embeddings(train_set, None if args.evaluate else args.text_emb, generated)
+    if args.skip_corrupt_images:
+        train_set = SkipCorrupt(train_set)
+    return train_set, val_set, num_classes, embeddings
 
 
 def _run(args, dist_info, device):
     if args.use_amp and args.amp_dtype is None:
         args.amp_dtype = "float16"
     amp_dtype = start_run(args, dist_info)
-
-    train_tf, val_tf = transforms_for(args.input_size)
-    generated = args.data is None
-    if generated:
-        train_set, val_set = generated_datasets(args.num_classes, args.input_size, *args.generated_size, train_tf, val_tf)
-        logger.info(f"no --data: generated images ({len(train_set)} train, {len(val_set)} val)")
-    else:
-        train_set, val_set = build_image_folders(args.data, train_tf, val_tf)
-    num_classes = len(train_set.classes) if hasattr(train_set, "classes") and not generated else args.num_classes
-    train_set, embeddings = attach_text_embeddings(train_set, None if args.evaluate else args.text_emb, generated)
-    if args.skip_corrupt_images:
-        train_set = SkipCorrupt(train_set)
+    train_set, val_set, num_classes, embeddings = build_data(args, dist_info)
     text_dim = embeddings.dim if embeddings is not None else None
-
     seed_all(args.seed, device)  # same initial weights on every rank
-    model = build_model(args, num_classes, text_dim)
-    n_parameters = sum(p.numel() for p in model.backbone.parameters())
-    model.to(device)
+    model = build_model(args, num_classes, text_dim).to(device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
-
-    val_loader = build_eval_loader(val_set, dist_info, args.batch_size, args.workers, torch.cuda.is_available())
+    pin = torch.cuda.is_available()
+    val_loader = build_eval_loader(val_set, dist_info, args.batch_size, args.workers, pin)
     if args.evaluate:
         return _evaluate_only(args, model, val_loader, device, amp_dtype)
-
-    record = RunRecord(args.save_dir, args, dist_info.is_main)
-    text_cfg = text_config(args, embeddings, dist_info.world_size)
 
     lr = args.lr if args.no_scale_lr else args.lr * dist_info.world_size * args.batch_size / 256
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=args.momentum, weight_decay=args.wd)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs, eta_min=args.min_lr)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    best = {"acc1": -1.0, "epoch": -1}
-    start_step, partial = 0, None
 
-    resumed = resume_run(args.resume, args.save_dir, RECIPE, args.arch, text_dim, model, optimizer, scheduler, scaler,
-                         record)
-    if resumed:
-        args.start_epoch, start_step, partial, best = resumed
+    def step_scheduler(epochs_done):  # one step per epoch; a resumed scheduler is already in place
+        while scheduler.last_epoch < epochs_done:
+            scheduler.step()
 
-    model_without_ddp = model  # SyncBN conversion keeps parameters: checkpoints hold model_without_ddp's
-    model = wrap_distributed(model, dist_info, args.sync_bn)
-    if args.sync_bn and dist_info.distributed:
-        model_without_ddp = model.module
-    train_model = torch.compile(model) if args.compile else model
-
+    ce = nn.CrossEntropyLoss()
+    recipe = Recipe(RECIPE, args.arch, model, optimizer, scheduler, step_scheduler,
+                    criterion=lambda _, logits, targets: ce(logits, targets),
+                    scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16), text_dim=text_dim,
+                    train_prepare=NORMALIZE, eval_prepare=NORMALIZE, sync_bn=args.sync_bn,
+                    channels_last=args.channels_last, best_name="best_model.pth.tar",
+                    classifier_hint=f"loads into torchvision.models.{args.arch}()",
+                    log_extra={"n_parameters": sum(p.numel() for p in model.backbone.parameters())})
     sampler = torch.utils.data.DistributedSampler(train_set, dist_info.world_size, dist_info.rank, shuffle=True,
                                                   seed=args.seed, drop_last=True)
-    train_loader, resumable = build_train_loader(train_set, sampler, args.batch_size, args.workers,
-                                                 torch.cuda.is_available(), args.seed + 1000 * dist_info.rank)
-    ce = nn.CrossEntropyLoss()
-    test_stats = {}
-    logger.info(f"training {args.arch} for {args.epochs} epochs on {dist_info.world_size} process(es), "
-                f"{len(train_set)} images, lr {lr:g}")
-    last_epoch = args.epochs if args.stop_after is None else min(args.epochs, args.start_epoch + args.stop_after)
-    stop = StopRequest(dist_info.control_group)
-
-    def make_state(epoch, **position):
-        return checkpoint_state(RECIPE, args.arch, text_dim, epoch, best, model_without_ddp, optimizer, scheduler,
-                                scaler, args, **position)
-
-    for epoch in range(args.start_epoch, last_epoch):
-        first = epoch == args.start_epoch
-        train_stats = train_epoch(epoch, start_step if first else 0, partial if first else None, resumable,
-                                  args.batch_size, make_state, args.save_dir, dist_info, stop,
-                                  model=train_model, loader=train_loader, optimizer=optimizer, device=device,
-                                  criterion=lambda _, logits, targets: ce(logits, targets), text=text_cfg,
-                                  amp_dtype=amp_dtype, scaler=scaler, print_freq=args.print_freq,
-                                  num_epochs=args.epochs, channels_last=args.channels_last, prepare=NORMALIZE,
-                                  seed=args.seed + 1000 * dist_info.rank)
-        scheduler.step()
-        test_stats = evaluate(model_without_ddp, val_loader, device, amp_dtype, args.channels_last, NORMALIZE)
-        logger.info(f"epoch {epoch}: test top-1 {test_stats['acc1']:.2f}% top-5 {test_stats['acc5']:.2f}% "
-                    f"({test_stats['num_images']} images)")
-        improved = test_stats["acc1"] > best["acc1"]
-        if improved:
-            best = {"acc1": test_stats["acc1"], "epoch": epoch}
-        state = make_state(epoch)
-        save_checkpoint(state, os.path.join(args.save_dir, CHECKPOINT), dist_info.is_main)
-        if improved:
-            save_checkpoint(state, os.path.join(args.save_dir, "best_model.pth.tar"), dist_info.is_main)
-        record.log_epoch(epoch_row(epoch, train_stats, test_stats, train_set=train_set, n_parameters=n_parameters))
-    record.close()
-    stop.restore()
-    if dist_info.is_main:
-        classifier = os.path.join(args.save_dir, "classifier.pth")
-        atomic_torch_save(model_without_ddp.backbone.state_dict(), classifier)
-        logger.info(f"outputs in {os.path.abspath(args.save_dir)}: checkpoint.pth, best_model.pth.tar, "
-                    f"classifier.pth (loads into torchvision.models.{args.arch}()), log.txt, args.json, tensorboard/")
-    final = test_stats.get("acc1", float("nan"))
-    logger.info(f"best top-1 {best['acc1']:.2f}% at epoch {best['epoch']}, final top-1 {final:.2f}%")
-    return {"best": best, "final_acc1": final}
+    train_loader, resumable = build_train_loader(train_set, sampler, args.batch_size, args.workers, pin,
+                                                 args.seed + 1000 * dist_info.rank)
+    alignment = alignment_from_args(args, embeddings, dist_info.world_size)
+    opts = run_options(args, args.save_dir, args.start_epoch, args.batch_size, amp_dtype, alignment)
+    return fit(recipe, Data(train_set, train_loader, resumable, val_loader), opts, dist_info)
 
 
 def _evaluate_only(args, model, val_loader, device, amp_dtype):
     if not args.resume:
         raise UserError("--evaluate needs --resume PATH (our checkpoint or a torchvision state dict)")
-    from gpt4image.checkpoint import load_checkpoint
     load_classifier_weights(model.backbone, load_checkpoint(args.resume), args.resume)
     stats = evaluate(model, val_loader, device, amp_dtype, args.channels_last, NORMALIZE)
     logger.info(f"evaluation of {args.resume}: top-1 {stats['acc1']:.3f}% top-5 {stats['acc5']:.3f}% "
@@ -211,4 +165,5 @@ def _evaluate_only(args, model, val_loader, device, amp_dtype):
 
 
 if __name__ == "__main__":
-    exit_on_user_error(main, sys.argv[1:])
+    result = exit_on_user_error(main, sys.argv[1:])
+    sys.exit(PREEMPTED_EXIT_CODE if result.get("stopped") else 0)

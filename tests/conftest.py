@@ -84,7 +84,9 @@ def photos(tmp_path_factory):
 
 
 def _load_recipe(name):
+    """Import ``<name>/main.py`` as ``<name>_main``, its folder on the path as when it runs as a script."""
     import importlib.util
+    sys.path.insert(0, os.path.join(REPO, name))
     spec = importlib.util.spec_from_file_location(f"{name}_main", os.path.join(REPO, name, "main.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -210,7 +210,7 @@ def test_load_image_gives_the_pixels_of_torchvisions_default_loader(tmp_path):
     import numpy as np
     from PIL import Image
     from torchvision.datasets.folder import pil_loader
-    from gpt4image.recipe import load_image
+    from gpt4image.data import load_image
     pixels = np.random.default_rng(0).integers(0, 255, (30, 40, 4), dtype=np.uint8)
     for mode, name in [("RGB", "a.jpg"), ("L", "b.jpg"), ("CMYK", "c.jpg"), ("P", "d.png"), ("RGBA", "e.png")]:
         image = Image.fromarray(pixels[..., :3]).convert(mode) if mode != "RGBA" else Image.fromarray(pixels)

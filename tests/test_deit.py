@@ -59,7 +59,7 @@ def test_aligned_feature_is_the_class_token_after_the_final_norm():
 
 
 def test_mixup_leaves_text_unmixed_by_default_and_mix_text_mixes_with_the_same_lambda():
-    from datasets import TextMixup
+    from deit_data import TextMixup
     torch.manual_seed(0)
     images = torch.zeros(4, 3, 8, 8)
     images[:, 0] = torch.arange(4.0).view(4, 1, 1)
@@ -162,7 +162,7 @@ def test_deit_train_transform_survives_many_draws_of_randaugment():
     import random
     from PIL import Image
     import deit_main
-    from datasets import build_transform
+    from deit_data import build_transform
     args = deit_main.get_args_parser().parse_args(["--input-size", "64"])
     transform = build_transform(True, args)
     image = Image.new("RGB", (80, 60), (120, 60, 200))
@@ -180,7 +180,7 @@ def test_uint8_loader_and_device_augment_give_deits_inputs():
     from timm.data import create_transform
     from gpt4image.resumable import seed_all
     import deit_main
-    from datasets import DeviceAugment, build_transform
+    from deit_data import DeviceAugment, build_transform
     args = deit_main.get_args_parser().parse_args(["--input-size", "64"])
     ours = build_transform(True, args)
     timm_no_erasing = create_transform(input_size=64, is_training=True, color_jitter=args.color_jitter,

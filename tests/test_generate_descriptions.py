@@ -144,7 +144,7 @@ def test_generated_descriptions_become_the_embedding_row_of_their_own_image(vlm,
                                                                           tmp_path):
     from gpt4image._compat import import_clip
     from gpt4image.clip_text import load_clip
-    from gpt4image.recipe import build_image_folders
+    from gpt4image.data import build_image_folders
     from gpt4image.text_embeddings import WithTextEmbeddings, load_text_embeddings
     clip = import_clip()
     root = str(tmp_path / "data")

@@ -6,9 +6,8 @@ from timm.data.mixup import mixup_target
 from timm.data.random_erasing import RandomErasing
 from torchvision import datasets, transforms
 
-from gpt4image.engine import DeviceNormalize
+from gpt4image.data import DeviceNormalize, build_image_folders, generated_datasets
 from gpt4image.errors import UserError
-from gpt4image.recipe import build_image_folders, generated_datasets
 
 
 class LocalCIFAR100(datasets.CIFAR100):

@@ -1,0 +1,130 @@
+"""What the recipes read: image folders (or generated images) paired with their text embeddings,
+and the loaders over them (resumable training order, exact distributed evaluation)."""
+import os
+
+import torch
+
+from .distributed import logger
+from .errors import UserError
+from .resumable import ResumableSampler, SeededSamples, ignore_stop_signals
+from .samplers import ExactDistributedSampler
+from .text_embeddings import SyntheticTextEmbeddings, WithTextEmbeddings, load_text_embeddings
+
+
+class DeviceNormalize:
+    """uint8 batches (B, C, H, W) from the loader -> float32 in [0, 1], normalised, on their device.
+
+    The same operations as torchvision's ToTensor + Normalize (so the same numbers, bit for bit), done
+    once per batch after the host-to-device copy: the loader workers skip the float conversion, and
+    collation, pinned memory and the copy move a quarter of the bytes.
+    """
+
+    def __init__(self, mean, std):
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+
+    def __call__(self, images):
+        if self.mean.device != images.device:
+            self.mean, self.std = self.mean.to(images.device), self.std.to(images.device)
+        return images.float().div_(255).sub_(self.mean).div_(self.std)
+
+
+def build_train_loader(dataset, sampler, batch_size, num_workers, pin_memory, seed):
+    """Loader whose order and augmentation are reproducible and resumable inside an epoch.
+
+    Returns (loader, resumable sampler): call ``sampler.set_epoch(epoch, start_position)``."""
+    resumable = ResumableSampler(sampler)
+    loader = torch.utils.data.DataLoader(SeededSamples(dataset, seed), batch_size=batch_size, sampler=resumable,
+                                         num_workers=num_workers, pin_memory=pin_memory, drop_last=True,
+                                         persistent_workers=num_workers > 0, worker_init_fn=ignore_stop_signals)
+    return loader, resumable
+
+
+def build_eval_loader(dataset, dist_info, batch_size, num_workers, pin_memory):
+    """Loader visiting each validation sample exactly once over all ranks (evaluate without DDP).
+
+    Its workers persist: forking new ones every epoch from a process whose threads (gloo,
+    TensorBoard, the training loader) may hold a lock can deadlock the child (CPython gh-112275)."""
+    sampler = ExactDistributedSampler(dataset, dist_info.rank, dist_info.world_size)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                                       pin_memory=pin_memory, worker_init_fn=ignore_stop_signals,
+                                       persistent_workers=num_workers > 0)
+
+
+def load_image(path):
+    """Open an image as RGB; a file PIL cannot decode is a UserError that names it."""
+    from PIL import Image
+    try:
+        with open(path, "rb") as f:
+            image = Image.open(f)
+            image.load()
+            # an RGB file is used as decoded: convert("RGB") would only copy it (~1 ms per ImageNet JPEG)
+            return image if image.mode == "RGB" else image.convert("RGB")
+    except (OSError, SyntaxError, ValueError) as e:
+        raise UserError(f"cannot decode image {path} ({e}); replace or delete the file, "
+                        f"or pass --skip-corrupt-images") from None
+
+
+class SkipCorrupt(torch.utils.data.Dataset):
+    """With --skip-corrupt-images: a sample whose image cannot be decoded is replaced by the next
+    good one (image, target and text embedding together, so pairs stay intact); counted in
+    ``skipped``, shared by all loader workers."""
+
+    def __init__(self, dataset):
+        import multiprocessing
+        self.dataset = dataset
+        self.skipped = multiprocessing.Value("i", 0)
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        for offset in range(len(self.dataset)):
+            try:
+                return self.dataset[(index + offset) % len(self.dataset)]
+            except UserError as e:
+                with self.skipped.get_lock():
+                    self.skipped.value += 1
+                logger.warning(f"skipping: {e}")
+        raise UserError("no image of the training set can be decoded")
+
+
+def build_image_folders(root, train_transform, val_transform):
+    """``root/train`` and ``root/val`` as ImageFolders, refusing a missing split or differing classes."""
+    import torchvision
+    for split in ("train", "val"):
+        if not os.path.isdir(os.path.join(root, split)):
+            raise UserError(f"{os.path.join(root, split)!r} does not exist; --data must hold train/ and val/ "
+                            f"folders with one sub-folder per class")
+    try:
+        train = torchvision.datasets.ImageFolder(os.path.join(root, "train"), train_transform, loader=load_image)
+        val = torchvision.datasets.ImageFolder(os.path.join(root, "val"), val_transform, loader=load_image)
+    except (FileNotFoundError, RuntimeError) as e:
+        raise UserError(f"cannot read the image folders under {root!r}: {e}") from None
+    if train.classes != val.classes:
+        only_train = sorted(set(train.classes) - set(val.classes))[:3]
+        only_val = sorted(set(val.classes) - set(train.classes))[:3]
+        raise UserError(f"{root}: train has {len(train.classes)} classes and val {len(val.classes)}, and they differ "
+                        f"(only in train: {only_train}, only in val: {only_val}); both splits need the same class folders")
+    return train, val
+
+
+def generated_datasets(num_classes, input_size, train_size, val_size, train_transform, val_transform):
+    """Random-image datasets (as the original's FakeData) for a run without --data."""
+    import torchvision
+    size = (3, input_size, input_size)
+    train = torchvision.datasets.FakeData(train_size, size, num_classes, train_transform, random_offset=0)
+    val = torchvision.datasets.FakeData(val_size, size, num_classes, val_transform, random_offset=10 ** 6)
+    return train, val
+
+
+def attach_text_embeddings(train, text_emb, generated):
+    """Return (dataset yielding (image, target, embedding), TextEmbeddings) or (train, None)."""
+    if text_emb is None or str(text_emb).lower() == "none":
+        return train, None
+    if generated and not os.path.isfile(text_emb):
+        embeddings = SyntheticTextEmbeddings(len(train), 1024)
+        logger.info(f"generated data: random {len(train)} x 1024 text embeddings (no file {text_emb!r} needed)")
+    else:
+        embeddings = load_text_embeddings(text_emb)
+    return WithTextEmbeddings(train, embeddings), embeddings

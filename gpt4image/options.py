@@ -1,0 +1,62 @@
+"""Command-line flags both recipes share beyond their original ones, and what they turn into."""
+import json
+
+import torch
+
+from .distributed import logger
+from .errors import UserError, at_least
+from .losses import Alignment
+from .training import RunOptions
+
+
+def add_common_args(p):
+    """Flags that both recipes share beyond their original ones."""
+    p.add_argument("--amp-dtype", choices=["float16", "bfloat16"], default=None,
+                   help="autocast dtype (float16 uses a checkpointed GradScaler; bfloat16 needs none)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--gather-with-grad", action="store_true",
+                   help="clip loss: gathered features carry gradient (weight lamb, not lamb/W; a deviation)")
+    p.add_argument("--local-loss", action="store_true",
+                   help="clip loss with --gather-with-grad: compute only this rank's rows (same gradient, less memory)")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--skip-corrupt-images", action="store_true",
+                   help="replace a training image that cannot be decoded by the next one (warned and counted in "
+                        "log.txt) instead of stopping")
+    p.add_argument("--stop-after", type=at_least(1), default=None, metavar="N",
+                   help="end this invocation after N epochs (job time limits); run the same command to continue")
+    p.add_argument("--checkpoint-every-minutes", type=at_least(0.0, float), default=30.0, metavar="M",
+                   help="also save checkpoint.pth inside an epoch every M minutes (0: only at epoch ends), so a "
+                        "crashed or restarted job loses at most M minutes")
+    p.add_argument("--requeue", action="store_true",
+                   help="SLURM: after SIGUSR1 (#SBATCH --signal=USR1@120) save and 'scontrol requeue' the job")
+    p.add_argument("--local-rank", "--local_rank", type=int, default=None, dest="local_rank",
+                   help="set by the legacy torch.distributed.launch without --use_env")
+    return p
+
+
+def start_run(args, dist_info):
+    """Checks and the arguments log line both recipes begin with; returns the autocast dtype (None: fp32)."""
+    if args.local_loss and not args.gather_with_grad:
+        raise UserError("--local-loss needs --gather-with-grad")
+    args.world_size = dist_info.world_size
+    logger.info("arguments: " + json.dumps(vars(args), sort_keys=True))
+    return getattr(torch, args.amp_dtype) if args.amp_dtype else None
+
+
+def alignment_from_args(args, embeddings, world_size):
+    """The run's Alignment (None: the baseline), logged with its effective weight."""
+    if embeddings is None:
+        logger.info("text alignment: off (baseline)")
+        return None
+    alignment = Alignment(args.loss_type, args.tau, args.lamb, args.gather_with_grad, args.local_loss)
+    logger.info(alignment.describe(world_size))
+    return alignment
+
+
+def run_options(args, output_dir, start_epoch, batch_size, amp_dtype, alignment):
+    """The loop's settings from a recipe's parsed arguments (the recipes name a few flags differently)."""
+    return RunOptions(args=args, output_dir=output_dir, epochs=args.epochs, batch_size=batch_size, seed=args.seed,
+                      print_freq=args.print_freq, resume=args.resume, start_epoch=start_epoch,
+                      stop_after=args.stop_after,
+                      checkpoint_every_minutes=args.checkpoint_every_minutes, requeue=args.requeue,
+                      amp_dtype=amp_dtype, alignment=alignment, compile=args.compile)

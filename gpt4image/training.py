@@ -1,0 +1,247 @@
+"""The training loop of both recipes: resume, train, evaluate, checkpoint, log, export, stop.
+
+A recipe (resnet/main.py, deit/main.py) builds its model, optimizer, scheduler, criterion and loaders
+and hands them to ``fit`` as a ``Recipe``; everything that happens between epochs is here, once.
+"""
+import os
+import subprocess
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+from .checkpoint import CHECKPOINT, find_resume, restore, save_checkpoint, training_state
+from .data import SkipCorrupt
+from .distributed import logger
+from .engine import NonFiniteLoss, TrainStep, evaluate, train_one_epoch
+from .errors import UserError
+from .io import atomic_torch_save
+from .losses import Alignment
+from .resumable import RunControl
+from .run_record import RunRecord, epoch_row
+
+
+@dataclass
+class Recipe:
+    """What differs between the recipes. ``model`` is the TextAlignedModel (not wrapped);
+    ``step_scheduler(epochs_done)`` positions the scheduler for the next epoch (called after every
+    epoch and once after a resume, so it must be idempotent); ``criterion(images, logits, targets)``."""
+    name: str
+    arch: str
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    step_scheduler: Callable[[int], None]
+    criterion: Callable
+    scaler: torch.amp.GradScaler
+    text_dim: Optional[int] = None
+    train_prepare: Optional[Callable] = None
+    eval_prepare: Optional[Callable] = None
+    mix_fn: Optional[Callable] = None
+    ema: object = None
+    ema_device: Optional[torch.device] = None
+    clip_grad: Optional[float] = None
+    sync_bn: bool = False
+    channels_last: bool = False
+    best_name: str = "best_checkpoint.pth"
+    classifier_hint: str = ""
+    log_extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class Data:
+    """The training set (for its size and skipped-image count), its resumable loader and sampler, and
+    the exact validation loader."""
+    train_set: object
+    train_loader: object
+    sampler: object
+    val_loader: object
+
+
+@dataclass
+class RunOptions:
+    """The command-line settings of the loop (``args`` is written to args.json and the checkpoint)."""
+    args: object
+    output_dir: str
+    epochs: int
+    batch_size: int
+    seed: int = 0
+    print_freq: int = 10
+    resume: str = ""
+    start_epoch: int = 0
+    stop_after: Optional[int] = None
+    checkpoint_every_minutes: float = 30.0
+    requeue: bool = False
+    amp_dtype: Optional[torch.dtype] = None
+    alignment: Optional[Alignment] = None
+    compile: bool = False
+
+
+@dataclass
+class Progress:
+    epoch: int = 0
+    step: int = 0
+    partial: Optional[list] = None
+    best: dict = field(default_factory=lambda: {"acc1": -1.0, "epoch": -1, "ema_acc1": -1.0, "ema_epoch": -1})
+
+
+def fit(recipe, data, opts, dist_info):
+    """Train ``recipe`` from its output folder's checkpoint (or from scratch) to ``opts.epochs``.
+
+    Returns {"best", "final_acc1", "final_ema_acc1", "stopped"}; ``stopped`` is the signal's name
+    when a stop request ended the run early (its checkpoint then holds the position)."""
+    progress = _resume(recipe, opts)
+    record = RunRecord(opts.output_dir, opts.args, dist_info.is_main)
+    if progress.epoch or progress.step:
+        record.truncate_after(progress.epoch)
+    recipe.step_scheduler(progress.epoch)
+    train_model, recipe.model = wrap_distributed(recipe.model, dist_info, recipe.sync_bn)
+    step = TrainStep(torch.compile(train_model) if opts.compile else train_model, recipe.optimizer, recipe.criterion,
+                     dist_info.device, opts.alignment, opts.amp_dtype, recipe.scaler, recipe.mix_fn, recipe.ema,
+                     recipe.clip_grad, recipe.train_prepare, recipe.channels_last)
+    control = RunControl(dist_info.control_group, 60.0 * opts.checkpoint_every_minutes, dist_info.is_main)
+    last_epoch = opts.epochs if opts.stop_after is None else min(opts.epochs, progress.epoch + opts.stop_after)
+    logger.info(f"training {recipe.arch} for {opts.epochs} epochs on {dist_info.world_size} process(es), "
+                f"{len(data.train_set)} images, lr {recipe.optimizer.param_groups[0]['lr']:g}")
+    evals = {}
+    try:
+        for epoch in range(progress.epoch, last_epoch):
+            train_stats = _train_epoch(recipe, data, opts, dist_info, step, control, progress, epoch)
+            if "stopped_at_step" in train_stats:
+                _stop(recipe, opts, dist_info, control, progress, epoch, train_stats)
+                return {"best": progress.best, "final_acc1": None, "final_ema_acc1": None, "stopped": control.name}
+            recipe.step_scheduler(epoch + 1)
+            evals = _evaluate(recipe, data, opts, dist_info)
+            _end_epoch(recipe, data, opts, dist_info, progress, epoch, train_stats, evals, record)
+            control.saved()
+    finally:
+        record.close()
+        control.restore()
+    return _finish(recipe, opts, dist_info, progress, evals)
+
+
+def _resume(recipe, opts):
+    path = find_resume(opts.resume, opts.output_dir)
+    if not path:
+        return Progress(opts.start_epoch)
+    epoch, step, partial, best = restore(recipe, path)
+    progress = Progress(epoch, step, partial)
+    progress.best.update(best or {})
+    return progress
+
+
+def _train_epoch(recipe, data, opts, dist_info, step, control, progress, epoch):
+    """One epoch from the resume position (the first) or its start; checkpoints when ``control`` asks."""
+    start_step, partial = (progress.step, progress.partial) if epoch == progress.epoch else (0, None)
+    data.sampler.set_epoch(epoch, start_step * opts.batch_size)
+
+    def save_position(step_in_epoch, sums):
+        path = os.path.join(opts.output_dir, CHECKPOINT)
+        save_checkpoint(training_state(recipe, epoch, progress.best, opts.args, step_in_epoch=step_in_epoch,
+                                       partial=sums), path, dist_info.is_main)
+        control.saved()
+        logger.info(f"checkpoint at epoch {epoch}, step {step_in_epoch} saved to {path}")
+
+    try:
+        return train_one_epoch(step, data.train_loader, epoch, start_step=start_step, partial=partial,
+                               control=control, on_checkpoint=save_position, seed=opts.seed + 1000 * dist_info.rank,
+                               print_freq=opts.print_freq, num_epochs=opts.epochs)
+    except NonFiniteLoss as e:
+        raise UserError(str(e)) from None
+
+
+def _stop(recipe, opts, dist_info, control, progress, epoch, stats):
+    """Save the position a stop request ended the epoch at; with --requeue after SIGUSR1, requeue."""
+    path = os.path.join(opts.output_dir, CHECKPOINT)
+    step = stats["stopped_at_step"]
+    save_checkpoint(training_state(recipe, epoch, progress.best, opts.args, step_in_epoch=step,
+                                   partial=stats["partial"]), path, dist_info.is_main)
+    logger.warning(f"stopped by {control.name} at epoch {epoch}, step {step}: checkpoint saved to {path}; "
+                   f"run the same command again to continue from there")
+    if opts.requeue and control.name == "SIGUSR1" and dist_info.is_main:
+        requeue_slurm_job()
+
+
+def requeue_slurm_job():
+    """``scontrol requeue $SLURM_JOB_ID``: SLURM starts the job again, which resumes from the checkpoint."""
+    job = os.environ.get("SLURM_JOB_ID")  # an array task has its own
+    if not job:
+        logger.warning("--requeue: no SLURM_JOB_ID in the environment (not a SLURM job); nothing requeued")
+        return
+    try:
+        subprocess.run(["scontrol", "requeue", job], check=True, capture_output=True, text=True, timeout=60)
+        logger.warning(f"requeued SLURM job {job}: it continues from the checkpoint when it starts again")
+    except (OSError, subprocess.SubprocessError) as e:
+        detail = getattr(e, "stderr", None) or e
+        logger.warning(f"--requeue: 'scontrol requeue {job}' failed ({str(detail).strip()}); resubmit the job by hand")
+
+
+def _evaluate(recipe, data, opts, dist_info):
+    """Exact evaluation of the raw weights and, when the recipe keeps one, of the EMA."""
+    test = evaluate(recipe.model, data.val_loader, dist_info.device, opts.amp_dtype, recipe.channels_last,
+                    recipe.eval_prepare)
+    ema = None
+    if recipe.ema is not None:
+        ema = evaluate(recipe.ema.module, data.val_loader, recipe.ema_device or dist_info.device, opts.amp_dtype,
+                       prepare=recipe.eval_prepare)
+    return {"test": test, "ema": ema}
+
+
+def _end_epoch(recipe, data, opts, dist_info, progress, epoch, train_stats, evals, record):
+    """Best tracking, checkpoint (and best checkpoint), one log.txt row."""
+    test, ema = evals["test"], evals["ema"]
+    ema_text = f" (EMA top-1 {ema['acc1']:.2f}%)" if ema else ""
+    logger.info(f"epoch {epoch}: test top-1 {test['acc1']:.2f}% top-5 {test['acc5']:.2f}%{ema_text} "
+                f"over {test['num_images']} images")
+    best = progress.best
+    improved = test["acc1"] > best["acc1"]
+    if improved:
+        best.update(acc1=test["acc1"], epoch=epoch)
+    if ema and ema["acc1"] > best["ema_acc1"]:
+        best.update(ema_acc1=ema["acc1"], ema_epoch=epoch)
+    state = training_state(recipe, epoch, best, opts.args)
+    save_checkpoint(state, os.path.join(opts.output_dir, CHECKPOINT), dist_info.is_main)
+    if improved:
+        save_checkpoint(state, os.path.join(opts.output_dir, recipe.best_name), dist_info.is_main)
+    extra = dict(recipe.log_extra)
+    if isinstance(data.train_set, SkipCorrupt):
+        extra["train_corrupt_images_skipped"] = data.train_set.skipped.value
+    record.log_epoch(epoch_row(epoch, train_stats, test, ema, **extra))
+
+
+def _finish(recipe, opts, dist_info, progress, evals):
+    """Export the plain classifier(s), say where everything is, print the final line."""
+    out = opts.output_dir
+    if dist_info.is_main:
+        atomic_torch_save(recipe.model.backbone.state_dict(), os.path.join(out, "classifier.pth"))
+        exported = "classifier.pth"
+        if recipe.ema is not None:
+            atomic_torch_save(recipe.ema.module.backbone.state_dict(), os.path.join(out, "classifier_ema.pth"))
+            exported += " and classifier_ema.pth"
+        logger.info(f"outputs in {os.path.abspath(out)}: {CHECKPOINT}, {recipe.best_name}, {exported} "
+                    f"({recipe.classifier_hint}), log.txt, args.json, tensorboard/")
+    best, nan = progress.best, float("nan")
+    final = (evals.get("test") or {}).get("acc1")
+    final_ema = (evals.get("ema") or {}).get("acc1")
+    if recipe.ema is None:
+        logger.info(f"best top-1 {best['acc1']:.2f}% at epoch {best['epoch']}, "
+                    f"final top-1 {nan if final is None else final:.2f}%")
+    else:
+        logger.info(f"best top-1 {best['acc1']:.2f}% (raw) / {best['ema_acc1']:.2f}% (EMA) at epochs "
+                    f"{best['epoch']}/{best['ema_epoch']}, final {nan if final is None else final:.2f}% / "
+                    f"{nan if final_ema is None else final_ema:.2f}%")
+    return {"best": best, "final_acc1": final, "final_ema_acc1": final_ema, "stopped": None}
+
+
+def wrap_distributed(model, dist_info, sync_bn=False):
+    """(model to train with, the same model without DDP) : SyncBN (optional) and DDP when several
+    processes run; SyncBN conversion keeps the parameters, so checkpoints hold the unwrapped one's."""
+    if not dist_info.distributed:
+        return model, model
+    if sync_bn:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    device = dist_info.device
+    # gradients live in DDP's all-reduce buckets: no copy in and out of them after every backward
+    ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                                    gradient_as_bucket_view=True)
+    return ddp, model
