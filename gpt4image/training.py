@@ -10,7 +10,8 @@ from typing import Callable, Optional
 
 import torch
 
-from .checkpoint import CHECKPOINT, find_resume, restore, save_checkpoint, training_state
+from .checkpoint import (CHECKPOINT, find_resume, load_checkpoint, load_classifier_weights, restore, save_checkpoint,
+                         training_state)
 from .data import SkipCorrupt
 from .distributed import logger
 from .engine import NonFiniteLoss, TrainStep, evaluate, train_one_epoch
@@ -245,3 +246,12 @@ def wrap_distributed(model, dist_info, sync_bn=False):
     ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                                     gradient_as_bucket_view=True)
     return ddp, model
+
+
+def evaluate_checkpoint(model, path, loader, device, amp_dtype=None, channels_last=False, prepare=None):
+    """-e / --eval: our checkpoint's weights, or a plain torchvision/timm state dict, over the validation set."""
+    load_classifier_weights(model.backbone, load_checkpoint(path), path)
+    stats = evaluate(model, loader, device, amp_dtype, channels_last, prepare)
+    logger.info(f"evaluation of {path}: top-1 {stats['acc1']:.3f}% top-5 {stats['acc5']:.3f}% "
+                f"loss {stats['loss']:.4f} over {stats['num_images']} images")
+    return stats

@@ -16,15 +16,13 @@ import torchvision
 from torchvision import transforms
 
 from gpt4image import TextAlignedModel, build_projection_head, init_distributed, setup_logging
-from gpt4image.checkpoint import load_checkpoint, load_classifier_weights
 from gpt4image.data import (DeviceNormalize, SkipCorrupt, attach_text_embeddings, build_eval_loader,
                             build_image_folders, build_train_loader, generated_datasets)
 from gpt4image.distributed import cleanup, logger
-from gpt4image.engine import evaluate
 from gpt4image.errors import UserError, exit_on_user_error
 from gpt4image.options import add_common_args, alignment_from_args, run_options, start_run
 from gpt4image.resumable import PREEMPTED_EXIT_CODE, seed_all
-from gpt4image.training import Data, Recipe, fit
+from gpt4image.training import Data, Recipe, evaluate_checkpoint, fit
 
 RECIPE = "resnet"
 ARCHS = sorted(name for name in torchvision.models.list_models(module=torchvision.models)
@@ -157,11 +155,7 @@ def _run(args, dist_info, device):
 def _evaluate_only(args, model, val_loader, device, amp_dtype):
     if not args.resume:
         raise UserError("--evaluate needs --resume PATH (our checkpoint or a torchvision state dict)")
-    load_classifier_weights(model.backbone, load_checkpoint(args.resume), args.resume)
-    stats = evaluate(model, val_loader, device, amp_dtype, args.channels_last, NORMALIZE)
-    logger.info(f"evaluation of {args.resume}: top-1 {stats['acc1']:.3f}% top-5 {stats['acc5']:.3f}% "
-                f"loss {stats['loss']:.4f} over {stats['num_images']} images")
-    return stats
+    return evaluate_checkpoint(model, args.resume, val_loader, device, amp_dtype, args.channels_last, NORMALIZE)
 
 
 if __name__ == "__main__":
