@@ -19,7 +19,7 @@ import torch
 from gpt4image import __version__
 from gpt4image.text_encoders import encode_texts, load_text_encoder
 from gpt4image.descriptions import read_descriptions
-from gpt4image.errors import UserError, at_least, exit_on_user_error
+from gpt4image.errors import ArgumentParser, UserError, at_least, exit_on_user_error
 from gpt4image.io import atomic_torch_save, atomic_write_json, atomic_write_text, sha256_file, sha256_lines
 
 DEFAULT_OUTPUT = "imagenet_clip_text_emb_0_1281166.pth"
@@ -34,8 +34,8 @@ def file_list_path(output):
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser("description2embedding", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser("description2embedding", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--caption", required=True,
                    help="descriptions: .pth list of str (the released file), .txt, .json or .jsonl")
     p.add_argument("--model", default="RN50",
@@ -68,8 +68,26 @@ def get_args_parser():
     return p
 
 
+def _input_paths(args):
+    """Files this run reads: the descriptions and, when it is a path, the encoder."""
+    paths = [args.caption, args.model]
+    for prefix in ("hf:", "open_clip:local-dir:", "local-dir:"):
+        if args.model.startswith(prefix):
+            paths.append(args.model[len(prefix):])
+    return [p for p in paths if p and os.path.exists(p)]
+
+
 def check_output(args):
-    targets = [args.output, metadata_path(args.output)]
+    targets = [args.output, metadata_path(args.output), file_list_path(args.output)]
+    for target in targets:
+        for source in _input_paths(args):
+            if os.path.realpath(target) == os.path.realpath(source):
+                raise UserError(f"--output {args.output!r} would write {target!r}, which is an input of this run "
+                                f"({source!r}); choose another --output (--force never overwrites an input)")
+    if str(args.device).startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {args.device}: this torch ({torch.__version__}) sees no CUDA device; "
+                        f"pass --device cpu")
+    targets = targets[:2]
     existing = [t for t in targets if os.path.exists(t)]
     if existing and not args.force:
         raise UserError(f"output {existing[0]!r} already exists; pass --force to overwrite it "

@@ -28,15 +28,15 @@ from gpt4image.describe import (DEFAULT_CLASS_PROMPT, DEFAULT_PROMPT, EMPTY, Par
                                 VLLMEngine, generate, inspect_vlm, list_images, load_vlm, parse_shard,
                                 read_class_names, resolve_dtype)
 from gpt4image.distributed import launch_environment
-from gpt4image.errors import UserError, at_least, exit_on_user_error
+from gpt4image.errors import ArgumentParser, UserError, at_least, exit_on_user_error
 
 
 positive_int, non_negative_int, positive_float = at_least(1), at_least(0), at_least(0.0, float, strict=True)
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser("generate_descriptions", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser("generate_descriptions", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True,
                    help="ImageFolder train directory (class sub-folders), or a text file of image paths")
     p.add_argument("--model", help="local directory of a transformers image-text-to-text model "
@@ -53,7 +53,7 @@ def get_args_parser():
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding (not reproducible)")
     p.add_argument("--temperature", type=positive_float, default=1.0, help="with --do-sample")
     p.add_argument("--top-p", type=positive_float, default=1.0, help="with --do-sample")
-    p.add_argument("--seed", type=int, default=0, help="with --do-sample: seed of each rank's sampling (+ shard)")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="with --do-sample: seed of each rank's sampling (+ shard)")
     p.add_argument("--backend", choices=["transformers", "vllm"], default="transformers",
                    help="transformers' generate (static batches), or vLLM's engine (continuous batching; "
                         "pip install -e .[vllm])")

@@ -19,7 +19,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import gpt4image  # noqa: E402
+import gpt4image  # noqa: E402,F401  (first: makes torchvision importable)
 from gpt4image.text_embeddings import WithTextEmbeddings, load_text_embeddings  # noqa: E402
 
 

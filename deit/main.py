@@ -22,92 +22,94 @@ from gpt4image import RASampler, TextAlignedModel, build_projection_head, init_d
 from gpt4image.checkpoint import load_checkpoint, load_classifier_weights
 from gpt4image.data import SkipCorrupt, attach_text_embeddings, build_eval_loader, build_train_loader
 from gpt4image.distributed import cleanup, logger
-from gpt4image.errors import UserError, exit_on_user_error
+from gpt4image.errors import ArgumentParser, UserError, at_least, exit_on_user_error, in_range
 from gpt4image.options import add_common_args, alignment_from_args, run_options, start_run
 from gpt4image.resumable import PREEMPTED_EXIT_CODE, seed_all
 from gpt4image.training import Data, Recipe, evaluate_checkpoint, fit
 
 RECIPE = "deit"
+COUNT, POSITIVE = at_least(0), at_least(1)
+UNIT, UNIT_OPEN = in_range(minimum=0, maximum=1), in_range(minimum=0, below=1)
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser("GPT4Image DeiT recipe", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser("GPT4Image DeiT recipe", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
-    a("--batch-size", default=128, type=int, help="per process (paper: 8 x 128)")
-    a("--epochs", default=300, type=int)
+    a("--batch-size", default=128, type=POSITIVE, help="per process (paper: 8 x 128)")
+    a("--epochs", default=300, type=POSITIVE)
     a("--bce-loss", action="store_true")
     a("--unscale-lr", action="store_true", help="use --lr as given (else lr x batch x W / 512)")
     # model
     a("--model", default="deit_base_patch16_224", type=str)
-    a("--input-size", default=224, type=int)
-    a("--drop", type=float, default=0.0)
-    a("--drop-path", type=float, default=0.1)
+    a("--input-size", default=224, type=at_least(8))
+    a("--drop", type=UNIT_OPEN, default=0.0)
+    a("--drop-path", type=UNIT_OPEN, default=0.1)
     a("--model-ema", action="store_true", default=True)
     a("--no-model-ema", action="store_false", dest="model_ema")
-    a("--model-ema-decay", type=float, default=0.99996)
+    a("--model-ema-decay", type=UNIT, default=0.99996)
     a("--model-ema-force-cpu", action="store_true", default=False)
     # optimizer and schedule
     a("--opt", default="adamw", choices=["adamw"], help="AdamW (fused on CUDA)")
-    a("--opt-eps", default=1e-8, type=float)
-    a("--opt-betas", default=None, type=float, nargs="+")
-    a("--clip-grad", type=float, default=None)
-    a("--momentum", type=float, default=0.9, help="unused by AdamW; kept for DeiT's command lines")
-    a("--weight-decay", type=float, default=0.05)
+    a("--opt-eps", default=1e-8, type=in_range(above=0))
+    a("--opt-betas", default=None, type=UNIT_OPEN, nargs="+")
+    a("--clip-grad", type=in_range(above=0), default=None)
+    a("--momentum", type=in_range(minimum=0, below=1), default=0.9, help="unused by AdamW; kept for DeiT's command lines")
+    a("--weight-decay", type=in_range(minimum=0), default=0.05)
     a("--sched", default="cosine", choices=["cosine"])
-    a("--lr", type=float, default=5e-4)
-    a("--warmup-lr", type=float, default=1e-6)
-    a("--min-lr", type=float, default=1e-5)
-    a("--warmup-epochs", type=int, default=5)
+    a("--lr", type=in_range(above=0), default=5e-4)
+    a("--warmup-lr", type=in_range(minimum=0), default=1e-6)
+    a("--min-lr", type=in_range(minimum=0), default=1e-5)
+    a("--warmup-epochs", type=COUNT, default=5)
     a("--sched-no-lag", action="store_true",
       help="epoch e trains at the schedule's lr(e); default (released): at lr(e - 1), epochs 0 and 1 at --warmup-lr")
     # augmentation
-    a("--color-jitter", type=float, default=0.3)
+    a("--color-jitter", type=in_range(minimum=0), default=0.3)
     a("--aa", type=str, default="rand-m9-mstd0.5-inc1")
-    a("--smoothing", type=float, default=0.1)
+    a("--smoothing", type=UNIT_OPEN, default=0.1)
     a("--train-interpolation", type=str, default="bicubic")
     a("--repeated-aug", action="store_true", default=True)
     a("--no-repeated-aug", action="store_false", dest="repeated_aug")
-    a("--reprob", type=float, default=0.25)
+    a("--reprob", type=UNIT, default=0.25)
     a("--remode", type=str, default="pixel")
-    a("--recount", type=int, default=1)
-    a("--mixup", type=float, default=0.8)
-    a("--cutmix", type=float, default=1.0)
-    a("--cutmix-minmax", type=float, nargs="+", default=None)
-    a("--mixup-prob", type=float, default=1.0)
-    a("--mixup-switch-prob", type=float, default=0.5)
+    a("--recount", type=POSITIVE, default=1)
+    a("--mixup", type=in_range(minimum=0), default=0.8)
+    a("--cutmix", type=in_range(minimum=0), default=1.0)
+    a("--cutmix-minmax", type=UNIT, nargs="+", default=None)
+    a("--mixup-prob", type=UNIT, default=1.0)
+    a("--mixup-switch-prob", type=UNIT, default=0.5)
     a("--mixup-mode", type=str, default="batch", choices=["batch", "pair", "elem"])
     a("--mix-text", action="store_true", help="mix text embeddings like the images (a deviation)")
-    a("--eval-crop-ratio", type=float, default=1.0, help="1.0 as released; 0.875 is DeiT's protocol")
+    a("--eval-crop-ratio", type=in_range(above=0, maximum=1), default=1.0, help="1.0 as released; 0.875 is DeiT's protocol")
     # distillation
     a("--teacher-model", default="regnety_160", type=str)
     a("--teacher-path", type=str, default="")
     a("--distillation-type", default="none", choices=["none", "soft", "hard"])
-    a("--distillation-alpha", default=0.5, type=float)
-    a("--distillation-tau", default=1.0, type=float)
+    a("--distillation-alpha", default=0.5, type=UNIT)
+    a("--distillation-tau", default=1.0, type=in_range(above=0))
     a("--finetune", default="", help="initialise from a checkpoint (head dropped if its shape differs)")
     # data and run
     a("--data-path", default=None, type=str, help="ImageFolder root (train/, val/) or CIFAR root; default: generated")
     a("--data-set", default="IMNET", choices=["IMNET", "CIFAR"], type=str, help="IMNET: any ImageFolder")
-    a("--nb-classes", type=int, default=1000, help="generated data only")
-    a("--generated-size", type=int, nargs=2, default=[1281, 500], metavar=("TRAIN", "VAL"))
+    a("--nb-classes", type=at_least(2), default=1000, help="generated data only")
+    a("--generated-size", type=POSITIVE, nargs=2, default=[1281, 500], metavar=("TRAIN", "VAL"))
     a("--output_dir", "--output-dir", default="./outputs", dest="output_dir")
-    a("--seed", default=0, type=int)
+    a("--seed", default=0, type=COUNT)
     a("--resume", default="", help="checkpoint to resume from (default: output_dir/checkpoint.pth)")
-    a("--start_epoch", default=0, type=int)
+    a("--start_epoch", default=0, type=COUNT)
     a("--eval", action="store_true", help="evaluate --resume only")
     a("--dist-eval", action="store_true", default=True, help="kept for DeiT's command lines: evaluation is "
                                                              "always distributed and counts each image once")
-    a("--num_workers", default=10, type=int)
+    a("--num_workers", default=10, type=COUNT)
     a("--pin-mem", action="store_true", default=True)
     a("--no-pin-mem", action="store_false", dest="pin_mem")
-    a("-p", "--print-freq", type=int, default=10)
+    a("-p", "--print-freq", type=POSITIVE, default=10)
     # GPT4Image
     a("--text_emb", default="imagenet_clip_text_emb_0_1281166.pth", help="'none' trains the baseline")
     a("--proj_type", default="mlp", choices=["mlp", "linear"])
     a("--loss_type", default="clip", choices=["clip", "ctr", "byol"])
-    a("--lamb", type=float, default=0.3)
-    a("--tau", type=float, default=0.05)
+    a("--lamb", type=in_range(minimum=0), default=0.3)
+    a("--tau", type=in_range(above=0), default=0.05)
     return add_common_args(p)
 
 
@@ -254,7 +256,7 @@ def _run(args, dist_info, device):
 def _evaluate_only(args, model, val_loader, device, amp_dtype):
     if not args.resume:
         raise UserError("--eval needs --resume PATH (our checkpoint or a timm state dict)")
-    return evaluate_checkpoint(model, args.resume, val_loader, device, amp_dtype, prepare=DeviceAugment())
+    return evaluate_checkpoint(model, args.resume, val_loader, device, amp_dtype, prepare=DeviceAugment(), recipe=RECIPE)
 
 
 if __name__ == "__main__":

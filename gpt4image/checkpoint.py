@@ -5,7 +5,7 @@ import torch
 
 from .distributed import logger
 from .errors import UserError
-from .io import atomic_torch_save
+from .io import atomic_torch_save, load_error
 
 CHECKPOINT = "checkpoint.pth"
 
@@ -24,7 +24,7 @@ def load_checkpoint(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UserError(f"cannot read checkpoint {path!r} ({type(e).__name__}: {e}); "
+        raise UserError(f"cannot read checkpoint {path!r} ({load_error(e)}); "
                         f"it is not a file written by torch.save") from None
 
 
@@ -71,11 +71,26 @@ def resume_position(checkpoint):
     return checkpoint["epoch"] + 1, 0, None
 
 
-def restore(recipe, path):
+def _check_resumable(checkpoint, path, epochs):
+    """A training checkpoint of a run with the same number of epochs (the schedule depends on it)."""
+    if not isinstance(checkpoint, dict) or not {"model", "optimizer", "epoch"} <= set(checkpoint):
+        raise UserError(f"{path!r} is not a training checkpoint: it holds only weights (like classifier.pth), not "
+                        f"the optimizer state and position a run continues from; evaluate it with -e/--eval "
+                        f"--resume, or resume from the run's {CHECKPOINT}")
+    saved = (checkpoint.get("args") or {}).get("epochs")
+    if saved is not None and saved != epochs:
+        raise UserError(f"{path!r} belongs to a run of {saved} epochs but --epochs is {epochs}; the learning-rate "
+                        f"schedule spans the whole run, so pass --epochs {saved} to continue it, or start a new "
+                        f"run of {epochs} epochs in another output folder")
+
+
+def restore(recipe, path, epochs):
     """Load the checkpoint at ``path`` into ``recipe``'s model, EMA, optimizer, scheduler and scaler.
 
-    Returns (start epoch, step inside it, partial epoch sums, best)."""
+    Returns (start epoch, step inside it, partial epoch sums, best, the training metrics of an epoch
+    whose evaluation had not finished, or None)."""
     checkpoint = load_checkpoint(path)
+    _check_resumable(checkpoint, path, epochs)
     check_compatible(checkpoint, path, recipe.name, recipe.arch, recipe.text_dim)
     model = recipe.model
     model.backbone.load_state_dict(checkpoint["model"])
@@ -89,11 +104,14 @@ def restore(recipe, path):
         recipe.scaler.load_state_dict(checkpoint["scaler"])
     epoch, step, partial = resume_position(checkpoint)
     logger.info(f"resuming from {path}: continuing at epoch {epoch}, step {step}")
-    return epoch, step, partial, checkpoint.get("best")
+    return epoch, step, partial, checkpoint.get("best"), checkpoint.get("unevaluated")
 
 
-def load_classifier_weights(backbone, state, path):
+def load_classifier_weights(backbone, state, path, recipe=None):
     """Load a plain torchvision/timm state dict, or our checkpoint's ``model`` entry, into ``backbone``."""
+    if recipe and isinstance(state, dict) and state.get("recipe") not in (None, recipe):
+        raise UserError(f"{path!r} is a checkpoint of the {state['recipe']} recipe ({state.get('arch')}), not of "
+                        f"{recipe}; evaluate it with {state['recipe']}/main.py")
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
     try:

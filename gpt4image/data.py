@@ -6,6 +6,7 @@ import torch
 
 from .distributed import logger
 from .errors import UserError
+from .io import refuse_repeated_dirs
 from .resumable import ResumableSampler, SeededSamples, ignore_stop_signals
 from .samplers import ExactDistributedSampler
 from .text_embeddings import SyntheticTextEmbeddings, WithTextEmbeddings, load_text_embeddings
@@ -60,8 +61,8 @@ def load_image(path):
             image.load()
             # an RGB file is used as decoded: convert("RGB") would only copy it (~1 ms per ImageNet JPEG)
             return image if image.mode == "RGB" else image.convert("RGB")
-    except (OSError, SyntaxError, ValueError) as e:
-        raise UserError(f"cannot decode image {path} ({e}); replace or delete the file, "
+    except Exception as e:  # noqa: BLE001  OSError, SyntaxError, DecompressionBombError, ...: the file's problem
+        raise UserError(f"cannot decode image {path} ({type(e).__name__}: {e}); replace or delete the file, "
                         f"or pass --skip-corrupt-images") from None
 
 
@@ -96,6 +97,8 @@ def build_image_folders(root, train_transform, val_transform):
         if not os.path.isdir(os.path.join(root, split)):
             raise UserError(f"{os.path.join(root, split)!r} does not exist; --data must hold train/ and val/ "
                             f"folders with one sub-folder per class")
+    for split in ("train", "val"):
+        refuse_repeated_dirs(os.path.join(root, split))
     try:
         train = torchvision.datasets.ImageFolder(os.path.join(root, "train"), train_transform, loader=load_image)
         val = torchvision.datasets.ImageFolder(os.path.join(root, "val"), val_transform, loader=load_image)

@@ -21,6 +21,7 @@ import time
 
 import torch
 
+from .errors import ArgumentParser, at_least
 from .synthetic import describe_image_folder, make_image_folder, save_tiny_clip
 from .tiny_vlm import save_tiny_vlm
 
@@ -87,11 +88,11 @@ def _train(recipe, name, paths, out, args, text):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser("gpt4image.demo", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser("gpt4image.demo", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="gpt4image_demo", help="folder for everything the demo makes")
-    p.add_argument("--nproc", type=int, default=2, help="processes per training run (torchrun, gloo on CPU)")
-    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--nproc", type=at_least(1), default=2, help="processes per training run (torchrun, gloo on CPU)")
+    p.add_argument("--epochs", type=at_least(1), default=5)
     p.add_argument("--descriptions", choices=["vlm", "template"], default="vlm",
                    help="vlm: a tiny random VLM describes the images (gibberish); template: class-naming sentences")
     p.add_argument("--skip-training", action="store_true", help="stop after the embedding table")

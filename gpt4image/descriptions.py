@@ -15,6 +15,7 @@ import os
 import torch
 
 from .errors import UserError
+from .io import load_error, refuse_repeated_dirs
 
 TEXT_KEYS = ("description", "caption", "text")
 PATH_KEYS = ("path", "image", "file")
@@ -27,6 +28,7 @@ def list_image_folder(root):
     if not os.path.isdir(root):
         raise UserError(f"image folder {root!r} does not exist; pass the train folder "
                         f"(the one holding one sub-folder per class)")
+    refuse_repeated_dirs(root)
     try:
         _, class_to_idx = find_classes(root)
         samples = make_dataset(root, class_to_idx, extensions=IMG_EXTENSIONS)
@@ -49,30 +51,37 @@ def _load_raw(path):
             if ext == ".txt":
                 return f.read().splitlines()
             if ext == ".json":
-                return json.load(f)
+                return json.load(f, object_pairs_hook=lambda pairs: _unique_keys(path, pairs))
             if ext == ".jsonl":
                 return _parse_jsonl(path, f)
     except UserError:
         raise
     except Exception as e:  # unreadable pickle, bad JSON, bad UTF-8: all the user's file
-        raise UserError(f"cannot read description file {path!r}: {type(e).__name__}: {e}") from None
+        raise UserError(f"cannot read description file {path!r}: {load_error(e)}") from None
     raise UserError(f"description file {path!r} has an unknown extension {ext!r}; "
                     f"use .pth, .txt, .json or .jsonl")
 
 
 def _parse_jsonl(path, lines):
-    ordered, keyed = [], {}
+    ordered, keyed, keyed_lines = [], {}, {}
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
-        value = json.loads(line)
+        try:
+            value = json.loads(line)
+        except ValueError as e:
+            raise UserError(f"{path}:{number}: not a JSON value ({e}); every line must be one JSON string or "
+                            f"object") from None
         if isinstance(value, dict):
             text = next((value[k] for k in TEXT_KEYS if k in value), None)
             key = next((value[k] for k in PATH_KEYS if k in value), None)
             if text is None:
                 raise UserError(f"{path}:{number}: object has none of the fields {TEXT_KEYS}")
             if key is not None:
-                keyed[key] = text
+                if key in keyed:
+                    raise UserError(f"{path}:{number}: image {key!r} is described a second time (first at line "
+                                    f"{keyed_lines[key]}); keep one description per image")
+                keyed[key], keyed_lines[key] = text, number
                 continue
             value = text
         ordered.append(value)
@@ -93,9 +102,20 @@ def _check_texts(path, texts, labels):
                         f"{', '.join(map(str, empty[:5]))}; every image needs a non-empty description")
 
 
+def _unique_keys(path, pairs):
+    """``object_pairs_hook`` of json.load: a key given twice is an error, not a silent overwrite."""
+    seen = {}
+    for key, value in pairs:
+        if key in seen:
+            raise UserError(f"{path}: key {key!r} appears twice; keep one description per image")
+        seen[key] = value
+    return seen
+
+
 def _relative_key(key):
-    key = key.replace("\\", "/")
-    return key[2:] if key.startswith("./") else key
+    """``./a/b.jpg``, ``a//b.jpg`` and ``a\\b.jpg`` all name ``a/b.jpg``."""
+    import posixpath
+    return posixpath.normpath(key.replace("\\", "/"))
 
 
 def read_descriptions(path, image_folder=None):
@@ -115,7 +135,13 @@ def read_descriptions(path, image_folder=None):
         if files is None:
             raise UserError(f"{path} maps image paths to descriptions; pass --data <train folder> "
                             f"so that rows can be written in ImageFolder order")
-        normalised = {_relative_key(k): v for k, v in raw.items()}
+        normalised, original = {}, {}
+        for key, text in raw.items():
+            relative = _relative_key(key)
+            if relative in normalised:
+                raise UserError(f"{path}: {original[relative]!r} and {key!r} name the same image; keep one "
+                                f"description per image")
+            normalised[relative], original[relative] = text, key
         missing = [f for f in files if f not in normalised]
         extra = sorted(set(normalised) - set(files))
         if missing or extra:

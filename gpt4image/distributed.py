@@ -5,6 +5,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 
 import torch
@@ -115,3 +116,71 @@ def broadcast_buffers(module, src=0):
 def cleanup():
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+class StallWatchdog:
+    """Ends a distributed job whose rank stops making progress, instead of letting the others wait in
+    a collective for the 30-minute process-group timeout.
+
+    Every step, evaluation batch and checkpoint calls ``heartbeat(phase)``; a thread checks that the
+    last one is younger than ``max(timeout_s, 20 x the longest gap between heartbeats since the
+    first step)``. Past that it logs the rank, the phase and the wait on every rank it fires on, and
+    exits the process (code 1) so that torchrun ends the job.
+    """
+
+    def __init__(self, rank, timeout_s):
+        import threading
+        self.rank, self.timeout_s = rank, timeout_s
+        self.phase, self.last, self.longest = "start-up", time.monotonic(), 0.0
+        self.beats = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="gpt4image-stall-watchdog", daemon=True)
+        self._thread.start()
+
+    def heartbeat(self, phase):
+        now = time.monotonic()
+        if self.beats >= 2:  # the first gaps include start-up, compilation and loader workers
+            self.longest = max(self.longest, now - self.last)
+        self.beats += 1
+        self.phase, self.last = phase, now
+
+    def limit(self):
+        return max(self.timeout_s, 20 * self.longest)
+
+    def _watch(self):
+        while not self._stop.wait(min(5.0, self.timeout_s / 4)):
+            waited = time.monotonic() - self.last
+            if waited > self.limit():
+                logger.error(f"rank {self.rank}: no progress for {waited:.0f} s after {self.phase} (limit "
+                             f"{self.limit():.0f} s, --stall-timeout); another rank is stuck or gone, so this "
+                             f"one ends the job instead of waiting for the collective timeout")
+                for handler in logger.handlers:
+                    handler.flush()
+                os._exit(1)
+
+    def close(self):
+        self._stop.set()
+
+
+_watchdog = None
+
+
+def start_watchdog(rank, world_size, timeout_s):
+    """Start the StallWatchdog of a distributed run (one process cannot wait for another: none)."""
+    global _watchdog
+    stop_watchdog()
+    if world_size > 1 and timeout_s > 0:
+        _watchdog = StallWatchdog(rank, timeout_s)
+    return _watchdog
+
+
+def heartbeat(phase):
+    if _watchdog is not None:
+        _watchdog.heartbeat(phase)
+
+
+def stop_watchdog():
+    global _watchdog
+    if _watchdog is not None:
+        _watchdog.close()
+        _watchdog = None

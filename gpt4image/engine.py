@@ -11,7 +11,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .distributed import broadcast_buffers, is_main_process, logger, reduce_sums
+from .distributed import broadcast_buffers, heartbeat, is_main_process, logger, reduce_sums
 from .losses import Alignment
 from .resumable import CHECKPOINT, STOP, mix_seed, seed_all
 
@@ -188,6 +188,7 @@ def train_one_epoch(step, loader, epoch, *, start_step=0, partial=None, control=
         progress.window.append(losses)
         progress.images += n
         sums.add(losses, n, correct)
+        heartbeat(f"training epoch {epoch}, step {index + 1}")
         action = control() if control is not None else None
         if progress.due(index, force=action is not None and action >= CHECKPOINT):
             progress.log(index, sums, lr)
@@ -245,6 +246,7 @@ def evaluate(model, loader, device, amp_dtype=None, channels_last=False, prepare
         stats[1] += hits[:, 0].sum()
         stats[2] += hits.any(dim=1).sum()
         stats[3] += len(targets)
+        heartbeat("an evaluation batch")
     totals = reduce_sums(dict(zip(["loss", "top1", "top5", "n"], stats.tolist())), device)
     n = max(totals["n"], 1)
     return {"loss": totals["loss"] / n, "acc1": 100.0 * totals["top1"] / n, "acc5": 100.0 * totals["top5"] / n,

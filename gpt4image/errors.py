@@ -3,6 +3,8 @@
 Entry points catch it, print its one-line message and exit with status 2 before anything is
 written; every other exception is a bug and keeps its traceback.
 """
+import argparse
+import math
 import sys
 
 
@@ -25,14 +27,21 @@ def one_line(error):
     if "Traceback" in text:
         last = text.splitlines()[-1]
         text = last.split("UserError: ", 1)[-1]
-    return text
+    return " ".join(text.split())  # a message that quotes a library's several lines stays one line
 
 
 def at_least(minimum, kind=int, strict=False):
     """An argparse ``type`` that reads ``kind`` and refuses values below ``minimum`` (or equal to
     it with ``strict``) with argparse's own one-line error and exit code 2."""
-    import argparse
-    relation = ">" if strict else ">="
+    return in_range(kind, above=minimum) if strict else in_range(kind, minimum=minimum)
+
+
+def in_range(kind=float, minimum=None, maximum=None, above=None, below=None):
+    """An argparse ``type`` reading ``kind`` within [minimum, maximum] and (above, below), any bound
+    optional; anything else (NaN included) is argparse's one-line error with exit code 2."""
+    bounds = [f">= {minimum}" if minimum is not None else None, f"> {above}" if above is not None else None,
+              f"<= {maximum}" if maximum is not None else None, f"< {below}" if below is not None else None]
+    wanted = " and ".join(b for b in bounds if b)
     noun = "a whole number" if kind is int else "a number"
 
     def parse(text):
@@ -40,7 +49,19 @@ def at_least(minimum, kind=int, strict=False):
             value = kind(text)
         except ValueError:
             value = None
-        if value is None or value < minimum or (strict and value == minimum) or value != value:
-            raise argparse.ArgumentTypeError(f"must be {noun} {relation} {minimum}, got {text!r}")
+        ok = value is not None and not (kind is float and not math.isfinite(value)) and \
+            (minimum is None or value >= minimum) and (above is None or value > above) and \
+            (maximum is None or value <= maximum) and (below is None or value < below)
+        if not ok:
+            raise argparse.ArgumentTypeError(f"must be {noun}{' ' + wanted if wanted else ''}, got {text!r}")
         return value
     return parse
+
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with its errors on one line (``error: argument --lr: must be ...``; --help shows the
+    usage) and exit code 2, like every other refusal of ours."""
+
+    def error(self, message):
+        self.exit(2, f"error: {' '.join(message.split())} (see {self.prog} --help)\n")

@@ -27,6 +27,9 @@ def add_common_args(p):
     p.add_argument("--checkpoint-every-minutes", type=at_least(0.0, float), default=30.0, metavar="M",
                    help="also save checkpoint.pth inside an epoch every M minutes (0: only at epoch ends), so a "
                         "crashed or restarted job loses at most M minutes")
+    p.add_argument("--stall-timeout", type=at_least(0.0, float), default=300.0, metavar="S",
+                   help="end a multi-process job when a rank makes no progress for S seconds (or 20 x its slowest "
+                        "step, if longer) instead of waiting for the 30-minute collective timeout; 0: never")
     p.add_argument("--requeue", action="store_true",
                    help="SLURM: after SIGUSR1 (#SBATCH --signal=USR1@120) save and 'scontrol requeue' the job")
     p.add_argument("--local-rank", "--local_rank", type=int, default=None, dest="local_rank",
@@ -59,4 +62,5 @@ def run_options(args, output_dir, start_epoch, batch_size, amp_dtype, alignment)
                       print_freq=args.print_freq, resume=args.resume, start_epoch=start_epoch,
                       stop_after=args.stop_after,
                       checkpoint_every_minutes=args.checkpoint_every_minutes, requeue=args.requeue,
+                      stall_timeout=args.stall_timeout,
                       amp_dtype=amp_dtype, alignment=alignment, compile=args.compile)

@@ -11,34 +11,41 @@ import math
 import os
 import sys
 
+from .errors import ArgumentParser, UserError, one_line
 from .losses import effective_text_weight
+from .run_record import read_log
 
 
-def read_run(run_dir):
+def _warn(message):
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def read_run(run_dir, warn=None):
+    """(args.json, log rows) of a run; a blank or broken log line is skipped (and named by ``warn``)."""
     args_path, log_path = os.path.join(run_dir, "args.json"), os.path.join(run_dir, "log.txt")
     if not os.path.isfile(args_path):
-        raise FileNotFoundError(f"{run_dir}: no args.json (is it a run directory?)")
-    with open(args_path) as f:
-        args = json.load(f)
-    rows = []
-    if os.path.isfile(log_path):
-        with open(log_path) as f:
-            for line in f:
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:
-                    break  # a line being written when the run died
+        raise UserError(f"{run_dir}: no args.json (is it a run directory?)")
+    try:
+        with open(args_path, encoding="utf-8") as f:
+            args = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {args_path} ({e})") from None
+    if not isinstance(args, dict):
+        raise UserError(f"{args_path} holds a JSON {type(args).__name__}, not the arguments of a run")
+    rows = read_log(log_path, warn) if os.path.isfile(log_path) else []
     return args, rows
 
 
 
 def summarise(run_dir):
-    args, rows = read_run(run_dir)
+    args, rows = read_run(run_dir, _warn)
     recipe = "deit" if "model" in args else "resnet"
     model = args.get("model") or args.get("arch")
     text = args.get("text_emb")
     aligned = text is not None and str(text).lower() != "none"
     world = args.get("world_size", 1)
+    if aligned and not {"lamb", "loss_type", "tau"} <= set(args):
+        raise UserError(f"{os.path.join(run_dir, 'args.json')}: no lamb, loss_type or tau; is it a run of this repo?")
     if aligned:
         gather = ("gather+grad" + (" local" if args.get("local_loss") else "")) if args.get("gather_with_grad") else "released"
         weight = effective_text_weight(args["lamb"], args["loss_type"], args.get("gather_with_grad"), world)
@@ -58,7 +65,8 @@ def summarise(run_dir):
         "epochs": f"{len(rows)}/{args.get('epochs', '?')} ({state})",
         "final top-1": fmt(top1[-1] if top1 else None), "best top-1": fmt(max(top1) if top1 else None),
         "final EMA": fmt(ema[-1] if ema else None), "best EMA": fmt(max(ema) if ema else None),
-        "eval": protocol, "img/s": f"{rows[-1]['images_per_s']:.0f}" if rows else "-",
+        "eval": protocol, "img/s": f"{rows[-1]['images_per_s']:.0f}" if rows and isinstance(rows[-1].get("images_per_s"), (int, float))
+        else "-",
     }
 
 
@@ -80,13 +88,13 @@ def plot(run_dirs, path):
             continue
         label = os.path.basename(os.path.normpath(run_dir))
         epochs = [r["epoch"] for r in rows]
-        line, = axes[0].plot(epochs, [r["test_acc1"] for r in rows], marker="o", label=label)
+        line, = axes[0].plot(epochs, [r.get("test_acc1") for r in rows], marker="o", label=label)
         if any("ema_test_acc1" in r for r in rows):
             axes[0].plot(epochs, [r.get("ema_test_acc1") for r in rows], ls="--", color=line.get_color(),
                          label=label + " (EMA)")
-        axes[1].plot(epochs, [r["train_ce_loss"] for r in rows], marker="o", color=line.get_color(), label=label)
+        axes[1].plot(epochs, [r.get("train_ce_loss") for r in rows], marker="o", color=line.get_color(), label=label)
         if str(run_args.get("text_emb")).lower() != "none":
-            axes[2].plot(epochs, [r["train_text_loss"] for r in rows], marker="o", color=line.get_color(), label=label)
+            axes[2].plot(epochs, [r.get("train_text_loss") for r in rows], marker="o", color=line.get_color(), label=label)
     for ax, title in zip(axes, ["test top-1 (%)", "train classification loss", "train text-alignment loss"]):
         ax.set_title(title)
         ax.set_xlabel("epoch")
@@ -98,19 +106,26 @@ def plot(run_dirs, path):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser("gpt4image.report", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser("gpt4image.report", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", help="run directories (--save_dir / --output_dir of a recipe)")
     p.add_argument("--plot", default=None, metavar="FILE.png", help="draw test top-1, ce and text loss per epoch")
     args = p.parse_args(argv)
     try:
         summaries = [summarise(r) for r in args.runs]
-    except (FileNotFoundError, KeyError, json.JSONDecodeError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except UserError as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
-    print(markdown_table(summaries))
+    print(markdown_table(summaries), flush=True)  # before the plot: the table is never lost to it
     if args.plot:
-        plot(args.runs, args.plot)
+        folder = os.path.dirname(os.path.abspath(args.plot))
+        try:
+            os.makedirs(folder, exist_ok=True)
+            plot(args.runs, args.plot)
+        except OSError as e:
+            print(f"error: cannot write the plot {args.plot!r} ({e.strerror or e}); choose another --plot path",
+                  file=sys.stderr)
+            return 2
         print(f"\ncurves: {os.path.abspath(args.plot)}")
     return 0
 

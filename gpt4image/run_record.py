@@ -1,9 +1,13 @@
 """What a run leaves for people to read: args.json, log.txt (one JSON object per epoch), TensorBoard."""
 import json
 import os
+import socket
 
 from .distributed import logger
-from .io import atomic_write_json, ensure_writable_dir
+from .errors import UserError
+from .io import atomic_write_json, atomic_write_text, ensure_writable_dir
+
+LOCK = "run.lock"
 
 
 def epoch_row(epoch, train_stats, test_stats, ema_stats=None, **extra):
@@ -35,7 +39,9 @@ class RunRecord:
     def log_epoch(self, stats):
         if not self.is_main:
             return
-        with open(os.path.join(self.output_dir, "log.txt"), "a") as f:
+        path = os.path.join(self.output_dir, "log.txt")
+        _drop_partial_last_line(path)
+        with open(path, "a") as f:
             f.write(json.dumps(stats) + "\n")
         if self.writer is not None:
             for k, v in stats.items():
@@ -44,15 +50,120 @@ class RunRecord:
             self.writer.flush()
 
     def truncate_after(self, epoch):
-        """On resume, drop log lines of epochs the checkpoint does not hold (a run killed mid-way)."""
+        """On resume, drop log lines of epochs the checkpoint does not hold (a run killed mid-way), and
+        any line that is not a JSON object (one cut short by a kill)."""
         path = os.path.join(self.output_dir, "log.txt")
         if not self.is_main or not os.path.isfile(path):
             return
-        with open(path) as f:
-            lines = [ln for ln in f if ln.strip() and json.loads(ln).get("epoch", -1) < epoch]
-        with open(path, "w") as f:
-            f.writelines(lines)
+        rows = read_log(path)
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows if r.get("epoch", -1) < epoch))
 
     def close(self):
         if self.writer is not None:
             self.writer.close()
+
+
+def read_log(path, warn=None):
+    """The rows of a log.txt; blank lines are skipped, and so is a line that is not a JSON object (a
+    kill between a write and its newline), with ``warn(message)`` naming the file and the line."""
+    rows = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError:
+                row = None
+            if isinstance(row, dict) and isinstance(row.get("epoch"), int):
+                rows.append(row)
+            elif warn is not None:
+                warn(f"{path}:{number}: skipped a line that is not a log row ({line.strip()[:60]!r})")
+    return rows
+
+
+def _drop_partial_last_line(path):
+    """A kill between a write and its newline leaves a partial last line: cut it before appending."""
+    if not os.path.isfile(path) or os.path.getsize(path) == 0:
+        return
+    with open(path, "rb+") as f:
+        data = f.read()
+        if data.endswith(b"\n"):
+            return
+        f.truncate(data.rfind(b"\n") + 1)
+        logger.warning(f"{path}: removed a partial last line (a run stopped while writing it)")
+
+
+def _job_id():
+    return os.environ.get("TORCHELASTIC_RUN_ID") or os.environ.get("SLURM_JOB_ID")
+
+
+class RunLock:
+    """One run at a time per output folder: ``<output_dir>/run.lock`` holds the host, PID and job of the
+    run that owns it. A lock of a dead process on this host, or of the same torchrun/SLURM job (a
+    restart or a requeue), is taken over and said so; any other is refused at once. Only the main
+    rank locks. A refused or failed start removes the folder again when it created it empty."""
+
+    def __init__(self, output_dir, is_main):
+        self.output_dir, self.is_main = output_dir, is_main
+        self.path = os.path.join(output_dir, LOCK)
+        self.created_dir = False
+
+    def __enter__(self):
+        if not self.is_main:
+            return self
+        self.created_dir = not os.path.exists(self.output_dir)
+        ensure_writable_dir(self.output_dir)
+        mine = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "job": _job_id()})
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+        except FileExistsError:
+            self._take_over_or_refuse()
+            atomic_write_text(self.path, mine + "\n")
+            return self
+        with os.fdopen(fd, "w") as f:
+            f.write(mine + "\n")
+        return self
+
+    def _take_over_or_refuse(self):
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                holder = json.loads(f.read() or "{}")
+        except (OSError, ValueError):
+            holder = {}
+        host, pid, job = holder.get("host"), holder.get("pid"), holder.get("job")
+        if job and job == _job_id():
+            logger.warning(f"{self.path}: taking over the lock of an earlier process of this job ({job})")
+            return
+        if host == socket.gethostname() and isinstance(pid, int) and not _alive(pid):
+            logger.warning(f"{self.path}: taking over a stale lock (process {pid} on {host} is gone)")
+            return
+        if not holder:
+            logger.warning(f"{self.path}: taking over an unreadable lock")
+            return
+        raise UserError(f"{self.output_dir!r} is in use by another run (process {pid} on {host}, see {self.path}); "
+                        f"use another output folder, or, if that run is no longer running, delete {self.path}")
+
+    def __exit__(self, *exc):
+        if not self.is_main:
+            return False
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
+        if self.created_dir:
+            try:
+                os.rmdir(self.output_dir)  # only when empty: a refused start leaves nothing behind
+            except OSError:
+                pass
+        return False
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

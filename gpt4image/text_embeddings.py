@@ -5,7 +5,7 @@ import os
 import torch
 
 from .errors import UserError
-from .io import sha256_lines
+from .io import load_error, sha256_lines
 
 NORM_TOLERANCE = 1e-2  # fp16 rounding of a unit row of width 1024 stays far below this
 
@@ -84,20 +84,34 @@ def load_text_embeddings(path, validate=True):
     try:
         table = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except Exception as e:
-        raise UserError(f"cannot read text embeddings {path!r} ({type(e).__name__}: {e}); "
+        raise UserError(f"cannot read text embeddings {path!r} ({load_error(e)}); "
                         f"expected a tensor saved by description2embedding.py") from None
     if not isinstance(table, torch.Tensor):
         raise UserError(f"text embeddings {path!r} hold a {type(table).__name__}, not a tensor")
     metadata = None
     meta_path = path + ".json"
     if os.path.isfile(meta_path):
-        with open(meta_path, encoding="utf-8") as f:
-            metadata = json.load(f)
+        metadata = _read_sidecar(meta_path)
     if validate:
         _validate(table, path)
     embeddings = TextEmbeddings(table, path, metadata)
     embeddings._rows_on_disk = table.shape[0]
     return embeddings
+
+
+def _read_sidecar(path):
+    """The metadata ``<table>.json`` beside a table: a JSON object, else a UserError naming it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            metadata = json.load(f)
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise UserError(f"cannot read {path!r} ({type(e).__name__}: {e}); it is the metadata description2embedding.py "
+                        f"writes beside the table: regenerate the table, or delete the file to use the table "
+                        f"without its file-list check") from None
+    if not isinstance(metadata, dict):
+        raise UserError(f"{path!r} holds a JSON {type(metadata).__name__}, not an object; regenerate the table with "
+                        f"description2embedding.py, or delete the file to use the table without its file-list check")
+    return metadata
 
 
 def _reopen(path, metadata):

@@ -13,13 +13,13 @@ import torch
 from .checkpoint import (CHECKPOINT, find_resume, load_checkpoint, load_classifier_weights, restore, save_checkpoint,
                          training_state)
 from .data import SkipCorrupt
-from .distributed import logger
+from .distributed import heartbeat, logger, start_watchdog, stop_watchdog
 from .engine import NonFiniteLoss, TrainStep, evaluate, train_one_epoch
 from .errors import UserError
 from .io import atomic_torch_save
 from .losses import Alignment
 from .resumable import RunControl
-from .run_record import RunRecord, epoch_row
+from .run_record import RunLock, RunRecord, epoch_row
 
 
 @dataclass
@@ -73,6 +73,7 @@ class RunOptions:
     stop_after: Optional[int] = None
     checkpoint_every_minutes: float = 30.0
     requeue: bool = False
+    stall_timeout: float = 300.0
     amp_dtype: Optional[torch.dtype] = None
     alignment: Optional[Alignment] = None
     compile: bool = False
@@ -83,6 +84,7 @@ class Progress:
     epoch: int = 0
     step: int = 0
     partial: Optional[list] = None
+    unevaluated: Optional[dict] = None  # training metrics of epoch - 1, saved before its evaluation
     best: dict = field(default_factory=lambda: {"acc1": -1.0, "epoch": -1, "ema_acc1": -1.0, "ema_epoch": -1})
 
 
@@ -91,10 +93,21 @@ def fit(recipe, data, opts, dist_info):
 
     Returns {"best", "final_acc1", "final_ema_acc1", "stopped"}; ``stopped`` is the signal's name
     when a stop request ended the run early (its checkpoint then holds the position)."""
-    progress = _resume(recipe, opts)
-    record = RunRecord(opts.output_dir, opts.args, dist_info.is_main)
-    if progress.epoch or progress.step:
-        record.truncate_after(progress.epoch)
+    with RunLock(opts.output_dir, dist_info.is_main):
+        progress = _resume(recipe, opts)
+        _check_batches(data, opts, dist_info)
+        record = RunRecord(opts.output_dir, opts.args, dist_info.is_main)  # every check has passed
+        if progress.epoch or progress.step:
+            record.truncate_after(progress.epoch)
+        start_watchdog(dist_info.rank, dist_info.world_size, opts.stall_timeout)
+        try:
+            return _fit(recipe, data, opts, dist_info, progress, record)
+        finally:
+            stop_watchdog()
+            record.close()
+
+
+def _fit(recipe, data, opts, dist_info, progress, record):
     recipe.step_scheduler(progress.epoch)
     train_model, recipe.model = wrap_distributed(recipe.model, dist_info, recipe.sync_bn)
     step = TrainStep(torch.compile(train_model) if opts.compile else train_model, recipe.optimizer, recipe.criterion,
@@ -106,17 +119,20 @@ def fit(recipe, data, opts, dist_info):
                 f"{len(data.train_set)} images, lr {recipe.optimizer.param_groups[0]['lr']:g}")
     evals = {}
     try:
+        if progress.unevaluated is not None:  # stopped between an epoch's checkpoint and its evaluation
+            evals = _evaluate(recipe, data, opts, dist_info)
+            _end_epoch(recipe, data, opts, dist_info, progress, progress.epoch - 1, progress.unevaluated, evals, record)
         for epoch in range(progress.epoch, last_epoch):
             train_stats = _train_epoch(recipe, data, opts, dist_info, step, control, progress, epoch)
             if "stopped_at_step" in train_stats:
                 _stop(recipe, opts, dist_info, control, progress, epoch, train_stats)
                 return {"best": progress.best, "final_acc1": None, "final_ema_acc1": None, "stopped": control.name}
             recipe.step_scheduler(epoch + 1)
+            _save_before_evaluation(recipe, opts, dist_info, progress, epoch, train_stats)
             evals = _evaluate(recipe, data, opts, dist_info)
             _end_epoch(recipe, data, opts, dist_info, progress, epoch, train_stats, evals, record)
             control.saved()
     finally:
-        record.close()
         control.restore()
     return _finish(recipe, opts, dist_info, progress, evals)
 
@@ -125,10 +141,29 @@ def _resume(recipe, opts):
     path = find_resume(opts.resume, opts.output_dir)
     if not path:
         return Progress(opts.start_epoch)
-    epoch, step, partial, best = restore(recipe, path)
-    progress = Progress(epoch, step, partial)
+    epoch, step, partial, best, unevaluated = restore(recipe, path, opts.epochs)
+    progress = Progress(epoch, step, partial, unevaluated)
     progress.best.update(best or {})
     return progress
+
+
+def _save_before_evaluation(recipe, opts, dist_info, progress, epoch, train_stats):
+    """The epoch's checkpoint before its evaluation, so that an error there (an unreadable validation
+    image) loses no training; a failed save here is reported by the one after the evaluation."""
+    try:
+        save_checkpoint(training_state(recipe, epoch, progress.best, opts.args, unevaluated=train_stats),
+                        os.path.join(opts.output_dir, CHECKPOINT), dist_info.is_main)
+    except UserError as e:
+        logger.warning(f"{e}; evaluating epoch {epoch} anyway, so that its log row is kept")
+
+
+def _check_batches(data, opts, dist_info):
+    """Refuse a training set too small for one step (drop_last keeps only full batches)."""
+    per_rank = len(data.sampler.sampler)
+    if per_rank < opts.batch_size:
+        raise UserError(f"the training set has {len(data.train_set)} images, {per_rank} per process over "
+                        f"{dist_info.world_size} process(es): fewer than one batch of {opts.batch_size}, so no step "
+                        f"would be trained; lower --batch-size to at most {max(per_rank, 1)} or use more images")
 
 
 def _train_epoch(recipe, data, opts, dist_info, step, control, progress, epoch):
@@ -200,14 +235,15 @@ def _end_epoch(recipe, data, opts, dist_info, progress, epoch, train_stats, eval
         best.update(acc1=test["acc1"], epoch=epoch)
     if ema and ema["acc1"] > best["ema_acc1"]:
         best.update(ema_acc1=ema["acc1"], ema_epoch=epoch)
+    extra = dict(recipe.log_extra)
+    if isinstance(data.train_set, SkipCorrupt):
+        extra["train_corrupt_images_skipped"] = data.train_set.skipped.value
+    record.log_epoch(epoch_row(epoch, train_stats, test, ema, **extra))  # first: kept when a save fails
+    heartbeat(f"the checkpoint of epoch {epoch}")
     state = training_state(recipe, epoch, best, opts.args)
     save_checkpoint(state, os.path.join(opts.output_dir, CHECKPOINT), dist_info.is_main)
     if improved:
         save_checkpoint(state, os.path.join(opts.output_dir, recipe.best_name), dist_info.is_main)
-    extra = dict(recipe.log_extra)
-    if isinstance(data.train_set, SkipCorrupt):
-        extra["train_corrupt_images_skipped"] = data.train_set.skipped.value
-    record.log_epoch(epoch_row(epoch, train_stats, test, ema, **extra))
 
 
 def _finish(recipe, opts, dist_info, progress, evals):
@@ -248,9 +284,9 @@ def wrap_distributed(model, dist_info, sync_bn=False):
     return ddp, model
 
 
-def evaluate_checkpoint(model, path, loader, device, amp_dtype=None, channels_last=False, prepare=None):
+def evaluate_checkpoint(model, path, loader, device, amp_dtype=None, channels_last=False, prepare=None, recipe=None):
     """-e / --eval: our checkpoint's weights, or a plain torchvision/timm state dict, over the validation set."""
-    load_classifier_weights(model.backbone, load_checkpoint(path), path)
+    load_classifier_weights(model.backbone, load_checkpoint(path), path, recipe)
     stats = evaluate(model, loader, device, amp_dtype, channels_last, prepare)
     logger.info(f"evaluation of {path}: top-1 {stats['acc1']:.3f}% top-5 {stats['acc5']:.3f}% "
                 f"loss {stats['loss']:.4f} over {stats['num_images']} images")

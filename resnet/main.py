@@ -19,12 +19,13 @@ from gpt4image import TextAlignedModel, build_projection_head, init_distributed,
 from gpt4image.data import (DeviceNormalize, SkipCorrupt, attach_text_embeddings, build_eval_loader,
                             build_image_folders, build_train_loader, generated_datasets)
 from gpt4image.distributed import cleanup, logger
-from gpt4image.errors import UserError, exit_on_user_error
+from gpt4image.errors import ArgumentParser, UserError, at_least, exit_on_user_error, in_range
 from gpt4image.options import add_common_args, alignment_from_args, run_options, start_run
 from gpt4image.resumable import PREEMPTED_EXIT_CODE, seed_all
 from gpt4image.training import Data, Recipe, evaluate_checkpoint, fit
 
 RECIPE = "resnet"
+COUNT, POSITIVE = at_least(0), at_least(1)
 ARCHS = sorted(name for name in torchvision.models.list_models(module=torchvision.models)
                if name.startswith(("resnet", "resnext", "wide_resnet")))
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -32,36 +33,36 @@ NORMALIZE = DeviceNormalize(MEAN, STD)
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser("GPT4Image ResNet recipe", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser("GPT4Image ResNet recipe", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=None, help="ImageNet root with train/ and val/ (default: generated data)")
     p.add_argument("--save_dir", default="./outputs", help="checkpoints, log.txt, args.json, tensorboard/")
     p.add_argument("-a", "--arch", default="resnet50", choices=ARCHS)
-    p.add_argument("-j", "--workers", type=int, default=8, help="data-loading workers per process")
-    p.add_argument("--epochs", type=int, default=120)
-    p.add_argument("--start-epoch", type=int, default=0)
-    p.add_argument("-b", "--batch-size", type=int, default=256, help="per process")
-    p.add_argument("--lr", type=float, default=0.1, help="for 256 images; scaled by W x batch / 256")
+    p.add_argument("-j", "--workers", type=COUNT, default=8, help="data-loading workers per process")
+    p.add_argument("--epochs", type=POSITIVE, default=120)
+    p.add_argument("--start-epoch", type=COUNT, default=0)
+    p.add_argument("-b", "--batch-size", type=POSITIVE, default=256, help="per process")
+    p.add_argument("--lr", type=in_range(above=0), default=0.1, help="for 256 images; scaled by W x batch / 256")
     p.add_argument("--no_scale_lr", action="store_true", help="use --lr as given")
-    p.add_argument("--momentum", type=float, default=0.9)
-    p.add_argument("--wd", "--weight-decay", type=float, default=1e-4, dest="wd")
-    p.add_argument("-p", "--print-freq", type=int, default=10)
+    p.add_argument("--momentum", type=in_range(minimum=0, below=1), default=0.9)
+    p.add_argument("--wd", "--weight-decay", type=in_range(minimum=0), default=1e-4, dest="wd")
+    p.add_argument("-p", "--print-freq", type=POSITIVE, default=10)
     p.add_argument("--resume", default="", help="checkpoint to resume from (default: save_dir/checkpoint.pth)")
     p.add_argument("-e", "--evaluate", action="store_true", help="evaluate --resume on the validation set")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=COUNT, default=0)
     p.add_argument("--use_amp", action="store_true", help="autocast (float16 unless --amp-dtype)")
     p.add_argument("--text_emb", default="imagenet_clip_text_emb_0_1281166.pth",
                    help="embedding table from description2embedding.py; 'none' trains the baseline")
     p.add_argument("--proj_type", default="mlp", choices=["mlp", "linear"])
     p.add_argument("--loss_type", default="clip", choices=["clip", "ctr", "byol"])
-    p.add_argument("--lamb", type=float, default=0.3, help="weight of the text-alignment loss")
-    p.add_argument("--tau", type=float, default=0.2, help="temperature of the clip/ctr losses")
+    p.add_argument("--lamb", type=in_range(minimum=0), default=0.3, help="weight of the text-alignment loss")
+    p.add_argument("--tau", type=in_range(above=0), default=0.2, help="temperature of the clip/ctr losses")
     p.add_argument("--sync_bn", action="store_true")
     p.add_argument("--channels-last", action="store_true")
-    p.add_argument("--input-size", type=int, default=224, help="train crop; eval resizes to size/0.875, crops size")
-    p.add_argument("--min-lr", type=float, default=1e-5, help="end of the cosine schedule")
-    p.add_argument("--num-classes", type=int, default=1000, help="generated data only (else from the folders)")
-    p.add_argument("--generated-size", type=int, nargs=2, default=[1281, 500], metavar=("TRAIN", "VAL"),
+    p.add_argument("--input-size", type=at_least(8), default=224, help="train crop; eval resizes to size/0.875, crops size")
+    p.add_argument("--min-lr", type=in_range(minimum=0), default=1e-5, help="end of the cosine schedule")
+    p.add_argument("--num-classes", type=at_least(2), default=1000, help="generated data only (else from the folders)")
+    p.add_argument("--generated-size", type=POSITIVE, nargs=2, default=[1281, 500], metavar=("TRAIN", "VAL"),
                    help="generated data: images in train and val")
     return add_common_args(p)
 
@@ -155,7 +156,8 @@ def _run(args, dist_info, device):
 def _evaluate_only(args, model, val_loader, device, amp_dtype):
     if not args.resume:
         raise UserError("--evaluate needs --resume PATH (our checkpoint or a torchvision state dict)")
-    return evaluate_checkpoint(model, args.resume, val_loader, device, amp_dtype, args.channels_last, NORMALIZE)
+    return evaluate_checkpoint(model, args.resume, val_loader, device, amp_dtype, args.channels_last, NORMALIZE,
+                               RECIPE)
 
 
 if __name__ == "__main__":
