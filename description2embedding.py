@@ -19,7 +19,7 @@ import torch
 from gpt4image import __version__
 from gpt4image.text_encoders import encode_texts, load_text_encoder
 from gpt4image.descriptions import read_descriptions
-from gpt4image.errors import ArgumentParser, UserError, at_least, exit_on_user_error
+from gpt4image.errors import ArgumentParser, UserError, check_device, at_least, exit_on_user_error
 from gpt4image.io import atomic_torch_save, atomic_write_json, atomic_write_text, sha256_file, sha256_lines
 
 DEFAULT_OUTPUT = "imagenet_clip_text_emb_0_1281166.pth"
@@ -84,9 +84,7 @@ def check_output(args):
             if os.path.realpath(target) == os.path.realpath(source):
                 raise UserError(f"--output {args.output!r} would write {target!r}, which is an input of this run "
                                 f"({source!r}); choose another --output (--force never overwrites an input)")
-    if str(args.device).startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {args.device}: this torch ({torch.__version__}) sees no CUDA device; "
-                        f"pass --device cpu")
+    check_device(args.device)
     targets = targets[:2]
     existing = [t for t in targets if os.path.exists(t)]
     if existing and not args.force:

@@ -28,7 +28,7 @@ from gpt4image.describe import (DEFAULT_CLASS_PROMPT, DEFAULT_PROMPT, EMPTY, Par
                                 VLLMEngine, generate, inspect_vlm, list_images, load_vlm, parse_shard,
                                 read_class_names, resolve_dtype)
 from gpt4image.distributed import launch_environment
-from gpt4image.errors import ArgumentParser, UserError, at_least, exit_on_user_error
+from gpt4image.errors import ArgumentParser, UserError, at_least, check_device, exit_on_user_error, in_range
 
 
 positive_int, non_negative_int, positive_float = at_least(1), at_least(0), at_least(0.0, float, strict=True)
@@ -52,14 +52,14 @@ def get_args_parser():
     p.add_argument("--max-new-tokens", type=positive_int, default=256, help="longest description, in tokens")
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding (not reproducible)")
     p.add_argument("--temperature", type=positive_float, default=1.0, help="with --do-sample")
-    p.add_argument("--top-p", type=positive_float, default=1.0, help="with --do-sample")
+    p.add_argument("--top-p", type=in_range(above=0, maximum=1), default=1.0, help="with --do-sample")
     p.add_argument("--seed", type=non_negative_int, default=0, help="with --do-sample: seed of each rank's sampling (+ shard)")
     p.add_argument("--backend", choices=["transformers", "vllm"], default="transformers",
                    help="transformers' generate (static batches), or vLLM's engine (continuous batching; "
                         "pip install -e .[vllm])")
     p.add_argument("--batch-size", type=positive_int, default=None,
                    help="images per generate call (default 16), or requests handed to vLLM at a time (default 256)")
-    p.add_argument("--gpu-memory-utilization", type=positive_float, default=None,
+    p.add_argument("--gpu-memory-utilization", type=in_range(above=0, maximum=1), default=None,
                    help="vLLM: share of the GPU's memory it may take (on a CPU: of the machine's, default 0.2)")
     p.add_argument("--workers", type=non_negative_int, default=min(4, os.cpu_count() or 1),
                    help="processes decoding and preprocessing images ahead of the model")
@@ -260,6 +260,7 @@ def report(args, counts, failures):
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
+    check_device(args.device)
     if args.batch_size is None:
         args.batch_size = 256 if args.backend == "vllm" else 16
     started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")

@@ -61,6 +61,8 @@ def init_distributed(local_rank_arg=None, device=None, timeout_minutes=30):
     the legacy launcher's ``--local-rank`` argument (pass it as ``local_rank_arg``), SLURM's srun,
     and plain single-process runs. ``device``: "cuda", "cpu" or None (cuda when available).
     """
+    from .errors import check_device
+    check_device(device)
     rank, world_size, local_rank = launch_environment(local_rank_arg)
     use_cuda = torch.cuda.is_available() if device is None else str(device).startswith("cuda")
     if use_cuda:

@@ -59,6 +59,14 @@ def in_range(kind=float, minimum=None, maximum=None, above=None, below=None):
 
 
 
+def check_device(device):
+    """Refuse ``--device cuda...`` on a machine (or a torch build) without CUDA, in one line."""
+    import torch
+    if device is not None and str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: this torch ({torch.__version__}) sees no CUDA device; pass --device cpu "
+                        f"or leave --device out")
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse with its errors on one line (``error: argument --lr: must be ...``; --help shows the
     usage) and exit code 2, like every other refusal of ours."""
