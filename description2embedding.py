@@ -8,7 +8,6 @@ image k of the ImageFolder train set) and, beside it, ``<output>.json`` describi
 OpenAI CLIP (default RN50, as released), any open_clip model (``open_clip:ARCH[:PRETRAINED]``) or a
 transformers text encoder from a local folder (``hf:DIR``).
 """
-import argparse
 import os
 import sys
 import time
@@ -22,7 +21,17 @@ from gpt4image.descriptions import read_descriptions
 from gpt4image.errors import ArgumentParser, UserError, check_device, at_least, exit_on_user_error
 from gpt4image.io import atomic_torch_save, atomic_write_json, atomic_write_text, sha256_file, sha256_lines
 
-DEFAULT_OUTPUT = "imagenet_clip_text_emb_0_1281166.pth"
+RELEASED_INPUT, RELEASED_OUTPUT = "minigpt4_caption_imagenet_train_0_1281166.pth", "imagenet_clip_text_emb_0_1281166.pth"
+
+
+def default_output(caption):
+    """The released table's name for the released descriptions; otherwise named after the input
+    (``descriptions.jsonl`` -> ``descriptions_text_emb.pth``), so that a table made for one data set
+    is not picked up by a run on another."""
+    name = os.path.basename(caption)
+    if name == RELEASED_INPUT:
+        return RELEASED_OUTPUT
+    return os.path.splitext(name)[0] + "_text_emb.pth"
 
 
 def metadata_path(output):
@@ -34,8 +43,7 @@ def file_list_path(output):
 
 
 def get_args_parser():
-    p = ArgumentParser("description2embedding", description=__doc__,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser("description2embedding", description=__doc__)
     p.add_argument("--caption", required=True,
                    help="descriptions: .pth list of str (the released file), .txt, .json or .jsonl")
     p.add_argument("--model", default="RN50",
@@ -57,7 +65,9 @@ def get_args_parser():
     p.add_argument("--bs", type=at_least(1), default=1024, help="descriptions encoded per forward pass")
     p.add_argument("--workers", type=at_least(0), default=min(8, os.cpu_count() or 1),
                    help="tokeniser processes working ahead of the model (0: tokenise in this process)")
-    p.add_argument("--output", default=DEFAULT_OUTPUT)
+    p.add_argument("--output", default=None,
+                   help=f"table to write (default: named after --caption, in the current folder; {RELEASED_OUTPUT} "
+                        f"for the released {RELEASED_INPUT})")
     p.add_argument("--dtype", choices=["float16", "float32"], default="float16",
                    help="stored dtype (the released tables are float16)")
     p.add_argument("--data", default=None,
@@ -99,6 +109,8 @@ def check_output(args):
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
+    if args.output is None:
+        args.output = default_output(args.caption)
     check_output(args)
     started = time.time()
     texts, files = read_descriptions(args.caption, args.data)

@@ -12,7 +12,6 @@ reads) and ``descriptions.jsonl.json`` (model, prompt, generation settings, coun
 versions, times). Work is kept in ``descriptions.jsonl.parts/``: the same command run again skips
 every image already described.
 """
-import argparse
 import datetime
 import importlib.util
 import json
@@ -35,8 +34,7 @@ positive_int, non_negative_int, positive_float = at_least(1), at_least(0), at_le
 
 
 def get_args_parser():
-    p = ArgumentParser("generate_descriptions", description=__doc__,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser("generate_descriptions", description=__doc__)
     p.add_argument("--data", required=True,
                    help="ImageFolder train directory (class sub-folders), or a text file of image paths")
     p.add_argument("--model", help="local directory of a transformers image-text-to-text model "

@@ -1,13 +1,12 @@
-"""DeiT-base on ImageNet-1k with the GPT4Image text-alignment loss (METHOD.md, "Recipes").
+"""DeiT-base on ImageNet-1k with the GPT4Image text-alignment loss (arXiv 2306.00693).
 
-    cd deit && torchrun --nproc_per_node=8 main.py --data-path=/path/to/imagenet --batch-size=128 \
+    cd deit && torchrun --nproc_per_node=8 main.py --data-path=/path/to/imagenet --batch-size=128 \\
         --text_emb=imagenet_clip_text_emb_0_1281166.pth --output_dir=./outputs
 
 The full DeiT recipe (RandAugment, random erasing, repeated augmentation, Mixup/CutMix, label
 smoothing, EMA, AdamW with warm-up and cosine, optional distillation) on timm 1.x, plus the
 alignment of the class token (after the final norm) with the stored text embeddings.
 """
-import argparse
 import sys
 
 import gpt4image  # noqa: F401  (first: makes torchvision importable)
@@ -19,13 +18,14 @@ from timm.utils import ModelEmaV3
 from criteria import DistillationLoss, base_criterion
 from deit_data import DeviceAugment, TextMixup, build_datasets
 from gpt4image import RASampler, TextAlignedModel, build_projection_head, init_distributed, setup_logging
-from gpt4image.checkpoint import load_checkpoint, load_classifier_weights
-from gpt4image.data import SkipCorrupt, attach_text_embeddings, build_eval_loader, build_train_loader
+from gpt4image.checkpoint import load_checkpoint, load_classifier_weights, load_pretrained
+from gpt4image.data import (SkipCorrupt, attach_text_embeddings, attach_val_text_embeddings, build_eval_loader,
+                            build_train_loader)
 from gpt4image.distributed import cleanup, logger
 from gpt4image.errors import ArgumentParser, UserError, at_least, exit_on_user_error, in_range
 from gpt4image.options import add_common_args, alignment_from_args, run_options, start_run
 from gpt4image.resumable import PREEMPTED_EXIT_CODE, seed_all
-from gpt4image.training import Data, Recipe, evaluate_checkpoint, fit
+from gpt4image.training import Data, Recipe, adopt_checkpoint_settings, evaluate_checkpoint, fit
 
 RECIPE = "deit"
 COUNT, POSITIVE = at_least(0), at_least(1)
@@ -33,83 +33,101 @@ UNIT, UNIT_OPEN = in_range(minimum=0, maximum=1), in_range(minimum=0, below=1)
 
 
 def get_args_parser():
-    p = ArgumentParser("GPT4Image DeiT recipe", description=__doc__,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser("GPT4Image DeiT recipe", description=__doc__)
     a = p.add_argument
     a("--batch-size", default=128, type=POSITIVE, help="per process (paper: 8 x 128)")
-    a("--epochs", default=300, type=POSITIVE)
-    a("--bce-loss", action="store_true")
+    a("--epochs", default=300, type=POSITIVE, help="training epochs (the schedule spans them all)")
+    a("--bce-loss", action="store_true", help="binary cross-entropy instead of cross-entropy (DeiT III)")
     a("--unscale-lr", action="store_true", help="use --lr as given (else lr x batch x W / 512)")
     # model
-    a("--model", default="deit_base_patch16_224", type=str)
-    a("--input-size", default=224, type=at_least(8))
-    a("--drop", type=UNIT_OPEN, default=0.0)
-    a("--drop-path", type=UNIT_OPEN, default=0.1)
-    a("--model-ema", action="store_true", default=True)
-    a("--no-model-ema", action="store_false", dest="model_ema")
-    a("--model-ema-decay", type=UNIT, default=0.99996)
-    a("--model-ema-force-cpu", action="store_true", default=False)
+    a("--model", default="deit_base_patch16_224", type=str,
+      help="any timm model name (deit_base_patch16_224 in the paper)")
+    a("--input-size", default=224, type=at_least(8), help="image size for training and evaluation")
+    a("--drop", type=UNIT_OPEN, default=0.0, help="dropout rate")
+    a("--drop-path", type=UNIT_OPEN, default=0.1, help="stochastic depth rate")
+    a("--model-ema", action="store_true", default=True,
+      help="keep an exponential moving average of the weights (released: on)")
+    a("--no-model-ema", action="store_false", dest="model_ema", help="no EMA")
+    a("--model-ema-decay", type=UNIT, default=0.99996, help="EMA decay per step")
+    a("--model-ema-force-cpu", action="store_true", default=False,
+      help="keep the EMA on the CPU (and evaluate it there)")
     # optimizer and schedule
     a("--opt", default="adamw", choices=["adamw"], help="AdamW (fused on CUDA)")
-    a("--opt-eps", default=1e-8, type=in_range(above=0))
-    a("--opt-betas", default=None, type=UNIT_OPEN, nargs="+")
-    a("--clip-grad", type=in_range(above=0), default=None)
-    a("--momentum", type=in_range(minimum=0, below=1), default=0.9, help="unused by AdamW; kept for DeiT's command lines")
-    a("--weight-decay", type=in_range(minimum=0), default=0.05)
-    a("--sched", default="cosine", choices=["cosine"])
-    a("--lr", type=in_range(above=0), default=5e-4)
-    a("--warmup-lr", type=in_range(minimum=0), default=1e-6)
-    a("--min-lr", type=in_range(minimum=0), default=1e-5)
-    a("--warmup-epochs", type=COUNT, default=5)
+    a("--opt-eps", default=1e-8, type=in_range(above=0), help="AdamW epsilon")
+    a("--opt-betas", default=None, type=UNIT_OPEN, nargs="+", help="AdamW betas (default 0.9 0.999)")
+    a("--clip-grad", type=in_range(above=0), default=None,
+      help="clip the gradient norm to this value (None: no clipping)")
+    a("--momentum", type=in_range(minimum=0, below=1), default=0.9,
+      help="unused by AdamW; kept for DeiT's command lines")
+    a("--weight-decay", type=in_range(minimum=0), default=0.05,
+      help="AdamW weight decay (not on biases, norms, position embeddings, tokens)")
+    a("--sched", default="cosine", choices=["cosine"], help="learning-rate schedule")
+    a("--lr", type=in_range(above=0), default=5e-4,
+      help="peak learning rate for a global batch of 512 (scaled by batch x W / 512)")
+    a("--warmup-lr", type=in_range(minimum=0), default=1e-6, help="learning rate at the start of the warm-up")
+    a("--min-lr", type=in_range(minimum=0), default=1e-5, help="learning rate at the end of the cosine")
+    a("--warmup-epochs", type=COUNT, default=5, help="epochs of linear warm-up")
     a("--sched-no-lag", action="store_true",
       help="epoch e trains at the schedule's lr(e); default (released): at lr(e - 1), epochs 0 and 1 at --warmup-lr")
     # augmentation
-    a("--color-jitter", type=in_range(minimum=0), default=0.3)
-    a("--aa", type=str, default="rand-m9-mstd0.5-inc1")
-    a("--smoothing", type=UNIT_OPEN, default=0.1)
-    a("--train-interpolation", type=str, default="bicubic")
-    a("--repeated-aug", action="store_true", default=True)
-    a("--no-repeated-aug", action="store_false", dest="repeated_aug")
-    a("--reprob", type=UNIT, default=0.25)
-    a("--remode", type=str, default="pixel")
-    a("--recount", type=POSITIVE, default=1)
-    a("--mixup", type=in_range(minimum=0), default=0.8)
-    a("--cutmix", type=in_range(minimum=0), default=1.0)
-    a("--cutmix-minmax", type=UNIT, nargs="+", default=None)
-    a("--mixup-prob", type=UNIT, default=1.0)
-    a("--mixup-switch-prob", type=UNIT, default=0.5)
-    a("--mixup-mode", type=str, default="batch", choices=["batch", "pair", "elem"])
+    a("--color-jitter", type=in_range(minimum=0), default=0.3,
+      help="colour jitter strength (unused while RandAugment is on, as in timm)")
+    a("--aa", type=str, default="rand-m9-mstd0.5-inc1", help="timm auto-augment policy ('none': off)")
+    a("--smoothing", type=UNIT_OPEN, default=0.1, help="label smoothing")
+    a("--train-interpolation", type=str, default="bicubic", help="resize interpolation in training")
+    a("--repeated-aug", action="store_true", default=True,
+      help="repeated augmentation: each image 3 times per epoch on different ranks (released: on)")
+    a("--no-repeated-aug", action="store_false", dest="repeated_aug", help="plain distributed sampling")
+    a("--reprob", type=UNIT, default=0.25, help="random-erasing probability")
+    a("--remode", type=str, default="pixel", help="random-erasing fill mode")
+    a("--recount", type=POSITIVE, default=1, help="random-erasing boxes per image")
+    a("--mixup", type=in_range(minimum=0), default=0.8, help="Mixup alpha (0: off)")
+    a("--cutmix", type=in_range(minimum=0), default=1.0, help="CutMix alpha (0: off)")
+    a("--cutmix-minmax", type=UNIT, nargs="+", default=None, help="CutMix box ratio range, instead of alpha")
+    a("--mixup-prob", type=UNIT, default=1.0, help="probability of mixing a batch")
+    a("--mixup-switch-prob", type=UNIT, default=0.5, help="probability of CutMix instead of Mixup when both are on")
+    a("--mixup-mode", type=str, default="batch", choices=["batch", "pair", "elem"],
+      help="mix per batch, pair or element")
     a("--mix-text", action="store_true", help="mix text embeddings like the images (a deviation)")
-    a("--eval-crop-ratio", type=in_range(above=0, maximum=1), default=1.0, help="1.0 as released; 0.875 is DeiT's protocol")
+    a("--eval-crop-ratio", type=in_range(above=0, maximum=1), default=1.0,
+      help="1.0 as released; 0.875 is DeiT's protocol")
     # distillation
-    a("--teacher-model", default="regnety_160", type=str)
-    a("--teacher-path", type=str, default="")
-    a("--distillation-type", default="none", choices=["none", "soft", "hard"])
-    a("--distillation-alpha", default=0.5, type=UNIT)
-    a("--distillation-tau", default=1.0, type=in_range(above=0))
-    a("--finetune", default="", help="initialise from a checkpoint (head dropped if its shape differs)")
+    a("--teacher-model", default="regnety_160", type=str, help="timm model of the distillation teacher")
+    a("--teacher-path", type=str, default="", help="local checkpoint of the teacher")
+    a("--distillation-type", default="none", choices=["none", "soft", "hard"],
+      help="knowledge distillation from the teacher (needs a distilled student model)")
+    a("--distillation-alpha", default=0.5, type=UNIT, help="weight of the distillation loss")
+    a("--distillation-tau", default=1.0, type=in_range(above=0), help="temperature of soft distillation")
+    a("--finetune", "--pretrained", default="", metavar="PATH",
+      help="initialise from weights on disk (timm state dict, .safetensors, or our checkpoint; head dropped if its "
+           "class count differs, position embedding resampled)")
     # data and run
     a("--data-path", default=None, type=str, help="ImageFolder root (train/, val/) or CIFAR root; default: generated")
     a("--data-set", default="IMNET", choices=["IMNET", "CIFAR"], type=str, help="IMNET: any ImageFolder")
     a("--nb-classes", type=at_least(2), default=1000, help="generated data only")
-    a("--generated-size", type=POSITIVE, nargs=2, default=[1281, 500], metavar=("TRAIN", "VAL"))
-    a("--output_dir", "--output-dir", default="./outputs", dest="output_dir")
-    a("--seed", default=0, type=COUNT)
+    a("--generated-size", type=POSITIVE, nargs=2, default=[1281, 500], metavar=("TRAIN", "VAL"),
+      help="generated data: images in train and val")
+    a("--output_dir", "--output-dir", default="./outputs", dest="output_dir",
+      help="checkpoints, log.txt, args.json, tensorboard/")
+    a("--seed", default=0, type=COUNT, help="seed of the initial weights, the data order and every augmentation")
     a("--resume", default="", help="checkpoint to resume from (default: output_dir/checkpoint.pth)")
-    a("--start_epoch", default=0, type=COUNT)
+    a("--start_epoch", default=0, type=COUNT,
+      help="epoch to start a new run at (a resume takes it from the checkpoint)")
     a("--eval", action="store_true", help="evaluate --resume only")
     a("--dist-eval", action="store_true", default=True, help="kept for DeiT's command lines: evaluation is "
                                                              "always distributed and counts each image once")
-    a("--num_workers", default=10, type=COUNT)
-    a("--pin-mem", action="store_true", default=True)
-    a("--no-pin-mem", action="store_false", dest="pin_mem")
-    a("-p", "--print-freq", type=POSITIVE, default=10)
+    a("--num_workers", default=10, type=COUNT, help="data-loading workers per process")
+    a("--pin-mem", action="store_true", default=True, help="pinned host memory for the loaders (on GPUs)")
+    a("--no-pin-mem", action="store_false", dest="pin_mem", help="no pinned memory")
+    a("-p", "--print-freq", type=POSITIVE, default=10, help="log every N steps")
     # GPT4Image
     a("--text_emb", default="imagenet_clip_text_emb_0_1281166.pth", help="'none' trains the baseline")
-    a("--proj_type", default="mlp", choices=["mlp", "linear"])
-    a("--loss_type", default="clip", choices=["clip", "ctr", "byol"])
-    a("--lamb", type=in_range(minimum=0), default=0.3)
-    a("--tau", type=in_range(above=0), default=0.05)
+    a("--proj_type", default="mlp", choices=["mlp", "linear"],
+      help="projection head: MLP (Linear-ReLU-Linear) or one Linear")
+    a("--loss_type", default="clip", choices=["clip", "ctr", "byol"],
+      help="alignment loss: clip (symmetric InfoNCE over the global batch), ctr (image to text), byol")
+    a("--lamb", type=in_range(minimum=0), default=0.3, help="weight of the text-alignment loss")
+    a("--tau", type=in_range(above=0), default=0.05, help="temperature of the clip/ctr losses")
     return add_common_args(p)
 
 
@@ -121,9 +139,24 @@ def schedule_position(epoch, no_lag=False):
     return epoch if no_lag else max(epoch - 1, 0)
 
 
+def create_backbone(args, num_classes):
+    """``timm.create_model(--model)``: with ``img_size`` where the model takes it (ViTs), without it
+    where it does not (convolutional networks adapt to any input size)."""
+    if args.model not in timm.list_models():
+        close = timm.list_models(f"*{args.model.split('_')[0]}*")[:5]
+        raise UserError(f"--model {args.model!r} is not a timm model (timm {timm.__version__}); similar: {close}")
+    kwargs = dict(pretrained=False, num_classes=num_classes, drop_rate=args.drop, drop_path_rate=args.drop_path)
+    try:
+        return timm.create_model(args.model, img_size=args.input_size, **kwargs)
+    except TypeError as e:
+        if "img_size" not in str(e):
+            raise
+        logger.info(f"{args.model} takes no img_size: built without it (it accepts {args.input_size} px as is)")
+        return timm.create_model(args.model, **kwargs)
+
+
 def build_model(args, num_classes, text_dim):
-    backbone = timm.create_model(args.model, pretrained=False, num_classes=num_classes, drop_rate=args.drop,
-                                 drop_path_rate=args.drop_path, img_size=args.input_size)
+    backbone = create_backbone(args, num_classes)
     if args.distillation_type != "none":
         if not hasattr(backbone, "set_distilled_training"):
             raise UserError(f"--distillation-type {args.distillation_type} needs a distilled student such as "
@@ -134,26 +167,12 @@ def build_model(args, num_classes, text_dim):
         # uses std 1e-6. Everything else of the backbone's initialisation is the same in both.
         torch.nn.init.trunc_normal_(backbone.cls_token, std=0.02)
     if args.finetune:
-        _load_finetune(backbone, args.finetune)
+        load_pretrained(backbone, args.finetune)
     head = None
     if text_dim is not None:
-        head = build_projection_head(args.proj_type, backbone.num_features, text_dim, batchnorm=False, init_std=0.02)
+        width = getattr(backbone, "head_hidden_size", None) or backbone.num_features  # of the pre-logits feature
+        head = build_projection_head(args.proj_type, width, text_dim, batchnorm=False, init_std=0.02)
     return TextAlignedModel(backbone, head)
-
-
-def _load_finetune(backbone, path):
-    from timm.layers import resample_abs_pos_embed
-    state = load_checkpoint(path)
-    state = dict(state.get("model", state))
-    own = backbone.state_dict()
-    for k in ("head.weight", "head.bias", "head_dist.weight", "head_dist.bias"):
-        if k in state and state[k].shape != own[k].shape:
-            logger.info(f"finetune: dropping {k} of shape {tuple(state[k].shape)}")
-            del state[k]
-    if "pos_embed" in state and state["pos_embed"].shape != own["pos_embed"].shape:
-        state["pos_embed"] = resample_abs_pos_embed(state["pos_embed"], list(backbone.patch_embed.grid_size),
-                                                    num_prefix_tokens=backbone.num_prefix_tokens)
-    backbone.load_state_dict(state, strict=False)
 
 
 def build_teacher(args, num_classes, device):
@@ -215,10 +234,15 @@ def build_criterion(args, num_classes, device):
 def _run(args, dist_info, device):
     if args.amp_dtype is None and device.type == "cuda":
         args.amp_dtype = "float16"  # the released recipe always trained under fp16 autocast
+    if args.eval and not args.resume:
+        raise UserError("--eval needs --resume PATH (our checkpoint or a timm state dict)")
+    state = adopt_checkpoint_settings(args, get_args_parser(), ["model", "input_size", "nb_classes"],
+                                      RECIPE) if args.eval else None
     amp_dtype = start_run(args, dist_info)
     train_set, val_set, num_classes = build_datasets(args)
     train_set, embeddings = attach_text_embeddings(train_set, None if args.eval else args.text_emb,
                                                    args.data_path is None)
+    val_set = attach_val_text_embeddings(val_set, args.val_text_emb, embeddings)
     if args.skip_corrupt_images:
         train_set = SkipCorrupt(train_set)
     text_dim = embeddings.dim if embeddings is not None else None
@@ -230,9 +254,10 @@ def _run(args, dist_info, device):
     pin = args.pin_mem and device.type == "cuda"
     val_loader = build_eval_loader(val_set, dist_info, int(1.5 * args.batch_size), args.num_workers, pin)
     if args.eval:
-        return _evaluate_only(args, model, val_loader, device, amp_dtype)
+        return evaluate_checkpoint(model, state, args.resume, val_loader, device, amp_dtype, prepare=DeviceAugment(),
+                                   recipe=RECIPE)
 
-    lr = args.lr if args.unscale_lr else args.lr * args.batch_size * dist_info.world_size / 512.0
+    lr = args.lr if args.unscale_lr else args.lr * args.batch_size * dist_info.world_size * args.accum_iter / 512.0
     optimizer = build_optimizer(args, model, lr, device)
     scheduler = CosineLRScheduler(optimizer, t_initial=args.epochs, lr_min=args.min_lr, warmup_lr_init=args.warmup_lr,
                                   warmup_t=args.warmup_epochs, cycle_limit=1, t_in_epochs=True)
@@ -243,7 +268,9 @@ def _run(args, dist_info, device):
                     text_dim=text_dim, train_prepare=DeviceAugment(args.reprob, args.remode, args.recount),
                     eval_prepare=DeviceAugment(), mix_fn=mix_fn, ema=build_ema(model, args) if args.model_ema else None,
                     ema_device=torch.device("cpu") if args.model_ema_force_cpu else None, clip_grad=args.clip_grad,
-                    best_name="best_checkpoint.pth", classifier_hint=f"load into timm.create_model('{args.model}')",
+                    best_name="best_checkpoint.pth",
+                    classifier_hint=f"timm.create_model('{args.model}', num_classes={num_classes}, "
+                                    f"img_size={args.input_size}).load_state_dict(torch.load('classifier.pth'))",
                     log_extra={"n_parameters": sum(p.numel() for p in model.backbone.parameters() if p.requires_grad),
                                "eval_crop_ratio": args.eval_crop_ratio})
     train_loader, sampler = build_train_loader(train_set, build_sampler(args, train_set, dist_info), args.batch_size,
@@ -251,12 +278,6 @@ def _run(args, dist_info, device):
     alignment = alignment_from_args(args, embeddings, dist_info.world_size)
     opts = run_options(args, args.output_dir, args.start_epoch, args.batch_size, amp_dtype, alignment)
     return fit(recipe, Data(train_set, train_loader, sampler, val_loader), opts, dist_info)
-
-
-def _evaluate_only(args, model, val_loader, device, amp_dtype):
-    if not args.resume:
-        raise UserError("--eval needs --resume PATH (our checkpoint or a timm state dict)")
-    return evaluate_checkpoint(model, args.resume, val_loader, device, amp_dtype, prepare=DeviceAugment(), recipe=RECIPE)
 
 
 if __name__ == "__main__":

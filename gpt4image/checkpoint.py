@@ -40,8 +40,10 @@ def check_compatible(checkpoint, path, recipe, arch, text_dim):
                         f"pass the same model name or another checkpoint")
     saved_dim = checkpoint.get("text_dim")
     if saved_dim != text_dim:
-        raise UserError(f"checkpoint {path!r} has a projection head for {saved_dim}-d text embeddings but "
-                        f"--text_emb gives {text_dim}-d; use the table the run started with")
+        saved = f"a projection head for {saved_dim}-d text embeddings" if saved_dim else "no text alignment (a baseline)"
+        given = f"--text_emb gives {text_dim}-d embeddings" if text_dim else "--text_emb none asks for a baseline"
+        raise UserError(f"checkpoint {path!r} has {saved} but {given}; use the --text_emb the run started with, "
+                        f"or another output folder for a new run")
 
 
 def training_state(recipe, epoch, best, args, **position):
@@ -84,7 +86,35 @@ def _check_resumable(checkpoint, path, epochs):
                         f"run of {epochs} epochs in another output folder")
 
 
-def restore(recipe, path, epochs):
+# arguments that do not change what a run trains: where it reads and writes, how fast, how it reports
+OPERATIONAL = {"data", "data_path", "save_dir", "output_dir", "resume", "workers", "num_workers", "print_freq",
+               "device", "stop_after", "checkpoint_every_minutes", "requeue", "stall_timeout", "local_rank",
+               "start_epoch", "evaluate", "eval", "compile", "skip_corrupt_images", "pin_mem", "dist_eval", "text_emb",
+               "config", "wandb_project", "wandb_mode", "channels_last", "val_text_emb"}
+
+
+def run_differences(saved_args, args):
+    """The run-defining arguments (not in OPERATIONAL) whose values differ: [(name, saved, now)]."""
+    now = vars(args)
+    return [(k, saved_args[k], now[k]) for k in sorted(now) if k in saved_args and k not in OPERATIONAL
+            and saved_args[k] != now[k]]
+
+
+def check_same_run(checkpoint, path, args, explicit):
+    """Resume automatically only a run of the same arguments; ``explicit`` (--resume given) continues
+    anyway and says what changed."""
+    changed = run_differences(checkpoint.get("args") or {}, args)
+    if not changed:
+        return
+    listed = ", ".join(f"{k} {old!r} -> {new!r}" for k, old, new in changed[:8])
+    if explicit:
+        logger.warning(f"--resume {path}: continuing although arguments differ from the checkpoint's: {listed}")
+        return
+    raise UserError(f"{path!r} belongs to a run with other arguments ({listed}); use another output folder for a new "
+                    f"run, or pass --resume {path} to continue that run with these arguments anyway")
+
+
+def restore(recipe, path, epochs, args=None, explicit=False):
     """Load the checkpoint at ``path`` into ``recipe``'s model, EMA, optimizer, scheduler and scaler.
 
     Returns (start epoch, step inside it, partial epoch sums, best, the training metrics of an epoch
@@ -92,6 +122,8 @@ def restore(recipe, path, epochs):
     checkpoint = load_checkpoint(path)
     _check_resumable(checkpoint, path, epochs)
     check_compatible(checkpoint, path, recipe.name, recipe.arch, recipe.text_dim)
+    if args is not None:
+        check_same_run(checkpoint, path, args, explicit)
     model = recipe.model
     model.backbone.load_state_dict(checkpoint["model"])
     if model.projection_head is not None and checkpoint.get("projection_head"):
@@ -107,6 +139,37 @@ def restore(recipe, path, epochs):
     return epoch, step, partial, checkpoint.get("best"), checkpoint.get("unevaluated")
 
 
+def load_pretrained(backbone, path):
+    """Initialise ``backbone`` from weights on disk (a torchvision/timm state dict, a .safetensors file
+    such as those in timm's Hugging Face cache, or our checkpoint): the classifier is dropped when its
+    class count differs (as DeiT's --finetune does) and a ViT's position embedding is resampled to
+    this input size. Refuses weights that leave most of the model uninitialised."""
+    if str(path).endswith(".safetensors"):
+        from safetensors.torch import load_file
+        try:
+            state = load_file(path)
+        except Exception as e:  # noqa: BLE001
+            raise UserError(f"cannot read {path!r} ({type(e).__name__}: {e})") from None
+    else:
+        state = load_checkpoint(path)
+    state = dict(state["model"] if isinstance(state.get("model"), dict) else state)
+    own = backbone.state_dict()
+    for key in [k for k in state if k in own and state[k].shape != own[k].shape]:
+        if key == "pos_embed" and hasattr(backbone, "patch_embed"):
+            from timm.layers import resample_abs_pos_embed
+            state[key] = resample_abs_pos_embed(state[key], list(backbone.patch_embed.grid_size),
+                                                num_prefix_tokens=backbone.num_prefix_tokens)
+        else:
+            logger.info(f"pretrained: dropping {key} of shape {tuple(state[key].shape)} (this model: {tuple(own[key].shape)})")
+            del state[key]
+    missing, unexpected = backbone.load_state_dict(state, strict=False)
+    if len(missing) > len(own) // 2:
+        raise UserError(f"{path!r} initialises only {len(own) - len(missing)} of {len(own)} tensors of this model "
+                        f"(first missing: {missing[0]}); it is not a checkpoint of this architecture")
+    logger.info(f"initialised from {path}: {len(own) - len(missing)} of {len(own)} tensors"
+                + (f", {len(unexpected)} of the file's not used" if unexpected else ""))
+
+
 def load_classifier_weights(backbone, state, path, recipe=None):
     """Load a plain torchvision/timm state dict, or our checkpoint's ``model`` entry, into ``backbone``."""
     if recipe and isinstance(state, dict) and state.get("recipe") not in (None, recipe):
@@ -114,8 +177,15 @@ def load_classifier_weights(backbone, state, path, recipe=None):
                         f"{recipe}; evaluate it with {state['recipe']}/main.py")
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
+    own = backbone.state_dict()
+    for key in ("fc.weight", "head.weight"):
+        if key in state and key in own and state[key].shape[0] != own[key].shape[0]:
+            raise UserError(f"{path!r} classifies {state[key].shape[0]} classes but this model has {own[key].shape[0]} "
+                            f"(the classes of the validation folder, or --num-classes / --nb-classes); evaluate it on "
+                            f"data with the classes it was trained on")
     try:
         backbone.load_state_dict(state)
     except RuntimeError as e:
         first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
-        raise UserError(f"checkpoint {path!r} does not fit this model ({first}); pass the same architecture") from None
+        raise UserError(f"checkpoint {path!r} does not fit this model ({first[:200]}); it was trained with another "
+                        f"architecture: pass that one (-a / --model)") from None

@@ -45,8 +45,11 @@ def build_eval_loader(dataset, dist_info, batch_size, num_workers, pin_memory):
     """Loader visiting each validation sample exactly once over all ranks (evaluate without DDP).
 
     Its workers persist: forking new ones every epoch from a process whose threads (gloo,
-    TensorBoard, the training loader) may hold a lock can deadlock the child (CPython gh-112275)."""
+    TensorBoard, the training loader) may hold a lock can deadlock the child (CPython gh-112275).
+    They are capped at this process's share of the machine's cores (they idle while training)."""
     sampler = ExactDistributedSampler(dataset, dist_info.rank, dist_info.world_size)
+    per_process = max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    num_workers = min(num_workers, per_process)
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                                        pin_memory=pin_memory, worker_init_fn=ignore_stop_signals,
                                        persistent_workers=num_workers > 0)
@@ -119,6 +122,21 @@ def generated_datasets(num_classes, input_size, train_size, val_size, train_tran
     train = torchvision.datasets.FakeData(train_size, size, num_classes, train_transform, random_offset=0)
     val = torchvision.datasets.FakeData(val_size, size, num_classes, val_transform, random_offset=10 ** 6)
     return train, val
+
+
+def attach_val_text_embeddings(val, path, train_embeddings):
+    """--val-text-emb: the validation set with its descriptions' embeddings (row k for image k of the
+    val folder, made by the same two tools), for evaluation's retrieval figures."""
+    if not path:
+        return val
+    if train_embeddings is None:
+        raise UserError("--val-text-emb measures the text alignment, so it needs a training run with --text_emb "
+                        "(not a baseline or an evaluation)")
+    embeddings = load_text_embeddings(path)
+    if embeddings.dim != train_embeddings.dim:
+        raise UserError(f"--val-text-emb {path!r} has {embeddings.dim}-d rows but --text_emb has {train_embeddings.dim}-d; "
+                        f"make both with the same encoder")
+    return WithTextEmbeddings(val, embeddings)
 
 
 def attach_text_embeddings(train, text_emb, generated):

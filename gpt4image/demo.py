@@ -12,7 +12,6 @@
    processes, each with and without text alignment;
 4. prints the results table (python -m gpt4image.report) and draws the curves.
 """
-import argparse
 import os
 import shutil
 import subprocess
@@ -88,8 +87,7 @@ def _train(recipe, name, paths, out, args, text):
 
 
 def main(argv=None):
-    p = ArgumentParser("gpt4image.demo", description=__doc__,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser("gpt4image.demo", description=__doc__)
     p.add_argument("--out", default="gpt4image_demo", help="folder for everything the demo makes")
     p.add_argument("--nproc", type=at_least(1), default=2, help="processes per training run (torchrun, gloo on CPU)")
     p.add_argument("--epochs", type=at_least(1), default=5)

@@ -60,13 +60,16 @@ class TrainStep:
     clip_grad: Optional[float] = None
     prepare: Optional[Callable] = None
     channels_last: bool = False
+    accum_iter: int = 1  # batches whose gradients are summed before each optimizer step
 
 
-def backward_and_step(loss, optimizer, scaler=None, clip_grad=None, parameters=None):
-    """Backward, optional gradient clipping, optimizer step; through the GradScaler when it is enabled."""
-    optimizer.zero_grad(set_to_none=True)
+def backward_and_step(loss, optimizer, scaler=None, clip_grad=None, parameters=None, update=True):
+    """Backward, then (``update``) optional gradient clipping and the optimizer step; through the
+    GradScaler when it is enabled. Without ``update`` the gradient accumulates for a later step."""
     scaling = scaler is not None and scaler.is_enabled()
     (scaler.scale(loss) if scaling else loss).backward()
+    if not update:
+        return
     if clip_grad is not None:
         if scaling:
             scaler.unscale_(optimizer)
@@ -78,9 +81,29 @@ def backward_and_step(loss, optimizer, scaler=None, clip_grad=None, parameters=N
         optimizer.step()
 
 
-def train_step(step, batch):
-    """One optimisation step on ``batch``; returns (the [loss, ce, text] values as a float64 tensor on
-    the device, batch size, correct top-1 predictions or None when the targets are mixed)."""
+def _no_sync(model, accumulating):
+    """DDP's no_sync while gradients accumulate (no all-reduce until the batch that steps)."""
+    ddp = getattr(model, "_orig_mod", model)  # under torch.compile
+    if accumulating and isinstance(ddp, torch.nn.parallel.DistributedDataParallel):
+        return ddp.no_sync()
+    return contextlib.nullcontext()
+
+
+def train_step(step, batch, first=True, update=True):
+    """Forward and backward of ``batch``, and (``update``) the optimizer step: with --accum-iter N a
+    step's batch is N batches, ``first`` starting it and ``update`` ending it. Returns (the
+    [loss, ce, text] values as a float64 tensor on the device, batch size, correct top-1 predictions
+    or None when the targets are mixed)."""
+    if first:
+        step.optimizer.zero_grad(set_to_none=True)
+    with _no_sync(step.model, not update):
+        values, n, correct = _forward_backward(step, batch, update)
+    if update and step.ema is not None:
+        step.ema.update(step.model)
+    return values, n, correct
+
+
+def _forward_backward(step, batch, update):
     device = step.device
     images = to_device(batch[0], device, step.prepare, step.channels_last)
     targets = hard_targets = batch[1].to(device, non_blocking=True)
@@ -96,9 +119,8 @@ def train_step(step, batch):
             loss = ce + step.alignment.lamb * text_loss
         else:
             text_loss, loss = torch.zeros((), device=device), ce
-    backward_and_step(loss, step.optimizer, step.scaler, step.clip_grad, step.model.parameters())
-    if step.ema is not None:
-        step.ema.update(step.model)
+    backward_and_step(loss / step.accum_iter if step.accum_iter > 1 else loss, step.optimizer, step.scaler,
+                      step.clip_grad, step.model.parameters(), update)
     correct = None
     if step.mix_fn is None and hard_targets.dim() == 1:
         first_logits = logits[0] if isinstance(logits, tuple) else logits
@@ -129,12 +151,22 @@ class EpochSums:
         return reduce_sums({**self.local(), **extra}, self.values.device)
 
 
+@dataclass
+class Reporting:
+    """How training reports: a log line every ``print_freq`` steps, and the same figures (losses over
+    the steps since the last line, lr, images/s) to ``sink(global_step, scalars)`` (TensorBoard, W&B)."""
+    print_freq: int = 10
+    num_epochs: Optional[int] = None
+    sink: Optional[Callable] = None
+
+
 class ProgressLine:
     """The training log line every ``print_freq`` steps; checks the losses since the last one."""
 
-    def __init__(self, epoch, steps, start_step, print_freq, num_epochs, device):
-        self.epoch, self.steps, self.start_step, self.print_freq = epoch, steps, start_step, print_freq
-        self.total = f"/{num_epochs}" if num_epochs else ""
+    def __init__(self, epoch, steps, start_step, reporting, device):
+        self.epoch, self.steps, self.start_step = epoch, steps, start_step
+        self.print_freq, self.sink = reporting.print_freq, reporting.sink
+        self.total = f"/{reporting.num_epochs}" if reporting.num_epochs else ""
         self.device = device
         self.started = time.time()
         self.data_time = 0.0
@@ -146,8 +178,13 @@ class ProgressLine:
 
     def log(self, step, sums, lr):
         _check_finite(self.window, self.epoch, step)
+        recent = torch.stack(self.window).mean(dim=0).tolist() if self.window else [float("nan")] * 3
         self.window = []
         now = time.time()
+        rate = self.images / max(now - self.started, 1e-9)
+        if self.sink is not None:
+            scalars = dict(zip(("loss", "ce_loss", "text_loss"), recent), lr=lr, images_per_s=rate)
+            self.sink(self.epoch * self.steps + step + 1, {f"step/{k}": v for k, v in scalars.items()})
         done = step + 1 - self.start_step
         cur = sums.local()
         n = max(cur["n"], 1)
@@ -157,12 +194,12 @@ class ProgressLine:
         logger.info(
             f"epoch {self.epoch}{self.total} [{step + 1}/{self.steps}] loss {cur['loss'] / n:.4f} "
             f"ce {cur['ce'] / n:.4f} text {cur['text'] / n:.4f} lr {lr:.3e} "
-            f"img/s {self.images / max(now - self.started, 1e-9):.1f} (per rank) "
+            f"img/s {rate:.1f} (per rank) "
             f"data {self.data_time / done:.3f}s eta {_format_eta(eta)}{memory}")
 
 
 def train_one_epoch(step, loader, epoch, *, start_step=0, partial=None, control=None, on_checkpoint=None,
-                    seed=None, print_freq=10, num_epochs=None):
+                    seed=None, reporting=None):
     """Train for one pass over ``loader`` (which starts at ``start_step``); return metrics averaged over
     all ranks: loss, ce_loss, text_loss, acc1 (when targets are hard), lr, images_per_s,
     epoch_time_s, steps.
@@ -171,12 +208,12 @@ def train_one_epoch(step, loader, epoch, *, start_step=0, partial=None, control=
     ``on_checkpoint(step_in_epoch, partial)`` saves the position; on STOP the epoch ends early and
     the returned dict has ``stopped_at_step`` and ``partial`` (the epoch's sums so far, over all
     ranks), which ``start_step`` and ``partial`` continue exactly. ``seed`` seeds each step's
-    main-process randomness from (seed, epoch, step).
+    main-process randomness from (seed, epoch, step). ``reporting``: a ``Reporting``.
     """
     step.model.train()
     steps = start_step + len(loader)
     sums = EpochSums(step.device, partial)
-    progress = ProgressLine(epoch, steps, start_step, print_freq, num_epochs, step.device)
+    progress = ProgressLine(epoch, steps, start_step, reporting or Reporting(), step.device)
     lr = step.optimizer.param_groups[0]["lr"]
     index = start_step - 1
     fetch_start = time.time()
@@ -184,12 +221,13 @@ def train_one_epoch(step, loader, epoch, *, start_step=0, partial=None, control=
         if seed is not None:
             seed_all(mix_seed(seed, epoch, index, 1), step.device)
         progress.data_time += time.time() - fetch_start
-        losses, n, correct = train_step(step, batch)
+        update = (index + 1) % step.accum_iter == 0 or index + 1 == steps
+        losses, n, correct = train_step(step, batch, first=index % step.accum_iter == 0, update=update)
         progress.window.append(losses)
         progress.images += n
         sums.add(losses, n, correct)
         heartbeat(f"training epoch {epoch}, step {index + 1}")
-        action = control() if control is not None else None
+        action = control() if control is not None and update else None  # positions only between steps
         if progress.due(index, force=action is not None and action >= CHECKPOINT):
             progress.log(index, sums, lr)
         if action == STOP:
@@ -231,14 +269,22 @@ def evaluate(model, loader, device, amp_dtype=None, channels_last=False, prepare
     ExactDistributedSampler and the model without DDP), reduced by sample count.
 
     Every rank first takes rank 0's buffers (BatchNorm statistics, which each rank's last training
-    step left different), so the figures are those of the weights rank 0 saves."""
+    step left different), so the figures are those of the weights rank 0 saves. When the batches
+    carry text embeddings (``--val-text-emb``) and the model has a projection head, the retrieval
+    figures of ``retrieval_metrics`` over the whole validation set are added."""
     broadcast_buffers(model)
     model.eval()
     stats = torch.zeros(4, device=device, dtype=torch.float64)  # loss, top1, top5, n
+    pairs = []  # (projected image feature, its description's embedding) per batch
+    with_text = getattr(model, "projection_head", None) is not None
     for batch in loader:
         images, targets = to_device(batch[0], device, prepare, channels_last), batch[1].to(device, non_blocking=True)
         with autocast(device, amp_dtype):
-            logits = model(images)
+            if with_text and len(batch) > 2:
+                logits, projected = model.logits_and_projection(images)
+                pairs.append((projected.float(), batch[2].to(device).float()))
+            else:
+                logits = model(images)
         logits = logits.float()
         stats[0] += torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
@@ -249,5 +295,43 @@ def evaluate(model, loader, device, amp_dtype=None, channels_last=False, prepare
         heartbeat("an evaluation batch")
     totals = reduce_sums(dict(zip(["loss", "top1", "top5", "n"], stats.tolist())), device)
     n = max(totals["n"], 1)
-    return {"loss": totals["loss"] / n, "acc1": 100.0 * totals["top1"] / n, "acc5": 100.0 * totals["top5"] / n,
-            "num_images": int(totals["n"])}
+    metrics = {"loss": totals["loss"] / n, "acc1": 100.0 * totals["top1"] / n, "acc5": 100.0 * totals["top5"] / n,
+               "num_images": int(totals["n"])}
+    if pairs:
+        images = gather_rows(torch.cat([p[0] for p in pairs]))
+        texts = gather_rows(torch.cat([p[1] for p in pairs]))
+        metrics.update(retrieval_metrics(images, texts))
+    return metrics
+
+
+def gather_rows(x):
+    """Concatenate every rank's rows of ``x`` (their counts may differ by one), in rank order."""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    counts = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(dist.get_world_size())]
+    dist.all_gather(counts, torch.tensor([len(x)], device=x.device))
+    longest = max(int(c) for c in counts)
+    padded = torch.zeros(longest, *x.shape[1:], dtype=x.dtype, device=x.device)
+    padded[:len(x)] = x
+    parts = [torch.empty_like(padded) for _ in counts]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[:int(c)] for p, c in zip(parts, counts)])
+
+
+def retrieval_metrics(images, texts, chunk=4096):
+    """Image->text and text->image recall@1/@5 (in %) of each image's own description among all, and
+    the mean cosine between each image's projected feature and its description's embedding."""
+    z = torch.nn.functional.normalize(images, dim=1)
+    t = torch.nn.functional.normalize(texts, dim=1)
+    k = min(5, len(z))
+    found = {}
+    for name, queries, keys in (("i2t", z, t), ("t2i", t, z)):
+        hits = torch.zeros(2, dtype=torch.float64, device=z.device)
+        for start in range(0, len(queries), chunk):
+            top = (queries[start:start + chunk] @ keys.t()).topk(k, dim=1).indices
+            own = torch.arange(start, start + len(top), device=z.device)[:, None] == top
+            hits += torch.stack([own[:, 0].sum(), own.any(dim=1).sum()]).double()
+        found[f"{name}_r1"], found[f"{name}_r5"] = (100.0 * hits / len(queries)).tolist()
+    found["pair_cosine"] = (z * t).sum(dim=1).mean().item()
+    return found

@@ -67,9 +67,91 @@ def check_device(device):
                         f"or leave --device out")
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help keeps the description's layout and shows every flag's default."""
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse with its errors on one line (``error: argument --lr: must be ...``; --help shows the
-    usage) and exit code 2, like every other refusal of ours."""
+    usage) and exit code 2, like every other refusal of ours; defaults shown in --help; every long
+    flag accepted with hyphens and with underscores (the released command lines mix them)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def add_argument(self, *names, **kwargs):
+        spellings = list(names)
+        for name in names:
+            if name.startswith("--"):
+                for other in ("--" + name[2:].replace("_", "-"), "--" + name[2:].replace("-", "_")):
+                    if other not in spellings and other not in self._option_string_actions:
+                        spellings.append(other)
+        return super().add_argument(*spellings, **kwargs)
+
+    def parse_known_args(self, args=None, namespace=None):
+        """With ``-c/--config FILE`` (when the parser has it): the file's keys (flag names, with
+        hyphens or underscores) become the defaults, so the command line still overrides them."""
+        if "--config" in self._option_string_actions:
+            pre = argparse.ArgumentParser(add_help=False)
+            pre.add_argument("-c", "--config", default=None)
+            known, _ = pre.parse_known_args(args)
+            if known.config:
+                self.set_defaults(**self._read_config(known.config))
+        return super().parse_known_args(args, namespace)
+
+    def _read_config(self, path):
+        import yaml
+        try:
+            with open(path, encoding="utf-8") as f:
+                values = yaml.safe_load(f) or {}
+        except (OSError, yaml.YAMLError) as e:
+            self.error(f"cannot read the config file {path!r} ({type(e).__name__}: {e})")
+        if not isinstance(values, dict):
+            self.error(f"the config file {path!r} holds a {type(values).__name__}; it must map flag names to values")
+        defaults = {}
+        for key, value in values.items():
+            action = self._option_string_actions.get("--" + str(key).lstrip("-"))
+            if action is None or action.dest in ("help", "config"):
+                self.error(f"{path}: {key!r} is not a flag of {self.prog}")
+            defaults[action.dest] = self._config_value(path, key, action, value)
+        return defaults
+
+    def _config_value(self, path, key, action, value):
+        """A config value checked like the same value on the command line (types and ranges)."""
+        try:
+            if value is not None and action.type is not None and not isinstance(value, bool):
+                value = [action.type(str(v)) for v in value] if isinstance(value, list) else action.type(str(value))
+        except (argparse.ArgumentTypeError, ValueError) as e:
+            self.error(f"{path}: {key}: {e}")
+        if action.choices is not None and value not in action.choices:
+            self.error(f"{path}: {key}: {value!r} is not one of {list(action.choices)}")
+        return value
+
+    def format_help(self):
+        # one spelling per flag in --help (the other is accepted all the same)
+        hidden = {}
+        for action in self._actions:
+            shown = [s for s in action.option_strings if not _alternate(s, action.option_strings)]
+            hidden[action] = action.option_strings
+            action.option_strings = shown
+        try:
+            return super().format_help()
+        finally:
+            for action, strings in hidden.items():
+                action.option_strings = strings
 
     def error(self, message):
         self.exit(2, f"error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
+def _alternate(option, options):
+    """True for a spelling we added: its other form (the one given) comes first among ``options``."""
+    if not option.startswith("--"):
+        return False
+    for other in options:
+        if other == option:
+            return False
+        if other.startswith("--") and other[2:].replace("_", "-") == option[2:].replace("_", "-"):
+            return True
+    return False

@@ -1,4 +1,4 @@
-"""Alignment losses between projected image features and stored CLIP text embeddings (METHOD.md).
+"""Alignment losses between projected image features and stored CLIP text embeddings (arXiv 2306.00693).
 
 With one process (or no process group) nothing here makes a distributed call.
 """

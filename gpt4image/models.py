@@ -61,14 +61,21 @@ class TextAlignedModel(nn.Module):
         features = m.forward_features(x)
         return m.forward_head(features, pre_logits=True), features
 
+    def logits_and_projection(self, x):
+        """(logits, projected feature) in any mode: evaluation's retrieval figures."""
+        feature, features = self.pre_logits(x)
+        return self._logits(feature, features), self.projection_head(feature)
+
+    def _logits(self, feature, features):
+        if self._torchvision_resnet:
+            return self.backbone.fc(feature)
+        if self._timm_single_head:
+            return self.backbone.get_classifier()(feature)
+        return self.backbone.forward_head(features)
+
     def forward(self, x):
         feature, features = self.pre_logits(x)
-        if self._torchvision_resnet:
-            logits = self.backbone.fc(feature)
-        elif self._timm_single_head:
-            logits = self.backbone.get_classifier()(feature)
-        else:
-            logits = self.backbone.forward_head(features)
+        logits = self._logits(feature, features)
         if not self.training or self.projection_head is None:
             return logits
         return logits, self.projection_head(feature)

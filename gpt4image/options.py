@@ -1,16 +1,18 @@
 """Command-line flags both recipes share beyond their original ones, and what they turn into."""
-import json
-
 import torch
 
 from .distributed import logger
 from .errors import UserError, at_least
 from .losses import Alignment
+from .run_record import require_wandb
 from .training import RunOptions
 
 
 def add_common_args(p):
     """Flags that both recipes share beyond their original ones."""
+    p.add_argument("-c", "--config", default=None, metavar="FILE.yaml",
+                   help="defaults from a YAML file whose keys are flag names (timm's convention); the command line "
+                        "overrides them; args.json records the resolved arguments")
     p.add_argument("--amp-dtype", choices=["float16", "bfloat16"], default=None,
                    help="autocast dtype (float16 uses a checkpointed GradScaler; bfloat16 needs none)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
@@ -18,6 +20,10 @@ def add_common_args(p):
                    help="clip loss: gathered features carry gradient (weight lamb, not lamb/W; a deviation)")
     p.add_argument("--local-loss", action="store_true",
                    help="clip loss with --gather-with-grad: compute only this rank's rows (same gradient, less memory)")
+    p.add_argument("--val-text-emb", default=None, metavar="TABLE",
+                   help="embeddings of the validation images' descriptions (generate_descriptions.py and "
+                        "description2embedding.py on val/): each evaluation adds image->text and text->image "
+                        "recall@1/@5 and the mean image-description cosine")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--skip-corrupt-images", action="store_true",
                    help="replace a training image that cannot be decoded by the next one (warned and counted in "
@@ -27,9 +33,16 @@ def add_common_args(p):
     p.add_argument("--checkpoint-every-minutes", type=at_least(0.0, float), default=30.0, metavar="M",
                    help="also save checkpoint.pth inside an epoch every M minutes (0: only at epoch ends), so a "
                         "crashed or restarted job loses at most M minutes")
+    p.add_argument("--accum-iter", type=at_least(1), default=1, metavar="N",
+                   help="sum the gradients of N batches per optimizer step (the paper's global batch on fewer GPUs; "
+                        "the lr scales with the effective batch; the alignment loss sees each batch x W)")
     p.add_argument("--stall-timeout", type=at_least(0.0, float), default=300.0, metavar="S",
                    help="end a multi-process job when a rank makes no progress for S seconds (or 20 x its slowest "
                         "step, if longer) instead of waiting for the 30-minute collective timeout; 0: never")
+    p.add_argument("--wandb-project", default=None, metavar="NAME",
+                   help="also log to Weights & Biases (pip install wandb; offline when it cannot be reached)")
+    p.add_argument("--wandb-mode", choices=["online", "offline"], default=None,
+                   help="W&B mode (default: online when api.wandb.ai answers, else offline)")
     p.add_argument("--requeue", action="store_true",
                    help="SLURM: after SIGUSR1 (#SBATCH --signal=USR1@120) save and 'scontrol requeue' the job")
     p.add_argument("--local-rank", "--local_rank", type=int, default=None, dest="local_rank",
@@ -41,8 +54,8 @@ def start_run(args, dist_info):
     """Checks and the arguments log line both recipes begin with; returns the autocast dtype (None: fp32)."""
     if args.local_loss and not args.gather_with_grad:
         raise UserError("--local-loss needs --gather-with-grad")
+    require_wandb(args)
     args.world_size = dist_info.world_size
-    logger.info("arguments: " + json.dumps(vars(args), sort_keys=True))
     return getattr(torch, args.amp_dtype) if args.amp_dtype else None
 
 
@@ -62,5 +75,5 @@ def run_options(args, output_dir, start_epoch, batch_size, amp_dtype, alignment)
                       print_freq=args.print_freq, resume=args.resume, start_epoch=start_epoch,
                       stop_after=args.stop_after,
                       checkpoint_every_minutes=args.checkpoint_every_minutes, requeue=args.requeue,
-                      stall_timeout=args.stall_timeout,
+                      stall_timeout=args.stall_timeout, accum_iter=args.accum_iter,
                       amp_dtype=amp_dtype, alignment=alignment, compile=args.compile)

@@ -5,7 +5,6 @@
 Reads each run's ``args.json`` and ``log.txt``; a run that is still going, or that stopped, is
 reported with the epochs it has.
 """
-import argparse
 import json
 import math
 import os
@@ -65,6 +64,8 @@ def summarise(run_dir):
         "epochs": f"{len(rows)}/{args.get('epochs', '?')} ({state})",
         "final top-1": fmt(top1[-1] if top1 else None), "best top-1": fmt(max(top1) if top1 else None),
         "final EMA": fmt(ema[-1] if ema else None), "best EMA": fmt(max(ema) if ema else None),
+        "R@1 i2t/t2i": (f"{rows[-1]['test_i2t_r1']:.1f}/{rows[-1]['test_t2i_r1']:.1f}"
+                        if rows and "test_i2t_r1" in rows[-1] else "-"),
         "eval": protocol, "img/s": f"{rows[-1]['images_per_s']:.0f}" if rows and isinstance(rows[-1].get("images_per_s"), (int, float))
         else "-",
     }
@@ -81,7 +82,7 @@ def plot(run_dirs, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4.2))
     for run_dir in run_dirs:
         run_args, rows = read_run(run_dir)
         if not rows:
@@ -95,7 +96,14 @@ def plot(run_dirs, path):
         axes[1].plot(epochs, [r.get("train_ce_loss") for r in rows], marker="o", color=line.get_color(), label=label)
         if str(run_args.get("text_emb")).lower() != "none":
             axes[2].plot(epochs, [r.get("train_text_loss") for r in rows], marker="o", color=line.get_color(), label=label)
-    for ax, title in zip(axes, ["test top-1 (%)", "train classification loss", "train text-alignment loss"]):
+        if any("test_i2t_r1" in r for r in rows):
+            axes[3].plot(epochs, [r.get("test_i2t_r1") for r in rows], marker="o", color=line.get_color(),
+                         label=label + " image->text")
+            axes[3].plot(epochs, [r.get("test_t2i_r1") for r in rows], ls="--", color=line.get_color(),
+                         label=label + " text->image")
+    titles = ["test top-1 (%)", "train classification loss", "train text-alignment loss",
+              "val retrieval R@1 (%, --val-text-emb)"]
+    for ax, title in zip(axes, titles):
         ax.set_title(title)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
@@ -106,8 +114,7 @@ def plot(run_dirs, path):
 
 
 def main(argv=None):
-    p = ArgumentParser("gpt4image.report", description=__doc__,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser("gpt4image.report", description=__doc__)
     p.add_argument("runs", nargs="+", help="run directories (--save_dir / --output_dir of a recipe)")
     p.add_argument("--plot", default=None, metavar="FILE.png", help="draw test top-1, ce and text loss per epoch")
     args = p.parse_args(argv)

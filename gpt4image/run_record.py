@@ -26,7 +26,7 @@ class RunRecord:
 
     def __init__(self, output_dir, args, is_main):
         self.output_dir, self.is_main = output_dir, is_main
-        self.writer = None
+        self.writer = self.wandb = None
         if is_main:
             ensure_writable_dir(output_dir)
             atomic_write_json(os.path.join(output_dir, "args.json"), vars(args))
@@ -35,6 +35,18 @@ class RunRecord:
                 self.writer = SummaryWriter(os.path.join(output_dir, "tensorboard"))
             except ImportError:
                 logger.warning("tensorboard is not installed: no TensorBoard scalars")
+            if getattr(args, "wandb_project", None):
+                self.wandb = start_wandb(args, output_dir)
+
+    def log_step(self, global_step, scalars):
+        """Per-step scalars (every print step) to TensorBoard and W&B."""
+        if not self.is_main:
+            return
+        if self.writer is not None:
+            for k, v in scalars.items():
+                self.writer.add_scalar(k, v, global_step)
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=global_step)
 
     def log_epoch(self, stats):
         if not self.is_main:
@@ -48,6 +60,8 @@ class RunRecord:
                 if isinstance(v, (int, float)) and k != "epoch":
                     self.writer.add_scalar(k, v, stats["epoch"])
             self.writer.flush()
+        if self.wandb is not None:
+            self.wandb.log({f"epoch/{k}": v for k, v in stats.items() if isinstance(v, (int, float))})
 
     def truncate_after(self, epoch):
         """On resume, drop log lines of epochs the checkpoint does not hold (a run killed mid-way), and
@@ -61,6 +75,38 @@ class RunRecord:
     def close(self):
         if self.writer is not None:
             self.writer.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def require_wandb(args):
+    """Checked with the other arguments, before anything is written: --wandb-project needs wandb."""
+    if getattr(args, "wandb_project", None):
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise UserError("--wandb-project needs Weights & Biases: pip install wandb (or leave the flag out; "
+                            "TensorBoard scalars are always written)") from None
+
+
+def _online():
+    try:
+        socket.create_connection(("api.wandb.ai", 443), timeout=3).close()
+        return True
+    except OSError:
+        return False
+
+
+def start_wandb(args, output_dir):
+    """A W&B run in ``output_dir`` with every argument as its config; offline (synced later with
+    ``wandb sync``) when W&B cannot be reached or --wandb-mode says so."""
+    import wandb
+    mode = args.wandb_mode or os.environ.get("WANDB_MODE") or ("online" if _online() else "offline")
+    if mode == "offline":
+        logger.info(f"W&B: offline, in {output_dir}/wandb (upload later with 'wandb sync')")
+    return wandb.init(project=args.wandb_project, name=os.path.basename(os.path.abspath(output_dir)),
+                      dir=output_dir, config=vars(args), mode=mode, resume="allow",
+                      id=f"{os.path.basename(os.path.abspath(output_dir))}-{args.seed}")
 
 
 def read_log(path, warn=None):

@@ -14,12 +14,12 @@ from .checkpoint import (CHECKPOINT, find_resume, load_checkpoint, load_classifi
                          training_state)
 from .data import SkipCorrupt
 from .distributed import heartbeat, logger, start_watchdog, stop_watchdog
-from .engine import NonFiniteLoss, TrainStep, evaluate, train_one_epoch
+from .engine import NonFiniteLoss, Reporting, TrainStep, evaluate, train_one_epoch
 from .errors import UserError
 from .io import atomic_torch_save
 from .losses import Alignment
 from .resumable import RunControl
-from .run_record import RunLock, RunRecord, epoch_row
+from .run_record import RunLock, RunRecord, epoch_row, read_log
 
 
 @dataclass
@@ -74,6 +74,7 @@ class RunOptions:
     checkpoint_every_minutes: float = 30.0
     requeue: bool = False
     stall_timeout: float = 300.0
+    accum_iter: int = 1
     amp_dtype: Optional[torch.dtype] = None
     alignment: Optional[Alignment] = None
     compile: bool = False
@@ -95,6 +96,8 @@ def fit(recipe, data, opts, dist_info):
     when a stop request ended the run early (its checkpoint then holds the position)."""
     with RunLock(opts.output_dir, dist_info.is_main):
         progress = _resume(recipe, opts)
+        if progress.epoch >= opts.epochs and progress.unevaluated is None:
+            return _already_finished(recipe, opts, progress)
         _check_batches(data, opts, dist_info)
         record = RunRecord(opts.output_dir, opts.args, dist_info.is_main)  # every check has passed
         if progress.epoch or progress.step:
@@ -112,18 +115,23 @@ def _fit(recipe, data, opts, dist_info, progress, record):
     train_model, recipe.model = wrap_distributed(recipe.model, dist_info, recipe.sync_bn)
     step = TrainStep(torch.compile(train_model) if opts.compile else train_model, recipe.optimizer, recipe.criterion,
                      dist_info.device, opts.alignment, opts.amp_dtype, recipe.scaler, recipe.mix_fn, recipe.ema,
-                     recipe.clip_grad, recipe.train_prepare, recipe.channels_last)
+                     recipe.clip_grad, recipe.train_prepare, recipe.channels_last, opts.accum_iter)
     control = RunControl(dist_info.control_group, 60.0 * opts.checkpoint_every_minutes, dist_info.is_main)
     last_epoch = opts.epochs if opts.stop_after is None else min(opts.epochs, progress.epoch + opts.stop_after)
-    logger.info(f"training {recipe.arch} for {opts.epochs} epochs on {dist_info.world_size} process(es), "
-                f"{len(data.train_set)} images, lr {recipe.optimizer.param_groups[0]['lr']:g}")
+    world, accum = dist_info.world_size, opts.accum_iter
+    per_step = f"batch {opts.batch_size} x {world}" + (f" x {accum} accumulated" if accum > 1 else "")
+    logger.info(f"training {recipe.arch} for {opts.epochs} epochs on {world} process(es): {len(data.train_set)} train / "
+                f"{len(data.val_loader.dataset)} val images, {per_step} = {opts.batch_size * world * accum} per "
+                f"step, lr {recipe.optimizer.param_groups[0]['lr']:g} (scaled to it), "
+                f"{'alignment ' + opts.alignment.loss_type if opts.alignment else 'baseline'}; every argument is in "
+                f"{os.path.join(opts.output_dir, 'args.json')}")
     evals = {}
     try:
         if progress.unevaluated is not None:  # stopped between an epoch's checkpoint and its evaluation
             evals = _evaluate(recipe, data, opts, dist_info)
             _end_epoch(recipe, data, opts, dist_info, progress, progress.epoch - 1, progress.unevaluated, evals, record)
         for epoch in range(progress.epoch, last_epoch):
-            train_stats = _train_epoch(recipe, data, opts, dist_info, step, control, progress, epoch)
+            train_stats = _train_epoch(recipe, data, opts, dist_info, (step, control, record), progress, epoch)
             if "stopped_at_step" in train_stats:
                 _stop(recipe, opts, dist_info, control, progress, epoch, train_stats)
                 return {"best": progress.best, "final_acc1": None, "final_ema_acc1": None, "stopped": control.name}
@@ -141,7 +149,7 @@ def _resume(recipe, opts):
     path = find_resume(opts.resume, opts.output_dir)
     if not path:
         return Progress(opts.start_epoch)
-    epoch, step, partial, best, unevaluated = restore(recipe, path, opts.epochs)
+    epoch, step, partial, best, unevaluated = restore(recipe, path, opts.epochs, opts.args, bool(opts.resume))
     progress = Progress(epoch, step, partial, unevaluated)
     progress.best.update(best or {})
     return progress
@@ -166,8 +174,10 @@ def _check_batches(data, opts, dist_info):
                         f"would be trained; lower --batch-size to at most {max(per_rank, 1)} or use more images")
 
 
-def _train_epoch(recipe, data, opts, dist_info, step, control, progress, epoch):
-    """One epoch from the resume position (the first) or its start; checkpoints when ``control`` asks."""
+def _train_epoch(recipe, data, opts, dist_info, loop, progress, epoch):
+    """One epoch from the resume position (the first) or its start; checkpoints when ``control`` asks.
+    ``loop``: (TrainStep, RunControl, RunRecord)."""
+    step, control, record = loop
     start_step, partial = (progress.step, progress.partial) if epoch == progress.epoch else (0, None)
     data.sampler.set_epoch(epoch, start_step * opts.batch_size)
 
@@ -181,7 +191,7 @@ def _train_epoch(recipe, data, opts, dist_info, step, control, progress, epoch):
     try:
         return train_one_epoch(step, data.train_loader, epoch, start_step=start_step, partial=partial,
                                control=control, on_checkpoint=save_position, seed=opts.seed + 1000 * dist_info.rank,
-                               print_freq=opts.print_freq, num_epochs=opts.epochs)
+                               reporting=Reporting(opts.print_freq, opts.epochs, record.log_step))
     except NonFiniteLoss as e:
         raise UserError(str(e)) from None
 
@@ -229,6 +239,10 @@ def _end_epoch(recipe, data, opts, dist_info, progress, epoch, train_stats, eval
     ema_text = f" (EMA top-1 {ema['acc1']:.2f}%)" if ema else ""
     logger.info(f"epoch {epoch}: test top-1 {test['acc1']:.2f}% top-5 {test['acc5']:.2f}%{ema_text} "
                 f"over {test['num_images']} images")
+    if "i2t_r1" in test:
+        logger.info(f"epoch {epoch}: alignment on val: image->text R@1 {test['i2t_r1']:.2f}% R@5 {test['i2t_r5']:.2f}%, "
+                    f"text->image R@1 {test['t2i_r1']:.2f}% R@5 {test['t2i_r5']:.2f}%, "
+                    f"mean image-description cosine {test['pair_cosine']:.3f}")
     best = progress.best
     improved = test["acc1"] > best["acc1"]
     if improved:
@@ -255,11 +269,17 @@ def _finish(recipe, opts, dist_info, progress, evals):
         if recipe.ema is not None:
             atomic_torch_save(recipe.ema.module.backbone.state_dict(), os.path.join(out, "classifier_ema.pth"))
             exported += " and classifier_ema.pth"
-        logger.info(f"outputs in {os.path.abspath(out)}: {CHECKPOINT}, {recipe.best_name}, {exported} "
-                    f"({recipe.classifier_hint}), log.txt, args.json, tensorboard/")
-    best, nan = progress.best, float("nan")
+        logger.info(f"outputs in {os.path.abspath(out)}: {CHECKPOINT}, {recipe.best_name}, {exported}, log.txt, "
+                    f"args.json, tensorboard/")
+        logger.info(f"the classifier without any code of ours: {recipe.classifier_hint} (on a CPU-only torch with "
+                    f"PyPI's torchvision, import gpt4image first)")
     final = (evals.get("test") or {}).get("acc1")
     final_ema = (evals.get("ema") or {}).get("acc1")
+    return _final_line(recipe, progress.best, final, final_ema)
+
+
+def _final_line(recipe, best, final, final_ema):
+    nan = float("nan")
     if recipe.ema is None:
         logger.info(f"best top-1 {best['acc1']:.2f}% at epoch {best['epoch']}, "
                     f"final top-1 {nan if final is None else final:.2f}%")
@@ -268,6 +288,16 @@ def _finish(recipe, opts, dist_info, progress, evals):
                     f"{best['epoch']}/{best['ema_epoch']}, final {nan if final is None else final:.2f}% / "
                     f"{nan if final_ema is None else final_ema:.2f}%")
     return {"best": best, "final_acc1": final, "final_ema_acc1": final_ema, "stopped": None}
+
+
+def _already_finished(recipe, opts, progress):
+    """A rerun of a finished run trains nothing: it says so and repeats the run's final line."""
+    log = os.path.join(opts.output_dir, "log.txt")
+    rows = read_log(log) if os.path.isfile(log) else []
+    last = rows[-1] if rows else {}
+    logger.info(f"{os.path.abspath(opts.output_dir)} holds a finished run of {opts.epochs} epochs, so there is nothing "
+                f"to train; to train longer, start a new run in another output folder")
+    return _final_line(recipe, progress.best, last.get("test_acc1"), last.get("ema_test_acc1"))
 
 
 def wrap_distributed(model, dist_info, sync_bn=False):
@@ -284,10 +314,41 @@ def wrap_distributed(model, dist_info, sync_bn=False):
     return ddp, model
 
 
-def evaluate_checkpoint(model, path, loader, device, amp_dtype=None, channels_last=False, prepare=None, recipe=None):
-    """-e / --eval: our checkpoint's weights, or a plain torchvision/timm state dict, over the validation set."""
-    load_classifier_weights(model.backbone, load_checkpoint(path), path, recipe)
+def adopt_checkpoint_settings(args, parser, keys, recipe):
+    """-e / --eval of one of our checkpoints: the model settings ``keys`` it was trained with (model,
+    input size, classes) replace the defaults; a flag given with another value is an error naming
+    both. Returns the loaded checkpoint (or plain state dict)."""
+    state = load_checkpoint(args.resume)
+    saved = state.get("args") if isinstance(state, dict) and state.get("recipe") in (None, recipe) else None
+    if not isinstance(saved, dict):
+        return state
+    taken = []
+    for key in keys:
+        if key not in saved or getattr(args, key) == saved[key]:
+            continue
+        if getattr(args, key) != parser.get_default(key):
+            raise UserError(f"--{key.replace('_', '-')} {getattr(args, key)} contradicts {args.resume!r}, which was "
+                            f"trained with {saved[key]}; leave the flag out to evaluate the checkpoint as trained")
+        setattr(args, key, saved[key])
+        taken.append(f"{key} {saved[key]}")
+    if taken:
+        logger.info(f"evaluation settings from {args.resume}: {', '.join(taken)}")
+    return state
+
+
+def evaluate_checkpoint(model, state, path, loader, device, amp_dtype=None, channels_last=False, prepare=None,
+                        recipe=None):
+    """-e / --eval: our checkpoint (its raw weights, and its EMA when it has one), or a plain
+    torchvision/timm state dict, over the validation set."""
+    load_classifier_weights(model.backbone, state, path, recipe)
+    ema = state.get("model_ema") if isinstance(state, dict) else None
+    which = " (raw weights)" if ema else ""
     stats = evaluate(model, loader, device, amp_dtype, channels_last, prepare)
-    logger.info(f"evaluation of {path}: top-1 {stats['acc1']:.3f}% top-5 {stats['acc5']:.3f}% "
+    logger.info(f"evaluation of {path}{which}: top-1 {stats['acc1']:.3f}% top-5 {stats['acc5']:.3f}% "
                 f"loss {stats['loss']:.4f} over {stats['num_images']} images")
+    if ema:
+        model.backbone.load_state_dict({k[len("backbone."):]: v for k, v in ema.items() if k.startswith("backbone.")})
+        stats["ema"] = evaluate(model, loader, device, amp_dtype, channels_last, prepare)
+        logger.info(f"evaluation of {path} (EMA weights): top-1 {stats['ema']['acc1']:.3f}% "
+                    f"top-5 {stats['ema']['acc5']:.3f}% over {stats['ema']['num_images']} images")
     return stats

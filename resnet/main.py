@@ -1,12 +1,11 @@
-"""ResNet-50 on ImageNet-1k with the GPT4Image text-alignment loss (METHOD.md, "Recipes").
+"""ResNet-50 on ImageNet-1k with the GPT4Image text-alignment loss (arXiv 2306.00693).
 
-    cd resnet && torchrun --nproc_per_node=4 main.py --data=/path/to/imagenet --batch-size=256 \
+    cd resnet && torchrun --nproc_per_node=4 main.py --data=/path/to/imagenet --batch-size=256 \\
         --text_emb=imagenet_clip_text_emb_0_1281166.pth --save_dir=./outputs
 
 Also runs under ``python -m torch.distributed.launch --use_env``, ``srun`` and as one process
 (GPU or CPU). Without ``--data`` it trains on generated images (as the original's FakeData).
 """
-import argparse
 import sys
 
 import gpt4image  # noqa: F401  (first: makes torchvision importable)
@@ -16,13 +15,14 @@ import torchvision
 from torchvision import transforms
 
 from gpt4image import TextAlignedModel, build_projection_head, init_distributed, setup_logging
-from gpt4image.data import (DeviceNormalize, SkipCorrupt, attach_text_embeddings, build_eval_loader,
-                            build_image_folders, build_train_loader, generated_datasets)
+from gpt4image.checkpoint import load_pretrained
+from gpt4image.data import (DeviceNormalize, SkipCorrupt, attach_text_embeddings, attach_val_text_embeddings,
+                            build_eval_loader, build_image_folders, build_train_loader, generated_datasets)
 from gpt4image.distributed import cleanup, logger
 from gpt4image.errors import ArgumentParser, UserError, at_least, exit_on_user_error, in_range
 from gpt4image.options import add_common_args, alignment_from_args, run_options, start_run
 from gpt4image.resumable import PREEMPTED_EXIT_CODE, seed_all
-from gpt4image.training import Data, Recipe, evaluate_checkpoint, fit
+from gpt4image.training import Data, Recipe, adopt_checkpoint_settings, evaluate_checkpoint, fit
 
 RECIPE = "resnet"
 COUNT, POSITIVE = at_least(0), at_least(1)
@@ -33,33 +33,43 @@ NORMALIZE = DeviceNormalize(MEAN, STD)
 
 
 def get_args_parser():
-    p = ArgumentParser("GPT4Image ResNet recipe", description=__doc__,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser("GPT4Image ResNet recipe", description=__doc__)
     p.add_argument("--data", default=None, help="ImageNet root with train/ and val/ (default: generated data)")
     p.add_argument("--save_dir", default="./outputs", help="checkpoints, log.txt, args.json, tensorboard/")
-    p.add_argument("-a", "--arch", default="resnet50", choices=ARCHS)
+    p.add_argument("-a", "--arch", default="resnet50", choices=ARCHS, metavar="ARCH",
+                   help="torchvision ResNet / ResNeXt / Wide-ResNet: " + ", ".join(ARCHS))
     p.add_argument("-j", "--workers", type=COUNT, default=8, help="data-loading workers per process")
-    p.add_argument("--epochs", type=POSITIVE, default=120)
-    p.add_argument("--start-epoch", type=COUNT, default=0)
+    p.add_argument("--epochs", type=POSITIVE, default=120, help="training epochs (the cosine schedule spans them all)")
+    p.add_argument("--start-epoch", type=COUNT, default=0,
+      help="epoch to start a new run at (a resume takes it from the checkpoint)")
     p.add_argument("-b", "--batch-size", type=POSITIVE, default=256, help="per process")
     p.add_argument("--lr", type=in_range(above=0), default=0.1, help="for 256 images; scaled by W x batch / 256")
     p.add_argument("--no_scale_lr", action="store_true", help="use --lr as given")
-    p.add_argument("--momentum", type=in_range(minimum=0, below=1), default=0.9)
-    p.add_argument("--wd", "--weight-decay", type=in_range(minimum=0), default=1e-4, dest="wd")
-    p.add_argument("-p", "--print-freq", type=POSITIVE, default=10)
+    p.add_argument("--momentum", type=in_range(minimum=0, below=1), default=0.9, help="SGD momentum")
+    p.add_argument("--wd", "--weight-decay", type=in_range(minimum=0), default=1e-4, dest="wd",
+      help="SGD weight decay (on every parameter, as released)")
+    p.add_argument("-p", "--print-freq", type=POSITIVE, default=10, help="log every N steps")
+    p.add_argument("--pretrained", default="", metavar="PATH",
+                   help="initialise from weights on disk (a torchvision state dict such as those in ~/.cache/torch/hub/"
+                        "checkpoints, or our checkpoint; fc dropped if its class count differs)")
     p.add_argument("--resume", default="", help="checkpoint to resume from (default: save_dir/checkpoint.pth)")
     p.add_argument("-e", "--evaluate", action="store_true", help="evaluate --resume on the validation set")
-    p.add_argument("--seed", type=COUNT, default=0)
+    p.add_argument("--seed", type=COUNT, default=0,
+      help="seed of the initial weights, the data order and every augmentation")
     p.add_argument("--use_amp", action="store_true", help="autocast (float16 unless --amp-dtype)")
     p.add_argument("--text_emb", default="imagenet_clip_text_emb_0_1281166.pth",
                    help="embedding table from description2embedding.py; 'none' trains the baseline")
-    p.add_argument("--proj_type", default="mlp", choices=["mlp", "linear"])
-    p.add_argument("--loss_type", default="clip", choices=["clip", "ctr", "byol"])
+    p.add_argument("--proj_type", default="mlp", choices=["mlp", "linear"],
+      help="projection head: MLP (Linear-BN-ReLU-Linear) or one Linear")
+    p.add_argument("--loss_type", default="clip", choices=["clip", "ctr", "byol"],
+      help="alignment loss: clip (symmetric InfoNCE over the global batch), ctr (image to text), byol")
     p.add_argument("--lamb", type=in_range(minimum=0), default=0.3, help="weight of the text-alignment loss")
     p.add_argument("--tau", type=in_range(above=0), default=0.2, help="temperature of the clip/ctr losses")
-    p.add_argument("--sync_bn", action="store_true")
-    p.add_argument("--channels-last", action="store_true")
-    p.add_argument("--input-size", type=at_least(8), default=224, help="train crop; eval resizes to size/0.875, crops size")
+    p.add_argument("--sync_bn", action="store_true",
+      help="synchronise BatchNorm statistics across GPUs (released: per GPU)")
+    p.add_argument("--channels-last", action="store_true", help="channels-last memory format (faster on tensor cores)")
+    p.add_argument("--input-size", type=at_least(8), default=224,
+      help="train crop; eval resizes to size/0.875, crops size")
     p.add_argument("--min-lr", type=in_range(minimum=0), default=1e-5, help="end of the cosine schedule")
     p.add_argument("--num-classes", type=at_least(2), default=1000, help="generated data only (else from the folders)")
     p.add_argument("--generated-size", type=POSITIVE, nargs=2, default=[1281, 500], metavar=("TRAIN", "VAL"),
@@ -79,6 +89,8 @@ def transforms_for(input_size):
 
 def build_model(args, num_classes, text_dim):
     backbone = torchvision.models.__dict__[args.arch](num_classes=num_classes)
+    if args.pretrained:
+        load_pretrained(backbone, args.pretrained)
     head = None
     if text_dim is not None:
         in_dim = backbone.fc.in_features
@@ -108,6 +120,7 @@ def build_data(args, dist_info):
         train_set, val_set = build_image_folders(args.data, train_tf, val_tf)
         num_classes = len(train_set.classes)
     train_set, embeddings = attach_text_embeddings(train_set, None if args.evaluate else args.text_emb, generated)
+    val_set = attach_val_text_embeddings(val_set, args.val_text_emb, embeddings)
     if args.skip_corrupt_images:
         train_set = SkipCorrupt(train_set)
     return train_set, val_set, num_classes, embeddings
@@ -116,6 +129,10 @@ def build_data(args, dist_info):
 def _run(args, dist_info, device):
     if args.use_amp and args.amp_dtype is None:
         args.amp_dtype = "float16"
+    if args.evaluate and not args.resume:
+        raise UserError("--evaluate needs --resume PATH (our checkpoint or a torchvision state dict)")
+    state = adopt_checkpoint_settings(args, get_args_parser(), ["arch", "input_size", "num_classes"],
+                                      RECIPE) if args.evaluate else None
     amp_dtype = start_run(args, dist_info)
     train_set, val_set, num_classes, embeddings = build_data(args, dist_info)
     text_dim = embeddings.dim if embeddings is not None else None
@@ -126,9 +143,10 @@ def _run(args, dist_info, device):
     pin = torch.cuda.is_available()
     val_loader = build_eval_loader(val_set, dist_info, args.batch_size, args.workers, pin)
     if args.evaluate:
-        return _evaluate_only(args, model, val_loader, device, amp_dtype)
+        return evaluate_checkpoint(model, state, args.resume, val_loader, device, amp_dtype, args.channels_last,
+                                   NORMALIZE, RECIPE)
 
-    lr = args.lr if args.no_scale_lr else args.lr * dist_info.world_size * args.batch_size / 256
+    lr = args.lr if args.no_scale_lr else args.lr * dist_info.world_size * args.batch_size * args.accum_iter / 256
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=args.momentum, weight_decay=args.wd)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs, eta_min=args.min_lr)
 
@@ -142,7 +160,8 @@ def _run(args, dist_info, device):
                     scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16), text_dim=text_dim,
                     train_prepare=NORMALIZE, eval_prepare=NORMALIZE, sync_bn=args.sync_bn,
                     channels_last=args.channels_last, best_name="best_model.pth.tar",
-                    classifier_hint=f"loads into torchvision.models.{args.arch}()",
+                    classifier_hint=f"torchvision.models.{args.arch}(num_classes={num_classes})"
+                                    f".load_state_dict(torch.load('classifier.pth'))",
                     log_extra={"n_parameters": sum(p.numel() for p in model.backbone.parameters())})
     sampler = torch.utils.data.DistributedSampler(train_set, dist_info.world_size, dist_info.rank, shuffle=True,
                                                   seed=args.seed, drop_last=True)
@@ -151,13 +170,6 @@ def _run(args, dist_info, device):
     alignment = alignment_from_args(args, embeddings, dist_info.world_size)
     opts = run_options(args, args.save_dir, args.start_epoch, args.batch_size, amp_dtype, alignment)
     return fit(recipe, Data(train_set, train_loader, resumable, val_loader), opts, dist_info)
-
-
-def _evaluate_only(args, model, val_loader, device, amp_dtype):
-    if not args.resume:
-        raise UserError("--evaluate needs --resume PATH (our checkpoint or a torchvision state dict)")
-    return evaluate_checkpoint(model, args.resume, val_loader, device, amp_dtype, args.channels_last, NORMALIZE,
-                               RECIPE)
 
 
 if __name__ == "__main__":
