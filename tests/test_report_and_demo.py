@@ -5,16 +5,28 @@ import os
 from conftest import REPO, run_script
 
 
-def test_the_demo_runs_the_whole_pipeline_and_prints_the_results_table(tmp_path):
-    proc = run_script(["-m", "gpt4image.demo", f"--out={tmp_path}", "--epochs=1"], timeout=600)
+def test_the_demo_runs_the_whole_pipeline_learns_the_task_and_says_what_it_cannot_show(tmp_path):
+    import math
+    proc = run_script(["-m", "gpt4image.demo", f"--out={tmp_path}"], timeout=900)  # its defaults, as a user runs it
     out = proc.stdout
     table = [line for line in out.splitlines() if line.startswith("| ")]
     assert len(table) == 1 + 4  # header and the four runs
     assert "resnet_gpt4image" in out and "deit_baseline" in out and "eff. 0.15" in out
     for run in ("resnet_baseline", "resnet_gpt4image", "deit_baseline", "deit_gpt4image"):
+        rows = [json.loads(line) for line in open(tmp_path / "runs" / run / "log.txt")]
+        assert rows[-1]["test_acc1"] >= 90, (run, rows[-1]["test_acc1"])  # every run learns the task
+        assert rows[-1]["test_num_images"] == 200
+        if run.endswith("gpt4image"):
+            chance = math.log(16 * 2)  # global batch of the clip loss
+            assert rows[-1]["train_text_loss"] < chance - 0.2, (run, rows[-1]["train_text_loss"])
         assert os.path.isfile(tmp_path / "runs" / run / "classifier.pth")
+        assert not os.path.exists(tmp_path / "runs" / run / "checkpoint.pth")  # cleaned up
+    assert "cannot show the method's benefit" in out and "chance: ln(32)" in out
     assert os.path.getsize(tmp_path / "curves.png") > 10_000
     assert out.strip().splitlines()[-1].startswith("  curves")
+    left = float(out.split("it leaves ")[1].split(" MB")[0])
+    total = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(tmp_path) for f in fs) / 2 ** 20
+    assert abs(left - total) < 1 and left < 200
     meta = json.load(open(tmp_path / "text_emb.pth.json"))
     assert meta["num_rows"] == 256
 
