@@ -123,7 +123,7 @@ def _fit(recipe, data, opts, dist_info, progress, record):
     logger.info(f"training {recipe.arch} for {opts.epochs} epochs on {world} process(es): {len(data.train_set)} train / "
                 f"{len(data.val_loader.dataset)} val images, {per_step} = {opts.batch_size * world * accum} per "
                 f"step, lr {recipe.optimizer.param_groups[0]['lr']:g} (scaled to it), "
-                f"{'alignment ' + opts.alignment.loss_type if opts.alignment else 'baseline'}; every argument is in "
+                f"{f'alignment {opts.alignment.loss_type} over {opts.batch_size * world} images at a time' if opts.alignment else 'baseline'}; every argument is in "
                 f"{os.path.join(opts.output_dir, 'args.json')}")
     evals = {}
     try:
