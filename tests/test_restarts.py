@@ -78,7 +78,7 @@ def _run_until(cmd, marker, act, env=ENV):
 
 def test_a_worker_killed_mid_epoch_is_restarted_by_torchrun_and_the_run_ends_as_an_uninterrupted_one(
         straight, image_folder, embeddings, tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=3",
            "--monitor-interval=0.2", RESNET, *_args(image_folder, embeddings, tmp_path),
            "--checkpoint-every-minutes=0.0001"]  # a checkpoint after every step
 
