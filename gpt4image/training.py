@@ -5,6 +5,7 @@ and hands them to ``fit`` as a ``Recipe``; everything that happens between epoch
 """
 import os
 import subprocess
+import sys
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -13,12 +14,12 @@ import torch
 from .checkpoint import (CHECKPOINT, find_resume, load_checkpoint, load_classifier_weights, restore, save_checkpoint,
                          training_state)
 from .data import SkipCorrupt
-from .distributed import heartbeat, logger, start_watchdog, stop_watchdog
+from .distributed import cleanup, heartbeat, init_distributed, logger, setup_logging, start_watchdog, stop_watchdog
 from .engine import NonFiniteLoss, Reporting, TrainStep, evaluate, train_one_epoch
-from .errors import UserError
+from .errors import UserError, exit_on_user_error
 from .io import atomic_torch_save
 from .losses import Alignment
-from .resumable import RunControl
+from .resumable import PREEMPTED_EXIT_CODE, RunControl
 from .run_record import RunLock, RunRecord, epoch_row, read_log
 
 
@@ -312,6 +313,25 @@ def wrap_distributed(model, dist_info, sync_bn=False):
     ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                                     gradient_as_bucket_view=True)
     return ddp, model
+
+
+def run_recipe(parser, run, argv=None):
+    """A recipe's ``main``: parse, set up the process group and logging, ``run(args, dist_info,
+    device)``, and always tear the process group down."""
+    args = parser.parse_args(argv)
+    dist_info = init_distributed(args.local_rank, args.device)
+    setup_logging(dist_info.is_main)
+    try:
+        return run(args, dist_info, dist_info.device)
+    finally:
+        cleanup()
+
+
+def script_exit(main, argv):
+    """``if __name__ == "__main__"`` of a recipe: exit 2 with one line on bad input, 75 after a stop
+    request (run the same command to continue), 0 when done."""
+    result = exit_on_user_error(main, argv)
+    sys.exit(PREEMPTED_EXIT_CODE if isinstance(result, dict) and result.get("stopped") else 0)
 
 
 def adopt_checkpoint_settings(args, parser, keys, recipe):

@@ -14,15 +14,16 @@ import torch.nn as nn
 import torchvision
 from torchvision import transforms
 
-from gpt4image import TextAlignedModel, build_projection_head, init_distributed, setup_logging
+from gpt4image import TextAlignedModel, build_projection_head
 from gpt4image.checkpoint import load_pretrained
 from gpt4image.data import (DeviceNormalize, SkipCorrupt, attach_text_embeddings, attach_val_text_embeddings,
                             build_eval_loader, build_image_folders, build_train_loader, generated_datasets)
-from gpt4image.distributed import cleanup, logger
-from gpt4image.errors import ArgumentParser, UserError, at_least, exit_on_user_error, in_range
+from gpt4image.distributed import logger
+from gpt4image.errors import ArgumentParser, UserError, at_least, in_range
 from gpt4image.options import add_common_args, alignment_from_args, run_options, start_run
-from gpt4image.resumable import PREEMPTED_EXIT_CODE, seed_all
-from gpt4image.training import Data, Recipe, adopt_checkpoint_settings, evaluate_checkpoint, fit
+from gpt4image.resumable import seed_all
+from gpt4image.training import (Data, Recipe, adopt_checkpoint_settings, evaluate_checkpoint, fit, run_recipe,
+                                script_exit)
 
 RECIPE = "resnet"
 COUNT, POSITIVE = at_least(0), at_least(1)
@@ -99,13 +100,7 @@ def build_model(args, num_classes, text_dim):
 
 
 def main(argv=None):
-    args = get_args_parser().parse_args(argv)
-    dist_info = init_distributed(args.local_rank, args.device)
-    setup_logging(dist_info.is_main)
-    try:
-        return _run(args, dist_info, dist_info.device)
-    finally:
-        cleanup()
+    return run_recipe(get_args_parser(), _run, argv)
 
 
 def build_data(args, dist_info):
@@ -173,5 +168,4 @@ def _run(args, dist_info, device):
 
 
 if __name__ == "__main__":
-    result = exit_on_user_error(main, sys.argv[1:])
-    sys.exit(PREEMPTED_EXIT_CODE if result.get("stopped") else 0)
+    script_exit(main, sys.argv[1:])
