@@ -33,24 +33,65 @@ def snapshot(folder):
     return found
 
 
+def _entry_point(script):
+    """The ``main`` of one of our scripts, imported (as the tests' conftest loads the recipes)."""
+    import importlib
+    if script == D2E:
+        sys.path.insert(0, REPO)
+        try:
+            return importlib.import_module("description2embedding").main
+        finally:
+            sys.path.remove(REPO)
+    return importlib.import_module("resnet_main" if script == RESNET else "deit_main").main
+
+
+def ran(cmd, cwd=REPO):
+    """Run ``cmd`` (a script of ours and its arguments) in this process, as its command line would,
+    and return its output as ``.stdout`` / ``.stderr`` (a failure raises, as a bug should)."""
+    import contextlib
+    import io
+    from types import SimpleNamespace
+    err, out = io.StringIO(), io.StringIO()
+    here = os.getcwd()
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+            _entry_point(cmd[0])(list(cmd[1:]))
+    finally:
+        os.chdir(here)
+    return SimpleNamespace(stdout=out.getvalue(), stderr=err.getvalue())
+
+
 def refused(cmd, *expected, cwd=REPO):
-    """Run ``cmd``; assert exit code 2, one line on stderr starting with 'error:', no traceback, and
-    every ``expected`` text in it. Returns the line."""
-    proc = subprocess.run([sys.executable, *cmd], capture_output=True, text=True, env=ENV, cwd=cwd, timeout=300)
-    err = proc.stderr.strip()
-    assert proc.returncode == 2, (proc.returncode, proc.stdout[-2000:], err[-2000:])
-    assert "Traceback" not in proc.stdout + err and len(err.splitlines()) == 1 and err.startswith("error: "), err
+    """Run ``cmd`` (a script of ours and its arguments) in this process, as its command line would;
+    assert exit code 2, one line on stderr starting with 'error:', no traceback (any other exception
+    propagates and fails the test), and every ``expected`` text in it. Returns the line."""
+    import contextlib
+    import io
+    from gpt4image.errors import exit_on_user_error
+    err, out = io.StringIO(), io.StringIO()
+    here = os.getcwd()
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out), pytest.raises(SystemExit) as e:
+            exit_on_user_error(_entry_point(cmd[0]), list(cmd[1:]))
+    finally:
+        os.chdir(here)
+    line = err.getvalue().strip()
+    assert e.value.code == 2, (e.value.code, out.getvalue()[-2000:], line[-2000:])
+    assert len(line.splitlines()) == 1 and line.startswith("error: "), line
     for text in expected:
-        assert text in err, (text, err)
-    return err
+        assert text in line, (text, line)
+    return line
 
 
 @pytest.fixture
 def previous_run(image_folder, embeddings, tmp_path):
     """An output folder holding one finished epoch of a 2-epoch resnet18 run."""
+    import resnet_main
     run = tmp_path / "run"
-    run_script([RESNET, f"--data={image_folder}", f"--text_emb={embeddings}", "--epochs=2", *SMALL,
-                f"--save_dir={run}", "--stop-after=1"])
+    resnet_main.main([f"--data={image_folder}", f"--text_emb={embeddings}", "--epochs=2", *SMALL, f"--save_dir={run}",
+                      "--stop-after=1"])
     return run
 
 
@@ -155,7 +196,7 @@ def test_a_corrupt_validation_image_loses_no_training_and_the_rerun_evaluates_th
     saved = torch.load(tmp_path / "run" / "checkpoint.pth")
     assert saved["epoch"] == 0 and saved["unevaluated"]["steps"] == 12  # the whole epoch is kept
     victim.write_bytes(good)
-    proc = run_script(cmd)
+    proc = ran(cmd)
     assert "continuing at epoch 1, step 0" in proc.stdout
     rows = [json.loads(line) for line in open(tmp_path / "run" / "log.txt")]
     assert [r["epoch"] for r in rows] == [0, 1] and rows[0]["train_loss"] == saved["unevaluated"]["loss"]
@@ -165,7 +206,7 @@ def test_a_partial_last_log_line_never_blocks_a_resume_and_the_report_names_what
                                                                                         embeddings):
     with open(previous_run / "log.txt", "a") as f:
         f.write('{"epoch": 1, "lr": 0.0')  # a kill between the write and its newline
-    run_script([RESNET, f"--data={image_folder}", f"--text_emb={embeddings}", "--epochs=2", *SMALL,
+    ran([RESNET, f"--data={image_folder}", f"--text_emb={embeddings}", "--epochs=2", *SMALL,
                 f"--save_dir={previous_run}"])
     rows = [json.loads(line) for line in open(previous_run / "log.txt")]
     assert [r["epoch"] for r in rows] == [0, 1]
@@ -280,7 +321,7 @@ def test_two_runs_into_one_folder_the_second_is_refused_at_once_and_a_stale_lock
     stale = tmp_path / "stale"
     stale.mkdir()
     (stale / "run.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": gone.pid, "job": None}))
-    proc = run_script([*cmd, f"--save_dir={stale}", "--stop-after=1"])
+    proc = ran([*cmd, f"--save_dir={stale}", "--stop-after=1"])
     assert "taking over a stale lock" in proc.stdout + proc.stderr and f"process {gone.pid}" in proc.stdout + proc.stderr
     assert [json.loads(line)["epoch"] for line in open(stale / "log.txt")] == [0]
 
