@@ -18,7 +18,7 @@ from timm.utils import ModelEmaV3
 from criteria import DistillationLoss, base_criterion
 from deit_data import DeviceAugment, TextMixup, build_datasets
 from gpt4image import RASampler, TextAlignedModel, build_projection_head
-from gpt4image.checkpoint import load_checkpoint, load_classifier_weights, load_pretrained
+from gpt4image.checkpoint import cached_timm_weights, load_checkpoint, load_classifier_weights, load_pretrained
 from gpt4image.data import (SkipCorrupt, attach_text_embeddings, attach_val_text_embeddings, build_eval_loader,
                             build_train_loader)
 from gpt4image.distributed import logger
@@ -101,7 +101,8 @@ def get_args_parser():
     a("--distillation-tau", default=1.0, type=in_range(above=0), help="temperature of soft distillation")
     a("--finetune", "--pretrained", default="", metavar="PATH",
       help="initialise from weights on disk (timm state dict, .safetensors, or our checkpoint; head dropped if its "
-           "class count differs, position embedding resampled)")
+           "class count differs, position embedding resampled); 'cache': timm's weights of --model from the Hugging "
+           "Face cache, never downloaded")
     # data and run
     a("--data-path", default=None, type=str, help="ImageFolder root (train/, val/) or CIFAR root; default: generated")
     a("--data-set", default="IMNET", choices=["IMNET", "CIFAR"], type=str, help="IMNET: any ImageFolder")
@@ -168,7 +169,8 @@ def build_model(args, num_classes, text_dim):
         # uses std 1e-6. Everything else of the backbone's initialisation is the same in both.
         torch.nn.init.trunc_normal_(backbone.cls_token, std=0.02)
     if args.finetune:
-        load_pretrained(backbone, args.finetune)
+        path = cached_timm_weights(backbone, args.model) if args.finetune == "cache" else args.finetune
+        load_pretrained(backbone, path)
     head = None
     if text_dim is not None:
         width = getattr(backbone, "head_hidden_size", None) or backbone.num_features  # of the pre-logits feature

@@ -170,6 +170,31 @@ def load_pretrained(backbone, path):
                 + (f", {len(unexpected)} of the file's not used" if unexpected else ""))
 
 
+def cached_torchvision_weights(arch):
+    """The file of torchvision's default weights for ``arch`` in torch hub's cache (never downloaded)."""
+    import torch.hub
+    import torchvision
+    url = torchvision.models.get_model_weights(arch).DEFAULT.url
+    path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
+    if not os.path.isfile(path):
+        raise UserError(f"--pretrained cache: torchvision's {arch} weights are not in {os.path.dirname(path)}; "
+                        f"download {url} there (or pass --pretrained PATH)")
+    return path
+
+
+def cached_timm_weights(backbone, name):
+    """The file of timm's pretrained weights of ``backbone`` in the Hugging Face cache (never downloaded)."""
+    from huggingface_hub import try_to_load_from_cache
+    repo = (getattr(backbone, "pretrained_cfg", None) or {}).get("hf_hub_id")
+    for filename in ("model.safetensors", "pytorch_model.bin"):
+        path = try_to_load_from_cache(repo, filename) if repo else None
+        if isinstance(path, str) and os.path.isfile(path):
+            return path
+    raise UserError(f"--pretrained cache: timm's weights of {name} ({repo or 'no Hugging Face id'}) are not in the "
+                    f"Hugging Face cache; fetch them once where there is a network "
+                    f"(timm.create_model({name!r}, pretrained=True)) or pass --pretrained PATH")
+
+
 def load_classifier_weights(backbone, state, path, recipe=None):
     """Load a plain torchvision/timm state dict, or our checkpoint's ``model`` entry, into ``backbone``."""
     if recipe and isinstance(state, dict) and state.get("recipe") not in (None, recipe):

@@ -15,7 +15,7 @@ import torchvision
 from torchvision import transforms
 
 from gpt4image import TextAlignedModel, build_projection_head
-from gpt4image.checkpoint import load_pretrained
+from gpt4image.checkpoint import cached_torchvision_weights, load_pretrained
 from gpt4image.data import (DeviceNormalize, SkipCorrupt, attach_text_embeddings, attach_val_text_embeddings,
                             build_eval_loader, build_image_folders, build_train_loader, generated_datasets)
 from gpt4image.distributed import logger
@@ -51,8 +51,9 @@ def get_args_parser():
       help="SGD weight decay (on every parameter, as released)")
     p.add_argument("-p", "--print-freq", type=POSITIVE, default=10, help="log every N steps")
     p.add_argument("--pretrained", default="", metavar="PATH",
-                   help="initialise from weights on disk (a torchvision state dict such as those in ~/.cache/torch/hub/"
-                        "checkpoints, or our checkpoint; fc dropped if its class count differs)")
+                   help="initialise from weights on disk (a torchvision state dict or our checkpoint; fc dropped if its "
+                        "class count differs); 'cache': torchvision's weights of -a from torch hub's cache, never "
+                        "downloaded")
     p.add_argument("--resume", default="", help="checkpoint to resume from (default: save_dir/checkpoint.pth)")
     p.add_argument("-e", "--evaluate", action="store_true", help="evaluate --resume on the validation set")
     p.add_argument("--seed", type=COUNT, default=0,
@@ -91,7 +92,8 @@ def transforms_for(input_size):
 def build_model(args, num_classes, text_dim):
     backbone = torchvision.models.__dict__[args.arch](num_classes=num_classes)
     if args.pretrained:
-        load_pretrained(backbone, args.pretrained)
+        path = cached_torchvision_weights(args.arch) if args.pretrained == "cache" else args.pretrained
+        load_pretrained(backbone, path)
     head = None
     if text_dim is not None:
         in_dim = backbone.fc.in_features

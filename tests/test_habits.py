@@ -200,3 +200,38 @@ def test_val_text_emb_adds_retrieval_over_every_validation_image_once(image_fold
     assert f"{row['test_i2t_r1']:.1f}/{row['test_t2i_r1']:.1f}" in report
     refused([RESNET, f"--data={image_folder}", "--text_emb=none", f"--val-text-emb={tmp_path}/val_emb.pth",
              *SMALL, f"--save_dir={tmp_path}/x"], "--val-text-emb", "--text_emb")
+
+
+def test_pretrained_cache_takes_the_library_weights_from_their_local_caches_only(image_folder, tmp_path,
+                                                                                monkeypatch):
+    import torchvision
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    url = torchvision.models.get_model_weights("resnet18").DEFAULT.url
+    refused([RESNET, f"--data={image_folder}", "--text_emb=none", *SMALL, "--pretrained=cache",
+             f"--save_dir={tmp_path}/a"], "not in", os.path.basename(url), "--pretrained PATH")
+    (tmp_path / "torch" / "hub" / "checkpoints").mkdir(parents=True)
+    torch.manual_seed(2)
+    weights = torchvision.models.resnet18().state_dict()  # 1000 classes, as torchvision's
+    torch.save(weights, tmp_path / "torch" / "hub" / "checkpoints" / os.path.basename(url))
+    import resnet_main
+    args = resnet_main.get_args_parser().parse_args([*SMALL, "--pretrained=cache"])
+    model = resnet_main.build_model(args, 4, None)
+    torch.testing.assert_close(model.backbone.layer1[0].conv1.weight, weights["layer1.0.conv1.weight"])
+
+    import deit_main
+    import huggingface_hub.constants
+    from safetensors.torch import save_file
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    args = deit_main.get_args_parser().parse_args([*TINY, "--pretrained=cache"])
+    with pytest.raises(Exception, match="not in the Hugging Face cache"):
+        deit_main.build_model(args, 4, None)
+    import timm
+    repo = timm.create_model("deit_tiny_patch16_224", pretrained=False).pretrained_cfg["hf_hub_id"]
+    snapshot_dir = tmp_path / "hf" / f"models--{repo.replace('/', '--')}" / "snapshots" / "abc"
+    snapshot_dir.mkdir(parents=True)
+    (snapshot_dir.parent.parent / "refs").mkdir()
+    (snapshot_dir.parent.parent / "refs" / "main").write_text("abc")
+    source = timm.create_model("deit_tiny_patch16_224", pretrained=False).state_dict()
+    save_file({k: v.contiguous() for k, v in source.items()}, str(snapshot_dir / "model.safetensors"))
+    model = deit_main.build_model(args, 4, None)
+    torch.testing.assert_close(model.backbone.blocks[0].attn.qkv.weight, source["blocks.0.attn.qkv.weight"])
