@@ -71,11 +71,26 @@ def init_distributed(local_rank_arg=None, device=None, timeout_minutes=30):
     else:
         dev = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo", init_method="env://", rank=rank,
-                                world_size=world_size, timeout=datetime.timedelta(minutes=timeout_minutes),
+        timeout = datetime.timedelta(minutes=timeout_minutes)
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", store=_attempt_store(rank, world_size, timeout),
+                                rank=rank, world_size=world_size, timeout=timeout,
                                 **({"device_id": dev} if use_cuda else {}))
     control = dist.new_group(backend="gloo") if world_size > 1 and use_cuda else None
     return DistInfo(rank, world_size, local_rank, dev, control)
+
+
+def _attempt_store(rank, world_size, timeout):
+    """The store ``env://`` would make (MASTER_ADDR/MASTER_PORT; torchrun's agent store when it offers
+    one), with its keys under this torchrun attempt's prefix. torchrun restarts a failed group
+    against the same agent store, where the previous attempt's keys (the process group's
+    addresses) are still set: unprefixed, a restarted rank could read a dead peer's address and wait
+    to connect to it (seen here: gloo's connectFullMesh refused or hung after a restart)."""
+    env = os.environ
+    agent_store = env.get("TORCHELASTIC_USE_AGENT_STORE") == str(True)
+    store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), world_size,
+                          is_master=not agent_store and rank == 0, timeout=timeout,
+                          **({} if agent_store else {"multi_tenant": True}))
+    return dist.PrefixStore(f"gpt4image/attempt_{env.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def setup_logging(is_main, log_file=None):
