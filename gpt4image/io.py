@@ -78,6 +78,8 @@ def load_error(error):
     refused by ``weights_only=True`` (unpickling it could run any code); torch's own message then
     advises ``weights_only=False``, which is unsafe for a file from elsewhere, so it is not repeated."""
     text = str(error)
+    if "Weights only load failed" in text and "Unsupported global" not in text:
+        return "its bytes are not a pickle, the format torch.save writes"
     if "Weights only load failed" in text:
         return ("it holds Python objects beyond tensors, numbers, strings, lists and dicts, which only a full "
                 "unpickling could rebuild, and that can run any code: it is refused. Re-save its content as "
