@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from conftest import REPO, run_script
-from test_hardening import refused
+from test_hardening import ran, refused
 
 RESNET = os.path.join(REPO, "resnet", "main.py")
 DEIT = os.path.join(REPO, "deit", "main.py")
@@ -217,11 +217,14 @@ def test_bad_sets_are_refused_in_one_line_before_anything_is_written(recipe, set
 
 
 def test_deit_logs_raw_and_ema_per_set_to_log_tensorboard_final_line_and_report(sets, tmp_path):
+    import contextlib
+    import io
+    from gpt4image import report
     run = tmp_path / "run"
     common = [DEIT, f"--data-path={sets}/data", "--model=deit_tiny_patch16_224", "--input-size=16", "--batch-size=4",
               "--num_workers=0", "--text_emb=none", "--seed=0", f"--eval-set=r={sets}/r",
               f"--eval-set=real={sets}/real.json"]
-    proc = run_script([*common, f"--output_dir={run}", "--epochs=2"], cwd=os.path.join(REPO, "deit"))
+    proc = ran([*common, f"--output_dir={run}", "--epochs=2"])
     rows = [json.loads(line) for line in open(run / "log.txt")]
     keys = {"evalset_r_acc1", "ema_evalset_r_acc1", "evalset_real_acc1", "ema_evalset_real_acc1"}
     assert not keys & set(rows[0]) and keys <= set(rows[1])  # after the last epoch only
@@ -235,14 +238,16 @@ def test_deit_logs_raw_and_ema_per_set_to_log_tensorboard_final_line_and_report(
     assert keys <= set(events.Tags()["scalars"])
 
     # evaluating the checkpoint gives the logged figures, raw and EMA
-    proc = run_script([*common, "--eval", f"--resume={run}/checkpoint.pth"], cwd=os.path.join(REPO, "deit"))
+    evaluated = ran([*common, "--eval", f"--resume={run}/checkpoint.pth"])
     for key in keys:
         name = key.split("evalset_")[1][:-len("_acc1")]
         weights = " (EMA weights)" if key.startswith("ema_") else ""
-        assert f"eval set {name}{weights}: top-1 {rows[1][key]:.3f}%" in proc.stdout + proc.stderr, key
+        assert f"eval set {name}{weights}: top-1 {rows[1][key]:.3f}%" in evaluated.stdout, key
 
-    report = run_script(["-m", "gpt4image.report", str(run), "--plot", str(tmp_path / "c.png")], cwd=REPO)
-    assert f"r {rows[1]['evalset_r_acc1']:.1f} (EMA {rows[1]['ema_evalset_r_acc1']:.1f})" in report.stdout
+    table = io.StringIO()
+    with contextlib.redirect_stdout(table):
+        assert report.main([str(run), "--plot", str(tmp_path / "c.png")]) == 0
+    assert f"r {rows[1]['evalset_r_acc1']:.1f} (EMA {rows[1]['ema_evalset_r_acc1']:.1f})" in table.getvalue()
     assert os.path.isfile(tmp_path / "c.png")
 
 
