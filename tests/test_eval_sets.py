@@ -262,3 +262,5 @@ def test_every_epoch_with_the_flag_and_a_resumed_run_may_change_its_sets(sets, t
     assert "evalset_v2_acc1" in rows[0] and "evalset_sk_acc1" not in rows[0]  # epoch 0 of 2, with the flag
     assert "evalset_sk_acc1" in rows[1] and "evalset_v2_acc1" not in rows[1]
     assert result["eval_sets"]["evalset_sk_acc1"] == rows[1]["evalset_sk_acc1"]
+    again = ran([RESNET, *common])  # a finished run repeats its final line, eval sets included
+    assert f"eval sets: sk top-1 {rows[1]['evalset_sk_acc1']:.2f}%" in again.stdout.strip().splitlines()[-1]
