@@ -170,9 +170,10 @@ def test_a_plain_state_dict_is_mapped_by_the_training_folders_classes(sets, tmp_
 
 
 def test_two_hundred_of_a_thousand_classes_is_the_imagenet_r_protocol(tmp_path):
-    from gpt4image.eval_sets import build_eval_sets
     from timm.data import ImageNetInfo
     from torchvision import transforms
+
+    from gpt4image.eval_sets import build_eval_sets
     classes = ImageNetInfo().label_names()
     subset = classes[::5]
     for j, name in enumerate(subset):
@@ -219,6 +220,7 @@ def test_bad_sets_are_refused_in_one_line_before_anything_is_written(recipe, set
 def test_deit_logs_raw_and_ema_per_set_to_log_tensorboard_final_line_and_report(sets, tmp_path):
     import contextlib
     import io
+
     from gpt4image import report
     run = tmp_path / "run"
     common = [DEIT, f"--data-path={sets}/data", "--model=deit_tiny_patch16_224", "--input-size=16", "--batch-size=4",
