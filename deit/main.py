@@ -23,6 +23,7 @@ from gpt4image.data import (SkipCorrupt, attach_text_embeddings, attach_val_text
                             build_train_loader)
 from gpt4image.distributed import logger
 from gpt4image.errors import ArgumentParser, UserError, at_least, in_range
+from gpt4image.eval_sets import build_eval_sets, run_classes
 from gpt4image.options import add_common_args, alignment_from_args, run_options, start_run
 from gpt4image.resumable import seed_all
 from gpt4image.training import (Data, Recipe, adopt_checkpoint_settings, evaluate_checkpoint, fit, run_recipe,
@@ -240,6 +241,8 @@ def _run(args, dist_info, device):
     train_set, embeddings = attach_text_embeddings(train_set, None if args.eval else args.text_emb,
                                                    args.data_path is None)
     val_set = attach_val_text_embeddings(val_set, args.val_text_emb, embeddings)
+    eval_sets = build_eval_sets(args, run_classes(train_set, state), val_set, dist_info, int(1.5 * args.batch_size),
+                                args.num_workers, args.pin_mem and device.type == "cuda")
     if args.skip_corrupt_images:
         train_set = SkipCorrupt(train_set)
     text_dim = embeddings.dim if embeddings is not None else None
@@ -252,7 +255,7 @@ def _run(args, dist_info, device):
     val_loader = build_eval_loader(val_set, dist_info, int(1.5 * args.batch_size), args.num_workers, pin)
     if args.eval:
         return evaluate_checkpoint(model, state, args.resume, val_loader, device, amp_dtype, prepare=DeviceAugment(),
-                                   recipe=RECIPE)
+                                   recipe=RECIPE, eval_sets=eval_sets)
 
     lr = args.lr if args.unscale_lr else args.lr * args.batch_size * dist_info.world_size * args.accum_iter / 512.0
     optimizer = build_optimizer(args, model, lr, device)
@@ -265,7 +268,7 @@ def _run(args, dist_info, device):
                     text_dim=text_dim, train_prepare=DeviceAugment(args.reprob, args.remode, args.recount),
                     eval_prepare=DeviceAugment(), mix_fn=mix_fn, ema=build_ema(model, args) if args.model_ema else None,
                     ema_device=torch.device("cpu") if args.model_ema_force_cpu else None, clip_grad=args.clip_grad,
-                    best_name="best_checkpoint.pth",
+                    best_name="best_checkpoint.pth", classes=run_classes(train_set),
                     classifier_hint=f"timm.create_model('{args.model}', num_classes={num_classes}, "
                                     f"img_size={args.input_size}).load_state_dict(torch.load('classifier.pth'))",
                     log_extra={"n_parameters": sum(p.numel() for p in model.backbone.parameters() if p.requires_grad),
@@ -274,7 +277,7 @@ def _run(args, dist_info, device):
                                                args.num_workers, pin, args.seed + 1000 * dist_info.rank)
     alignment = alignment_from_args(args, embeddings, dist_info.world_size)
     opts = run_options(args, args.output_dir, args.start_epoch, args.batch_size, amp_dtype, alignment)
-    return fit(recipe, Data(train_set, train_loader, sampler, val_loader), opts, dist_info)
+    return fit(recipe, Data(train_set, train_loader, sampler, val_loader, eval_sets), opts, dist_info)
 
 
 if __name__ == "__main__":

@@ -55,7 +55,8 @@ def training_state(recipe, epoch, best, args, **position):
             "projection_head": model.projection_head.state_dict() if model.projection_head is not None else None,
             "model_ema": ema.module.state_dict() if ema is not None else None,
             "optimizer": recipe.optimizer.state_dict(), "scheduler": recipe.scheduler.state_dict(),
-            "scaler": scaler.state_dict() if scaler.is_enabled() else None, "args": vars(args), **position}
+            "scaler": scaler.state_dict() if scaler.is_enabled() else None, "args": vars(args),
+            "classes": getattr(recipe, "classes", None), **position}
 
 
 def find_resume(resume, output_dir):
@@ -91,6 +92,7 @@ OPERATIONAL = {"data", "data_path", "save_dir", "output_dir", "resume", "workers
                "device", "stop_after", "checkpoint_every_minutes", "requeue", "stall_timeout", "local_rank",
                "start_epoch", "evaluate", "eval", "compile", "skip_corrupt_images", "pin_mem", "dist_eval", "text_emb",
                "config", "wandb_project", "wandb_mode", "channels_last", "val_text_emb"}
+OPERATIONAL |= {"eval_set", "eval_sets_every_epoch"}  # extra evaluation only
 
 
 def run_differences(saved_args, args):

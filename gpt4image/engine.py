@@ -288,7 +288,8 @@ def evaluate(model, loader, device, amp_dtype=None, channels_last=False, prepare
         logits = logits.float()
         stats[0] += torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        hits = top == targets[:, None]
+        # 2-d targets are label sets (ReaL, eval_sets.LabelSets): right when the prediction is any of them
+        hits = targets.gather(1, top) > 0 if targets.dim() == 2 else top == targets[:, None]
         stats[1] += hits[:, 0].sum()
         stats[2] += hits.any(dim=1).sum()
         stats[3] += len(targets)

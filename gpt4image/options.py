@@ -3,6 +3,7 @@ import torch
 
 from .distributed import logger
 from .errors import UserError, at_least
+from .eval_sets import add_eval_set_args
 from .losses import Alignment
 from .run_record import require_wandb
 from .training import RunOptions
@@ -47,6 +48,7 @@ def add_common_args(p):
                    help="SLURM: after SIGUSR1 (#SBATCH --signal=USR1@120) save and 'scontrol requeue' the job")
     p.add_argument("--local-rank", "--local_rank", type=int, default=None, dest="local_rank",
                    help="set by the legacy torch.distributed.launch without --use_env")
+    add_eval_set_args(p)
     return p
 
 

@@ -11,6 +11,7 @@ import os
 import sys
 
 from .errors import ArgumentParser, UserError, one_line
+from .eval_sets import KEY as EVAL_SET_KEY
 from .losses import effective_text_weight
 from .run_record import read_log
 
@@ -66,9 +67,21 @@ def summarise(run_dir):
         "final EMA": fmt(ema[-1] if ema else None), "best EMA": fmt(max(ema) if ema else None),
         "R@1 i2t/t2i": (f"{rows[-1]['test_i2t_r1']:.1f}/{rows[-1]['test_t2i_r1']:.1f}"
                         if rows and "test_i2t_r1" in rows[-1] else "-"),
-        "eval": protocol, "img/s": f"{rows[-1]['images_per_s']:.0f}" if rows and isinstance(rows[-1].get("images_per_s"), (int, float))
+        "eval sets (last)": _eval_sets(rows), "eval": protocol, "img/s": f"{rows[-1]['images_per_s']:.0f}" if rows and isinstance(rows[-1].get("images_per_s"), (int, float))
         else "-",
     }
+
+
+def _eval_sets(rows):
+    """The --eval-set top-1 of the last row that has any: 'r 36.1 (EMA 37.0), v2 ...'."""
+    last = next((r for r in reversed(rows) if any(k.startswith(EVAL_SET_KEY) for k in r)), {})
+    parts = []
+    for key, value in last.items():
+        if key.startswith(EVAL_SET_KEY) and key.endswith("_acc1"):
+            ema = last.get(f"ema_{key}")
+            name = key[len(EVAL_SET_KEY):-len("_acc1")]
+            parts.append(f"{name} {value:.1f}" + (f" (EMA {ema:.1f})" if ema is not None else ""))
+    return ", ".join(parts) or "-"
 
 
 def markdown_table(summaries):
@@ -82,7 +95,8 @@ def plot(run_dirs, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 4, figsize=(20, 4.2))
+    with_sets = any(any(k.startswith(EVAL_SET_KEY) for r in read_run(d)[1] for k in r) for d in run_dirs)
+    fig, axes = plt.subplots(1, 5 if with_sets else 4, figsize=(25 if with_sets else 20, 4.2))
     for run_dir in run_dirs:
         run_args, rows = read_run(run_dir)
         if not rows:
@@ -101,16 +115,31 @@ def plot(run_dirs, path):
                          label=label + " image->text")
             axes[3].plot(epochs, [r.get("test_t2i_r1") for r in rows], ls="--", color=line.get_color(),
                          label=label + " text->image")
+        if with_sets:
+            _plot_eval_sets(axes[4], rows, label)
     titles = ["test top-1 (%)", "train classification loss", "train text-alignment loss",
-              "val retrieval R@1 (%, --val-text-emb)"]
+              "val retrieval R@1 (%, --val-text-emb)", "eval sets top-1 (%, --eval-set)"]
     for ax, title in zip(axes, titles):
         ax.set_title(title)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
+    if with_sets:
+        axes[4].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _plot_eval_sets(ax, rows, label):
+    """One marker line per set (often only the last epoch has them), EMA dashed."""
+    keys = sorted({k for r in rows for k in r
+                   if k.startswith((EVAL_SET_KEY, f"ema_{EVAL_SET_KEY}")) and k.endswith("_acc1")})
+    for key in keys:
+        points = [(r["epoch"], r[key]) for r in rows if key in r]
+        name = key.replace(f"ema_{EVAL_SET_KEY}", "").replace(EVAL_SET_KEY, "")[:-len("_acc1")]
+        ax.plot(*zip(*points), marker="o", ls="--" if key.startswith("ema_") else "-",
+                label=f"{label} {name}" + (" (EMA)" if key.startswith("ema_") else ""))
 
 
 def main(argv=None):

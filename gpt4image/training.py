@@ -17,6 +17,7 @@ from .data import SkipCorrupt
 from .distributed import cleanup, heartbeat, init_distributed, logger, setup_logging, start_watchdog, stop_watchdog
 from .engine import NonFiniteLoss, Reporting, TrainStep, evaluate, train_one_epoch
 from .errors import UserError, exit_on_user_error
+from .eval_sets import sets_in, summary as eval_sets_summary
 from .io import atomic_torch_save
 from .losses import Alignment
 from .resumable import PREEMPTED_EXIT_CODE, RunControl
@@ -47,6 +48,7 @@ class Recipe:
     channels_last: bool = False
     best_name: str = "best_checkpoint.pth"
     classifier_hint: str = ""
+    classes: Optional[list] = None  # class names in output order, kept in the checkpoint (eval sets map by them)
     log_extra: dict = field(default_factory=dict)
 
 
@@ -58,6 +60,7 @@ class Data:
     train_loader: object
     sampler: object
     val_loader: object
+    eval_sets: object = None  # eval_sets.EvalSets of --eval-set
 
 
 @dataclass
@@ -129,7 +132,7 @@ def _fit(recipe, data, opts, dist_info, progress, record):
     evals = {}
     try:
         if progress.unevaluated is not None:  # stopped between an epoch's checkpoint and its evaluation
-            evals = _evaluate(recipe, data, opts, dist_info)
+            evals = _evaluate(recipe, data, opts, dist_info, progress.epoch - 1)
             _end_epoch(recipe, data, opts, dist_info, progress, progress.epoch - 1, progress.unevaluated, evals, record)
         for epoch in range(progress.epoch, last_epoch):
             train_stats = _train_epoch(recipe, data, opts, dist_info, (step, control, record), progress, epoch)
@@ -138,7 +141,7 @@ def _fit(recipe, data, opts, dist_info, progress, record):
                 return {"best": progress.best, "final_acc1": None, "final_ema_acc1": None, "stopped": control.name}
             recipe.step_scheduler(epoch + 1)
             _save_before_evaluation(recipe, opts, dist_info, progress, epoch, train_stats)
-            evals = _evaluate(recipe, data, opts, dist_info)
+            evals = _evaluate(recipe, data, opts, dist_info, epoch)
             _end_epoch(recipe, data, opts, dist_info, progress, epoch, train_stats, evals, record)
             control.saved()
     finally:
@@ -223,15 +226,18 @@ def requeue_slurm_job():
         logger.warning(f"--requeue: 'scontrol requeue {job}' failed ({str(detail).strip()}); resubmit the job by hand")
 
 
-def _evaluate(recipe, data, opts, dist_info):
-    """Exact evaluation of the raw weights and, when the recipe keeps one, of the EMA."""
+def _evaluate(recipe, data, opts, dist_info, epoch):
+    """Exact evaluation of the raw weights and, when the recipe keeps one, of the EMA (and the
+    --eval-set sets when due)."""
     test = evaluate(recipe.model, data.val_loader, dist_info.device, opts.amp_dtype, recipe.channels_last,
                     recipe.eval_prepare)
     ema = None
     if recipe.ema is not None:
         ema = evaluate(recipe.ema.module, data.val_loader, recipe.ema_device or dist_info.device, opts.amp_dtype,
                        prepare=recipe.eval_prepare)
-    return {"test": test, "ema": ema}
+    sets = data.eval_sets.evaluate_recipe(recipe, dist_info.device, opts.amp_dtype) \
+        if data.eval_sets is not None and data.eval_sets.due(epoch, opts.epochs) else {}
+    return {"test": test, "ema": ema, "sets": sets}
 
 
 def _end_epoch(recipe, data, opts, dist_info, progress, epoch, train_stats, evals, record):
@@ -253,6 +259,7 @@ def _end_epoch(recipe, data, opts, dist_info, progress, epoch, train_stats, eval
     extra = dict(recipe.log_extra)
     if isinstance(data.train_set, SkipCorrupt):
         extra["train_corrupt_images_skipped"] = data.train_set.skipped.value
+    extra.update(evals.get("sets") or {})
     record.log_epoch(epoch_row(epoch, train_stats, test, ema, **extra))  # first: kept when a save fails
     heartbeat(f"the checkpoint of epoch {epoch}")
     state = training_state(recipe, epoch, best, opts.args)
@@ -276,19 +283,20 @@ def _finish(recipe, opts, dist_info, progress, evals):
                     f"PyPI's torchvision, import gpt4image first)")
     final = (evals.get("test") or {}).get("acc1")
     final_ema = (evals.get("ema") or {}).get("acc1")
-    return _final_line(recipe, progress.best, final, final_ema)
+    return _final_line(recipe, progress.best, final, final_ema, evals.get("sets"))
 
 
-def _final_line(recipe, best, final, final_ema):
+def _final_line(recipe, best, final, final_ema, sets=None):
     nan = float("nan")
+    on_sets = f"; eval sets: {eval_sets_summary(sets)}" if sets else ""
     if recipe.ema is None:
         logger.info(f"best top-1 {best['acc1']:.2f}% at epoch {best['epoch']}, "
-                    f"final top-1 {nan if final is None else final:.2f}%")
+                    f"final top-1 {nan if final is None else final:.2f}%{on_sets}")
     else:
         logger.info(f"best top-1 {best['acc1']:.2f}% (raw) / {best['ema_acc1']:.2f}% (EMA) at epochs "
                     f"{best['epoch']}/{best['ema_epoch']}, final {nan if final is None else final:.2f}% / "
-                    f"{nan if final_ema is None else final_ema:.2f}%")
-    return {"best": best, "final_acc1": final, "final_ema_acc1": final_ema, "stopped": None}
+                    f"{nan if final_ema is None else final_ema:.2f}%{on_sets}")
+    return {"best": best, "final_acc1": final, "final_ema_acc1": final_ema, "stopped": None, "eval_sets": sets or {}}
 
 
 def _already_finished(recipe, opts, progress):
@@ -298,7 +306,7 @@ def _already_finished(recipe, opts, progress):
     last = rows[-1] if rows else {}
     logger.info(f"{os.path.abspath(opts.output_dir)} holds a finished run of {opts.epochs} epochs, so there is nothing "
                 f"to train; to train longer, start a new run in another output folder")
-    return _final_line(recipe, progress.best, last.get("test_acc1"), last.get("ema_test_acc1"))
+    return _final_line(recipe, progress.best, last.get("test_acc1"), last.get("ema_test_acc1"), sets_in(last))
 
 
 def wrap_distributed(model, dist_info, sync_bn=False):
@@ -357,18 +365,23 @@ def adopt_checkpoint_settings(args, parser, keys, recipe):
 
 
 def evaluate_checkpoint(model, state, path, loader, device, amp_dtype=None, channels_last=False, prepare=None,
-                        recipe=None):
+                        recipe=None, eval_sets=None):
     """-e / --eval: our checkpoint (its raw weights, and its EMA when it has one), or a plain
-    torchvision/timm state dict, over the validation set."""
+    torchvision/timm state dict, over the validation set (and the --eval-set sets: ``stats["sets"]``)."""
     load_classifier_weights(model.backbone, state, path, recipe)
     ema = state.get("model_ema") if isinstance(state, dict) else None
     which = " (raw weights)" if ema else ""
     stats = evaluate(model, loader, device, amp_dtype, channels_last, prepare)
     logger.info(f"evaluation of {path}{which}: top-1 {stats['acc1']:.3f}% top-5 {stats['acc5']:.3f}% "
                 f"loss {stats['loss']:.4f} over {stats['num_images']} images")
+    sets = eval_sets.evaluate(model, device, amp_dtype, channels_last, prepare) if eval_sets else {}
     if ema:
         model.backbone.load_state_dict({k[len("backbone."):]: v for k, v in ema.items() if k.startswith("backbone.")})
         stats["ema"] = evaluate(model, loader, device, amp_dtype, channels_last, prepare)
         logger.info(f"evaluation of {path} (EMA weights): top-1 {stats['ema']['acc1']:.3f}% "
                     f"top-5 {stats['ema']['acc5']:.3f}% over {stats['ema']['num_images']} images")
+        sets.update(eval_sets.evaluate(model, device, amp_dtype, channels_last, prepare, "ema_") if eval_sets else {})
+    if sets:
+        stats["sets"] = sets
+        logger.info(f"eval sets of {path}: {eval_sets_summary(sets)}")
     return stats

@@ -20,6 +20,7 @@ from gpt4image.data import (DeviceNormalize, SkipCorrupt, attach_text_embeddings
                             build_eval_loader, build_image_folders, build_train_loader, generated_datasets)
 from gpt4image.distributed import logger
 from gpt4image.errors import ArgumentParser, UserError, at_least, in_range
+from gpt4image.eval_sets import build_eval_sets, run_classes
 from gpt4image.options import add_common_args, alignment_from_args, run_options, start_run
 from gpt4image.resumable import seed_all
 from gpt4image.training import (Data, Recipe, adopt_checkpoint_settings, evaluate_checkpoint, fit, run_recipe,
@@ -132,6 +133,8 @@ def _run(args, dist_info, device):
                                       RECIPE) if args.evaluate else None
     amp_dtype = start_run(args, dist_info)
     train_set, val_set, num_classes, embeddings = build_data(args, dist_info)
+    eval_sets = build_eval_sets(args, run_classes(train_set, state), val_set, dist_info, args.batch_size, args.workers,
+                                torch.cuda.is_available())
     text_dim = embeddings.dim if embeddings is not None else None
     seed_all(args.seed, device)  # same initial weights on every rank
     model = build_model(args, num_classes, text_dim).to(device)
@@ -141,7 +144,7 @@ def _run(args, dist_info, device):
     val_loader = build_eval_loader(val_set, dist_info, args.batch_size, args.workers, pin)
     if args.evaluate:
         return evaluate_checkpoint(model, state, args.resume, val_loader, device, amp_dtype, args.channels_last,
-                                   NORMALIZE, RECIPE)
+                                   NORMALIZE, RECIPE, eval_sets)
 
     lr = args.lr if args.no_scale_lr else args.lr * dist_info.world_size * args.batch_size * args.accum_iter / 256
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=args.momentum, weight_decay=args.wd)
@@ -156,7 +159,7 @@ def _run(args, dist_info, device):
                     criterion=lambda _, logits, targets: ce(logits, targets),
                     scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16), text_dim=text_dim,
                     train_prepare=NORMALIZE, eval_prepare=NORMALIZE, sync_bn=args.sync_bn,
-                    channels_last=args.channels_last, best_name="best_model.pth.tar",
+                    channels_last=args.channels_last, best_name="best_model.pth.tar", classes=run_classes(train_set),
                     classifier_hint=f"torchvision.models.{args.arch}(num_classes={num_classes})"
                                     f".load_state_dict(torch.load('classifier.pth'))",
                     log_extra={"n_parameters": sum(p.numel() for p in model.backbone.parameters())})
@@ -166,7 +169,7 @@ def _run(args, dist_info, device):
                                                  args.seed + 1000 * dist_info.rank)
     alignment = alignment_from_args(args, embeddings, dist_info.world_size)
     opts = run_options(args, args.save_dir, args.start_epoch, args.batch_size, amp_dtype, alignment)
-    return fit(recipe, Data(train_set, train_loader, resumable, val_loader), opts, dist_info)
+    return fit(recipe, Data(train_set, train_loader, resumable, val_loader, eval_sets), opts, dist_info)
 
 
 if __name__ == "__main__":
