@@ -1,0 +1,130 @@
+"""The alignment-loss family: each loss against a loop reference, the 2-rank gradient contract of
+every loss with negatives, the weight schedules, the standardisation, SigLIP's learned scalars in
+the checkpoint, exact accumulation, and the combinations that are refused."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import alignment_references as ref
+from conftest import REPO
+from gpt4image.losses import LOSS_TYPES, LOSSES, Alignment, AlignmentState, alignment_loss
+from gpt4image.text_weight import parse_schedule
+from gpt4image.errors import UserError
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+NEW = ["cos", "l2", "kl", "dist", "sigmoid", "supcon", "vl2lite-text"]
+
+
+def _batch(n=6, d=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    z = (torch.randn(n, d, generator=g, dtype=torch.float64) * 2).requires_grad_()
+    t = F.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=-1)
+    t[4] = t[1]  # two images with the same text row: positives of each other under supcon
+    labels = torch.tensor([0, 1, 0, 2, 3, 2])[:n]
+    return z, t, labels
+
+
+@pytest.mark.parametrize("loss_type", NEW)
+def test_each_new_loss_and_its_gradient_equal_a_loop_reference(loss_type):
+    z, t, labels = _batch()
+    extra = {}
+    if loss_type == "sigmoid":  # away from the initial values, so that both scalars matter
+        extra = {"log_scale": torch.tensor(1.3, dtype=torch.float64, requires_grad=True),
+                 "bias": torch.tensor(-0.7, dtype=torch.float64, requires_grad=True)}
+    mine = alignment_loss(z, t, loss_type, tau=0.3, labels=labels, **extra)
+    mine_grads = torch.autograd.grad(mine, [z, *extra.values()])
+    theirs = ref.REFERENCES[loss_type](z, t, tau=0.3, labels=labels, **extra)
+    their_grads = torch.autograd.grad(theirs, [z, *extra.values()])
+    # alignment_loss computes in float32 (as under autocast); the references in float64
+    assert mine.item() == pytest.approx(theirs.item(), rel=2e-5, abs=1e-6)
+    for a, b in zip(mine_grads, their_grads):
+        torch.testing.assert_close(a.double(), b, rtol=2e-4, atol=2e-6)
+
+
+def test_the_papers_three_losses_are_unchanged_and_clip_is_the_default():
+    z, t, labels = _batch()
+    assert Alignment().loss_type == "clip" and LOSS_TYPES[:3] == ("clip", "ctr", "byol")
+    assert alignment_loss(z, t, "clip", 0.3).item() == pytest.approx(ref.clip(z, t, 0.3).item(), rel=1e-5)
+
+
+def test_siglip_starts_at_the_papers_temperature_and_bias():
+    state = AlignmentState("sigmoid", 8)
+    assert state.log_scale.exp().item() == pytest.approx(10.0) and state.bias.item() == -10.0
+    assert {n for n, _ in state.named_parameters()} == {"log_scale", "bias"}
+
+
+def test_supcon_positives_are_the_same_class_or_the_same_text_row():
+    z, t, _ = _batch()
+    distinct = torch.arange(6)
+    # with every class distinct, rows 1 and 4 (identical text) are still positives of each other
+    merged = alignment_loss(z, t, "supcon", 0.3, labels=distinct).item()
+    t_apart = t.clone()
+    t_apart[4] = F.normalize(t[4] + 1e-3, dim=0)
+    apart = alignment_loss(z, t_apart, "supcon", 0.3, labels=distinct).item()
+    assert merged == pytest.approx(ref.supcon(z, t, 0.3, distinct).item(), rel=1e-5)
+    assert apart == pytest.approx(ref.supcon(z, t_apart, 0.3, distinct).item(), rel=1e-5)
+    assert abs(merged - apart) > 0.05
+
+
+def test_ddp_gradient_of_every_loss_with_negatives_equals_one_process(tmp_path):
+    out = tmp_path / "report.json"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           os.path.join(HERE, "dist", "loss_gradients.py"), str(out)],
+                          capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert set(report) == {f"{loss}/{mode}" for loss in ref.WITH_NEGATIVES for mode in ("gather_with_grad", "default")}
+    assert set(ref.WITH_NEGATIVES) == {name for name, spec in LOSSES.items() if spec.negatives}
+    for key, difference in report.items():
+        assert difference < 1e-6, (key, difference)
+
+
+# --- schedules ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("spec, expected", [
+    ("const", lambda e: 0.3),
+    ("linear", lambda e: 0.3 * (10 - e) / 10),
+    ("cosine", lambda e: 0.3 * math.cos(math.pi * e / 20)),
+    ("warmup:4", lambda e: 0.3 * min(1, e / 4)),
+    ("jump:2-6-0.1", lambda e: 0.3 if e <= 2 else 0.03 if e >= 6 else 0.3 + (0.03 - 0.3) * (e - 2) / 4),
+    ("jump:3-3-2", lambda e: 0.3 if e <= 3 else 0.6),
+])
+def test_the_weight_at_chosen_epochs_and_steps_is_its_formula(spec, expected):
+    per_epoch, per_step = parse_schedule(spec, 10, "epoch"), parse_schedule(spec, 10, "step")
+    for epoch in (0, 1, 2, 3, 5, 6, 9):
+        assert per_epoch.weight(0.3, epoch, step=7, steps=8) == pytest.approx(expected(epoch), abs=1e-12)
+        for step in (0, 3, 7):
+            assert per_step.weight(0.3, epoch, step, 8) == pytest.approx(expected(epoch + step / 8), abs=1e-12)
+
+
+@pytest.mark.parametrize("spec, message", [("cosin", "not a schedule"), ("jump:5-2-0.1", "A <= B"),
+                                           ("jump:1-2", "3 number"), ("warmup:0", "> 0"), ("warmup:x", "number"),
+                                           ("const:3", "not a schedule")])
+def test_a_bad_schedule_is_refused(spec, message):
+    with pytest.raises(UserError, match=message):
+        parse_schedule(spec, 10)
+
+
+# --- standardisation ----------------------------------------------------------------------------
+
+def test_standardisation_statistics_are_the_tables_per_dimension_mean_and_std():
+    g = torch.Generator().manual_seed(0)
+    table = (torch.randn(1000, 6, generator=g) * torch.arange(1, 7) + 3).half()
+    state = AlignmentState("clip", 6, standardize=True)
+    state.set_text_statistics(table, chunk_rows=128)  # by chunks
+    rows = table.double()
+    for d in range(6):
+        column = [float(v) for v in rows[:, d]]
+        mean = sum(column) / len(column)
+        std = math.sqrt(sum((v - mean) ** 2 for v in column) / (len(column) - 1))
+        assert state.text_mean[d].item() == pytest.approx(mean, rel=1e-6)
+        assert state.text_std[d].item() == pytest.approx(std, rel=1e-6)
+    t = table[:4].float()
+    torch.testing.assert_close(state.standardized(t, unit=False), (t - state.text_mean) / state.text_std)
+    assert torch.allclose(state.standardized(t, unit=True).norm(dim=1), torch.ones(4))
