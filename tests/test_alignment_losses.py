@@ -128,3 +128,122 @@ def test_standardisation_statistics_are_the_tables_per_dimension_mean_and_std():
     t = table[:4].float()
     torch.testing.assert_close(state.standardized(t, unit=False), (t - state.text_mean) / state.text_std)
     assert torch.allclose(state.standardized(t, unit=True).norm(dim=1), torch.ones(4))
+
+
+# --- the recipes: schedules in log.txt and TensorBoard, SigLIP's scalars and the statistics resumed ----
+
+SMALL = ["-a", "resnet18", "-b", "8", "--input-size", "32", "-j", "0", "--seed", "0", "-p", "1"]
+DEIT_PLAIN = ["--model", "deit_tiny_patch16_224", "--input-size", "32", "--num_workers", "0", "--epochs", "1",
+              "--no-model-ema", "--mixup=0", "--cutmix=0", "--aa=none", "--reprob=0", "--drop-path=0", "--smoothing=0",
+              "--no-repeated-aug", "--seed=0"]
+
+
+def _log(folder):
+    return [json.loads(line) for line in open(os.path.join(folder, "log.txt"))]
+
+
+def _step_scalars(folder, tag):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(folder / "tensorboard"))
+    events.Reload()
+    return {e.step: e.value for e in events.Scalars(tag)}
+
+
+def test_sigmoid_standardised_per_step_schedule_is_learned_kept_and_resumed_exactly(image_folder, embeddings,
+                                                                                    tmp_path):
+    import resnet_main
+    from gpt4image import load_text_embeddings
+    common = [f"--data={image_folder}", f"--text_emb={embeddings}", *SMALL, "--epochs=3", "--loss_type=sigmoid",
+              "--text-emb-standardize", "--text-weight-schedule=linear", "--text-weight-every=step"]
+    resnet_main.main([*common, f"--save_dir={tmp_path}/straight"])
+    resnet_main.main([*common, f"--save_dir={tmp_path}/resumed", "--stop-after=1"])
+    resnet_main.main([*common, f"--save_dir={tmp_path}/resumed"])
+    a, b = torch.load(tmp_path / "straight" / "checkpoint.pth"), torch.load(tmp_path / "resumed" / "checkpoint.pth")
+    for part in ("model", "projection_head", "alignment_state"):
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), (part, k)
+    state = a["alignment_state"]
+    assert state["log_scale"].item() != pytest.approx(math.log(10), abs=1e-6)  # optimised
+    assert state["bias"].item() != pytest.approx(-10.0, abs=1e-6)
+    table = load_text_embeddings(embeddings).table.double()
+    torch.testing.assert_close(state["text_mean"].double(), table.mean(dim=0), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(state["text_std"].double(), table.std(dim=0), rtol=1e-5, atol=1e-6)
+    steps = 48 // 8
+    weight = lambda position: 0.3 * (3 - position) / 3  # noqa: E731  (linear, per step)
+    timing = {"epoch_time_s", "images_per_s"}
+    straight, resumed = ([{k: v for k, v in r.items() if k not in timing} for r in _log(tmp_path / d)]
+                         for d in ("straight", "resumed"))
+    assert straight == resumed
+    assert [r["train_text_weight"] for r in straight] == pytest.approx(
+        [weight(e + (steps - 1) / steps) for e in range(3)], abs=1e-12)
+    for run in ("straight", "resumed"):
+        scalars = _step_scalars(tmp_path / run, "step/text_weight")
+        assert sorted(scalars) == list(range(1, 3 * steps + 1))
+        for global_step, value in scalars.items():
+            epoch, step = divmod(global_step - 1, steps)
+            assert value == pytest.approx(weight(epoch + step / steps), rel=1e-6)
+
+
+def test_supcon_under_mixup_takes_the_unmixed_labels(image_folder, embeddings, tmp_path):
+    import deit_main
+    from deit_data import DeviceAugment, TextMixup
+    from gpt4image.engine import TrainStep, train_step
+
+    seen = []
+
+    class Recording(Alignment):
+        def loss(self, image_features, text_embeddings, labels=None, state=None, live_parameters=True):
+            seen.append(labels.clone())
+            return super().loss(image_features, text_embeddings, labels, state, live_parameters)
+
+    args = deit_main.get_args_parser().parse_args([*DEIT_PLAIN, "--loss_type=supcon"])
+    model = deit_main.build_model(args, 4, 8)
+    mix = TextMixup(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1, num_classes=4)
+    criterion, _ = deit_main.build_criterion(deit_main.get_args_parser().parse_args(["--loss_type=supcon"]), 4, "cpu")
+    step = TrainStep(model, torch.optim.SGD(model.parameters(), lr=0.1), criterion, torch.device("cpu"),
+                     Recording("supcon", 0.05), mix_fn=mix, prepare=DeviceAugment())
+    labels = torch.tensor([0, 1, 2, 3])
+    values, _, _ = train_step(step, (torch.randint(0, 255, (4, 3, 32, 32), dtype=torch.uint8), labels,
+                                     F.normalize(torch.randn(4, 8), dim=-1)))
+    assert torch.equal(seen[0], labels) and torch.isfinite(values).all()
+
+
+# --- exact accumulation ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("loss_type", ["clip", "supcon"])
+def test_one_process_batch_b_accumulating_2_equals_batch_2b(loss_type, image_folder, embeddings, tmp_path):
+    import deit_main
+    plain = [f"--text_emb={embeddings}", f"--data-path={image_folder}", *DEIT_PLAIN, f"--loss_type={loss_type}"]
+    deit_main.main([*plain, "--batch-size=8", f"--output_dir={tmp_path}/big"])
+    deit_main.main([*plain, "--batch-size=4", "--accum-iter=2", f"--output_dir={tmp_path}/exact"])
+    big, exact = (torch.load(tmp_path / d / "checkpoint.pth") for d in ("big", "exact"))
+    for part in ("model", "projection_head"):
+        for key in big[part]:
+            torch.testing.assert_close(exact[part][key], big[part][key], rtol=1e-4, atol=1e-5)
+    rows = [_log(tmp_path / d)[0] for d in ("big", "exact")]
+    assert rows[1]["train_text_loss"] == pytest.approx(rows[0]["train_text_loss"], rel=1e-5)  # over 8, not 4
+    if loss_type == "clip":  # the property is not trivial: per-batch negatives give other weights
+        deit_main.main([*plain, "--batch-size=4", "--accum-iter=2", "--accum-alignment=per-batch",
+                        f"--output_dir={tmp_path}/per_batch"])
+        per_batch = torch.load(tmp_path / "per_batch" / "checkpoint.pth")
+        assert not torch.allclose(per_batch["projection_head"]["0.weight"], big["projection_head"]["0.weight"],
+                                  rtol=1e-4, atol=1e-5)
+
+
+def _accumulation_runs(out, world, batch, accum):
+    script = os.path.join(HERE, "dist", "accumulation.py")
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}"] if world > 1 else []
+    proc = subprocess.run([sys.executable, *launcher, script, str(out), str(batch), str(accum)],
+                          capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return torch.load(out)
+
+
+def test_two_ranks_batch_b_accumulating_2_equal_one_process_batch_4b_with_clip_and_supcon(tmp_path):
+    single = _accumulation_runs(tmp_path / "single.pth", 1, 8, 1)
+    ranks = _accumulation_runs(tmp_path / "ranks.pth", 2, 2, 2)
+    for loss_type in ("clip", "supcon"):
+        for key in single[loss_type]:
+            torch.testing.assert_close(ranks[loss_type][key], single[loss_type][key], rtol=1e-4, atol=1e-5)
+    head = "projection_head.0.weight"  # the property is not trivial: per-batch negatives give other weights
+    assert not torch.allclose(ranks["clip/per-batch"][head], single["clip"][head], rtol=1e-4, atol=1e-5)
