@@ -250,3 +250,63 @@ def test_two_ranks_batch_b_accumulating_2_equal_one_process_batch_4b_with_clip_a
             torch.testing.assert_close(ranks[loss_type][key], single[loss_type][key], rtol=1e-4, atol=1e-5)
     head = "projection_head.0.weight"  # the property is not trivial: per-batch negatives give other weights
     assert not torch.allclose(ranks["clip/per-batch"][head], single["clip"][head], rtol=1e-4, atol=1e-5)
+
+
+def _batches(count, size, classes=4, dim=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(size, 3, 32, 32, generator=g), torch.randint(0, classes, (size,), generator=g),
+             F.normalize(torch.randn(size, dim, generator=g), dim=-1)) for _ in range(count)]
+
+
+def _one_step(model, batches, alignment):
+    from gpt4image.engine import TrainStep, train_step
+    step = TrainStep(model, torch.optim.SGD(model.parameters(), lr=0.1), lambda _, logits, y: F.cross_entropy(logits, y),
+                     torch.device("cpu"), alignment, accum_iter=len(batches))
+    for k, batch in enumerate(batches):
+        train_step(step, batch, first=k == 0, update=k == len(batches) - 1)
+
+
+def test_exact_accumulation_updates_batchnorm_statistics_once_per_batch_as_plain_accumulation():
+    import copy
+    import resnet_main
+    args = resnet_main.get_args_parser().parse_args(["-a", "resnet18", "--input-size", "32"])
+    torch.manual_seed(0)
+    model = resnet_main.build_model(args, 4, 8)
+    plain, exact = model, copy.deepcopy(model)
+    batches = _batches(2, 4)
+    _one_step(plain, batches, Alignment("clip", 0.2, exact_accumulation=False))
+    _one_step(exact, batches, Alignment("clip", 0.2))
+    buffers = dict(exact.named_buffers())
+    assert buffers["backbone.bn1.num_batches_tracked"].item() == 2  # not 4: the no-grad pass left them alone
+    for name, value in plain.named_buffers():
+        torch.testing.assert_close(buffers[name], value, rtol=0, atol=1e-6, msg=name)
+
+
+def test_the_recompute_draws_the_same_dropout_and_drop_path_masks_as_the_first_pass():
+    import deit_main
+    args = deit_main.get_args_parser().parse_args(["--model", "deit_tiny_patch16_224", "--input-size", "32",
+                                                   "--drop-path=0.5", "--drop=0.3"])
+    torch.manual_seed(0)
+    model = deit_main.build_model(args, 4, 8)
+    outputs = []
+    model.projection_head.register_forward_hook(lambda module, inputs, output: outputs.append(output.detach()))
+    _one_step(model, _batches(2, 4), Alignment("supcon", 0.1))
+    first_a, first_b, again_a, again_b = outputs  # first passes of batches a, b; then their recomputes
+    assert torch.equal(first_a, again_a) and torch.equal(first_b, again_b)
+    model(_batches(1, 4)[0][0])  # the masks are random: the same batch without the saved state differs
+    assert not torch.allclose(outputs[-1], first_a)
+
+
+@pytest.mark.parametrize("recipe, flags, expected", [
+    ("deit", ["--loss_type=supcon", "--mix-text"], ["supcon", "--mix-text"]),
+    ("resnet", ["--text-weight-schedule=cosin"], ["cosin", "not a schedule", "jump:A-B-R"]),
+    ("deit", ["--text-weight-schedule=jump:30-10-0.1"], ["jump:30-10-0.1", "A <= B"]),
+    ("resnet", ["--text-emb-standardize", "--text_emb=none"], ["--text-emb-standardize", "--text_emb none"]),
+    ("deit", ["--loss_type=sigmoid", "--gather-with-grad", "--local-loss"], ["--local-loss", "clip"]),
+])
+def test_bad_combinations_are_one_line_exit_2_before_anything_is_written(recipe, flags, expected, tmp_path):
+    from test_hardening import refused
+    out = tmp_path / "out"
+    where = ["--save_dir", str(out)] if recipe == "resnet" else ["--output_dir", str(out)]
+    refused([os.path.join(REPO, recipe, "main.py"), *where, *flags], *expected)
+    assert not out.exists()
