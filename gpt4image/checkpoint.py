@@ -137,8 +137,8 @@ def restore(recipe, path, epochs, args=None, explicit=False):
     if state is not None:  # SigLIP's learned scalars, the text statistics of --text-emb-standardize
         if not checkpoint.get("alignment_state"):
             raise UserError(f"checkpoint {path!r} has no alignment-loss state (SigLIP's temperature and bias, "
-                            f"--text-emb-standardize's statistics), which this run's --loss_type/--text-emb-standardize "
-                            f"keep; resume it with the alignment flags it was trained with")
+                            f"--text-emb-standardize's statistics), which this run's --loss_type or "
+                            f"--text-emb-standardize keep; resume it with the alignment flags it was trained with")
         state.load_state_dict(checkpoint["alignment_state"])
     if recipe.ema is not None and checkpoint.get("model_ema"):
         recipe.ema.module.load_state_dict(checkpoint["model_ema"])

@@ -91,8 +91,8 @@ def prepare_alignment_state(model, args, embeddings, output_dir):
         return
     state.set_text_statistics(embeddings.table)
     logger.info(f"--text-emb-standardize: per-dimension mean and std of {len(embeddings)} text rows computed "
-                f"(mean |mean| {state.text_mean.abs().mean().item():.3g}, mean std {state.text_std.mean().item():.3g}); "
-                f"kept in the checkpoint")
+                f"(mean |mean| {state.text_mean.abs().mean().item():.3g}, "
+                f"mean std {state.text_std.mean().item():.3g}); kept in the checkpoint")
 
 
 def run_options(args, output_dir, start_epoch, batch_size, amp_dtype, alignment):

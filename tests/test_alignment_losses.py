@@ -260,8 +260,9 @@ def _batches(count, size, classes=4, dim=8, seed=0):
 
 def _one_step(model, batches, alignment):
     from gpt4image.engine import TrainStep, train_step
-    step = TrainStep(model, torch.optim.SGD(model.parameters(), lr=0.1), lambda _, logits, y: F.cross_entropy(logits, y),
-                     torch.device("cpu"), alignment, accum_iter=len(batches))
+    criterion = lambda _, logits, y: F.cross_entropy(logits, y)  # noqa: E731
+    step = TrainStep(model, torch.optim.SGD(model.parameters(), lr=0.1), criterion, torch.device("cpu"), alignment,
+                     accum_iter=len(batches))
     for k, batch in enumerate(batches):
         train_step(step, batch, first=k == 0, update=k == len(batches) - 1)
 
