@@ -153,7 +153,7 @@ def test_sigmoid_standardised_per_step_schedule_is_learned_kept_and_resumed_exac
                                                                                     tmp_path):
     import resnet_main
     from gpt4image import load_text_embeddings
-    common = [f"--data={image_folder}", f"--text_emb={embeddings}", *SMALL, "--epochs=3", "--loss_type=sigmoid",
+    common = [f"--data={image_folder}", f"--text_emb={embeddings}", *SMALL, "--epochs=2", "--loss_type=sigmoid",
               "--text-emb-standardize", "--text-weight-schedule=linear", "--text-weight-every=step"]
     resnet_main.main([*common, f"--save_dir={tmp_path}/straight"])
     resnet_main.main([*common, f"--save_dir={tmp_path}/resumed", "--stop-after=1"])
@@ -169,16 +169,16 @@ def test_sigmoid_standardised_per_step_schedule_is_learned_kept_and_resumed_exac
     torch.testing.assert_close(state["text_mean"].double(), table.mean(dim=0), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(state["text_std"].double(), table.std(dim=0), rtol=1e-5, atol=1e-6)
     steps = 48 // 8
-    weight = lambda position: 0.3 * (3 - position) / 3  # noqa: E731  (linear, per step)
+    weight = lambda position: 0.3 * (2 - position) / 2  # noqa: E731  (linear, per step)
     timing = {"epoch_time_s", "images_per_s"}
     straight, resumed = ([{k: v for k, v in r.items() if k not in timing} for r in _log(tmp_path / d)]
                          for d in ("straight", "resumed"))
     assert straight == resumed
     assert [r["train_text_weight"] for r in straight] == pytest.approx(
-        [weight(e + (steps - 1) / steps) for e in range(3)], abs=1e-12)
+        [weight(e + (steps - 1) / steps) for e in range(2)], abs=1e-12)
     for run in ("straight", "resumed"):
         scalars = _step_scalars(tmp_path / run, "step/text_weight")
-        assert sorted(scalars) == list(range(1, 3 * steps + 1))
+        assert sorted(scalars) == list(range(1, 2 * steps + 1))
         for global_step, value in scalars.items():
             epoch, step = divmod(global_step - 1, steps)
             assert value == pytest.approx(weight(epoch + step / steps), rel=1e-6)
