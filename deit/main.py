@@ -24,7 +24,9 @@ from gpt4image.data import (SkipCorrupt, attach_text_embeddings, attach_val_text
 from gpt4image.distributed import logger
 from gpt4image.errors import ArgumentParser, UserError, at_least, in_range
 from gpt4image.eval_sets import build_eval_sets, run_classes
-from gpt4image.options import add_common_args, alignment_from_args, run_options, start_run
+from gpt4image.losses import LOSS_TYPES
+from gpt4image.options import (add_common_args, alignment_from_args, alignment_state_for, prepare_alignment_state,
+                               run_options, start_run)
 from gpt4image.resumable import seed_all
 from gpt4image.training import (Data, Recipe, adopt_checkpoint_settings, evaluate_checkpoint, fit, run_recipe,
                                 script_exit)
@@ -127,10 +129,11 @@ def get_args_parser():
     a("--text_emb", default="imagenet_clip_text_emb_0_1281166.pth", help="'none' trains the baseline")
     a("--proj_type", default="mlp", choices=["mlp", "linear"],
       help="projection head: MLP (Linear-ReLU-Linear) or one Linear")
-    a("--loss_type", default="clip", choices=["clip", "ctr", "byol"],
-      help="alignment loss: clip (symmetric InfoNCE over the global batch), ctr (image to text), byol")
+    a("--loss_type", default="clip", choices=LOSS_TYPES,
+      help="alignment loss: clip (symmetric InfoNCE over the global batch), ctr (image to text), byol (the paper's); "
+           "cos, l2, kl, dist, sigmoid (SigLIP), supcon, vl2lite-text (README: alignment losses)")
     a("--lamb", type=in_range(minimum=0), default=0.3, help="weight of the text-alignment loss")
-    a("--tau", type=in_range(above=0), default=0.05, help="temperature of the clip/ctr losses")
+    a("--tau", type=in_range(above=0), default=0.05, help="temperature of the clip/ctr/supcon losses")
     return add_common_args(p)
 
 
@@ -176,7 +179,7 @@ def build_model(args, num_classes, text_dim):
     if text_dim is not None:
         width = getattr(backbone, "head_hidden_size", None) or backbone.num_features  # of the pre-logits feature
         head = build_projection_head(args.proj_type, width, text_dim, batchnorm=False, init_std=0.02)
-    return TextAlignedModel(backbone, head)
+    return TextAlignedModel(backbone, head, alignment_state_for(args, text_dim))
 
 
 def build_teacher(args, num_classes, device):
@@ -251,6 +254,7 @@ def _run(args, dist_info, device):
 
     seed_all(args.seed, device)
     model = build_model(args, num_classes, text_dim).to(device)
+    prepare_alignment_state(model, args, embeddings, args.output_dir)
     pin = args.pin_mem and device.type == "cuda"
     val_loader = build_eval_loader(val_set, dist_info, int(1.5 * args.batch_size), args.num_workers, pin)
     if args.eval:

@@ -54,9 +54,14 @@ def training_state(recipe, epoch, best, args, **position):
             "model": model.backbone.state_dict(),
             "projection_head": model.projection_head.state_dict() if model.projection_head is not None else None,
             "model_ema": ema.module.state_dict() if ema is not None else None,
+            "alignment_state": _alignment_state(model).state_dict() if _alignment_state(model) is not None else None,
             "optimizer": recipe.optimizer.state_dict(), "scheduler": recipe.scheduler.state_dict(),
             "scaler": scaler.state_dict() if scaler.is_enabled() else None, "args": vars(args),
             "classes": getattr(recipe, "classes", None), **position}
+
+
+def _alignment_state(model):
+    return getattr(model, "alignment_state", None)
 
 
 def find_resume(resume, output_dir):
@@ -130,6 +135,13 @@ def restore(recipe, path, epochs, args=None, explicit=False):
     model.backbone.load_state_dict(checkpoint["model"])
     if model.projection_head is not None and checkpoint.get("projection_head"):
         model.projection_head.load_state_dict(checkpoint["projection_head"])
+    state = _alignment_state(model)
+    if state is not None:  # SigLIP's learned scalars, the text statistics of --text-emb-standardize
+        if not checkpoint.get("alignment_state"):
+            raise UserError(f"checkpoint {path!r} has no alignment-loss state (SigLIP's temperature and bias, "
+                            f"--text-emb-standardize's statistics), which this run's --loss_type or "
+                            f"--text-emb-standardize keep; resume it with the alignment flags it was trained with")
+        state.load_state_dict(checkpoint["alignment_state"])
     if recipe.ema is not None and checkpoint.get("model_ema"):
         recipe.ema.module.load_state_dict(checkpoint["model_ema"])
     recipe.optimizer.load_state_dict(checkpoint["optimizer"])

@@ -6,7 +6,7 @@ non-finite loss be reported with its exact step and term.
 """
 import contextlib
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
@@ -61,6 +61,14 @@ class TrainStep:
     prepare: Optional[Callable] = None
     channels_last: bool = False
     accum_iter: int = 1  # batches whose gradients are summed before each optimizer step
+    text_weight: Optional[float] = None  # the alignment's weight in force (train_one_epoch sets it); None: lamb
+    accumulated: list = field(default_factory=list)  # the kept batches of an exact accumulation
+
+    @property
+    def exact_accumulation(self):
+        """A loss with negatives over all N accumulated batches (see accumulation.py)."""
+        a = self.alignment
+        return self.accum_iter > 1 and a is not None and a.exact_accumulation and a.negatives
 
 
 def backward_and_step(loss, optimizer, scaler=None, clip_grad=None, parameters=None, update=True):
@@ -81,6 +89,14 @@ def backward_and_step(loss, optimizer, scaler=None, clip_grad=None, parameters=N
         optimizer.step()
 
 
+def alignment_state(model):
+    """The alignment loss's state (losses.AlignmentState) of ``model``, under torch.compile and DDP; or None."""
+    model = getattr(model, "_orig_mod", model)
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        model = model.module
+    return getattr(model, "alignment_state", None)
+
+
 def _no_sync(model, accumulating):
     """DDP's no_sync while gradients accumulate (no all-reduce until the batch that steps)."""
     ddp = getattr(model, "_orig_mod", model)  # under torch.compile
@@ -94,6 +110,9 @@ def train_step(step, batch, first=True, update=True):
     step's batch is N batches, ``first`` starting it and ``update`` ending it. Returns (the
     [loss, ce, text] values as a float64 tensor on the device, batch size, correct top-1 predictions
     or None when the targets are mixed)."""
+    if step.exact_accumulation:
+        from .accumulation import exact_accumulation_step
+        return exact_accumulation_step(step, batch, first, update)
     if first:
         step.optimizer.zero_grad(set_to_none=True)
     with _no_sync(step.model, not update):
@@ -115,8 +134,8 @@ def _forward_backward(step, batch, update):
         logits, projected = output if isinstance(output, tuple) and step.alignment is not None else (output, None)
         ce = step.criterion(images, logits, targets)
         if projected is not None:
-            text_loss = step.alignment.loss(projected, text)
-            loss = ce + step.alignment.lamb * text_loss
+            text_loss = step.alignment.loss(projected, text, hard_targets, alignment_state(step.model))
+            loss = ce + (step.alignment.lamb if step.text_weight is None else step.text_weight) * text_loss
         else:
             text_loss, loss = torch.zeros((), device=device), ce
     backward_and_step(loss / step.accum_iter if step.accum_iter > 1 else loss, step.optimizer, step.scaler,
@@ -172,6 +191,7 @@ class ProgressLine:
         self.data_time = 0.0
         self.images = 0
         self.window = []  # per-step [loss, ce, text] since the last read-back
+        self.text_weight = None  # the alignment's weight in force
 
     def due(self, step, force=False):
         return force or (step + 1) % self.print_freq == 0 or step + 1 == self.steps
@@ -184,6 +204,8 @@ class ProgressLine:
         rate = self.images / max(now - self.started, 1e-9)
         if self.sink is not None:
             scalars = dict(zip(("loss", "ce_loss", "text_loss"), recent), lr=lr, images_per_s=rate)
+            if self.text_weight is not None:
+                scalars["text_weight"] = self.text_weight
             self.sink(self.epoch * self.steps + step + 1, {f"step/{k}": v for k, v in scalars.items()})
         done = step + 1 - self.start_step
         cur = sums.local()
@@ -222,10 +244,14 @@ def train_one_epoch(step, loader, epoch, *, start_step=0, partial=None, control=
             seed_all(mix_seed(seed, epoch, index, 1), step.device)
         progress.data_time += time.time() - fetch_start
         update = (index + 1) % step.accum_iter == 0 or index + 1 == steps
+        if step.alignment is not None:  # a pure function of the position: the same after a resume
+            step.text_weight = progress.text_weight = step.alignment.weight(epoch, index - index % step.accum_iter,
+                                                                            steps)
         losses, n, correct = train_step(step, batch, first=index % step.accum_iter == 0, update=update)
-        progress.window.append(losses)
-        progress.images += n
-        sums.add(losses, n, correct)
+        if n:  # an exact accumulation reports its batches together, at the optimizer step
+            progress.window.append(losses)
+            progress.images += n
+            sums.add(losses, n, correct)
         heartbeat(f"training epoch {epoch}, step {index + 1}")
         action = control() if control is not None and update else None  # positions only between steps
         if progress.due(index, force=action is not None and action >= CHECKPOINT):
@@ -242,6 +268,8 @@ def train_one_epoch(step, loader, epoch, *, start_step=0, partial=None, control=
                "lr": lr, "images_per_s": totals["images_per_s"], "epoch_time_s": elapsed, "steps": index + 1}
     if step.mix_fn is None:
         metrics["acc1"] = 100.0 * totals["correct"] / count
+    if step.text_weight is not None:
+        metrics["text_weight"] = step.text_weight  # of the epoch's last step
     return metrics
 
 

@@ -42,10 +42,11 @@ class TextAlignedModel(nn.Module):
     Works for torchvision ResNets and timm models with ``forward_head(..., pre_logits=True)``.
     """
 
-    def __init__(self, backbone, projection_head=None):
+    def __init__(self, backbone, projection_head=None, alignment_state=None):
         super().__init__()
         self.backbone = backbone
         self.projection_head = projection_head
+        self.alignment_state = alignment_state  # the alignment loss's own state (losses.AlignmentState), or None
         self._torchvision_resnet = _is_torchvision_resnet(backbone)
         # Distilled timm models average two tokens in forward_head; plain ones apply one classifier.
         self._timm_single_head = (not self._torchvision_resnet

@@ -3,9 +3,11 @@ import torch
 
 from .distributed import logger
 from .errors import UserError, at_least
+from .checkpoint import find_resume
 from .eval_sets import add_eval_set_args
-from .losses import Alignment
+from .losses import Alignment, AlignmentState, needs_state
 from .run_record import require_wandb
+from .text_weight import add_alignment_args, check_alignment_args
 from .training import RunOptions
 
 
@@ -49,13 +51,14 @@ def add_common_args(p):
     p.add_argument("--local-rank", "--local_rank", type=int, default=None, dest="local_rank",
                    help="set by the legacy torch.distributed.launch without --use_env")
     add_eval_set_args(p)
-    return p
+    return add_alignment_args(p)
 
 
 def start_run(args, dist_info):
     """Checks and the arguments log line both recipes begin with; returns the autocast dtype (None: fp32)."""
     if args.local_loss and not args.gather_with_grad:
         raise UserError("--local-loss needs --gather-with-grad")
+    check_alignment_args(args)
     require_wandb(args)
     args.world_size = dist_info.world_size
     return getattr(torch, args.amp_dtype) if args.amp_dtype else None
@@ -66,9 +69,32 @@ def alignment_from_args(args, embeddings, world_size):
     if embeddings is None:
         logger.info("text alignment: off (baseline)")
         return None
-    alignment = Alignment(args.loss_type, args.tau, args.lamb, args.gather_with_grad, args.local_loss)
+    alignment = Alignment(args.loss_type, args.tau, args.lamb, args.gather_with_grad, args.local_loss,
+                          check_alignment_args(args), args.accum_alignment == "exact")
     logger.info(alignment.describe(world_size))
     return alignment
+
+
+def alignment_state_for(args, text_dim):
+    """The ``AlignmentState`` a model with a projection head keeps (None when its loss needs none)."""
+    if text_dim is None or not needs_state(args.loss_type, args.text_emb_standardize):
+        return None
+    return AlignmentState(args.loss_type, text_dim, args.text_emb_standardize)
+
+
+def prepare_alignment_state(model, args, embeddings, output_dir):
+    """--text-emb-standardize: the training table's statistics, computed once at the start of a run
+    (a resumed run takes those of its checkpoint). Call before the optimizer and EMA are built."""
+    state = getattr(model, "alignment_state", None)
+    if state is None or not state.standardize:
+        return
+    if find_resume(args.resume, output_dir):
+        logger.info("--text-emb-standardize: the text statistics come from the checkpoint")
+        return
+    state.set_text_statistics(embeddings.table)
+    logger.info(f"--text-emb-standardize: per-dimension mean and std of {len(embeddings)} text rows computed "
+                f"(mean |mean| {state.text_mean.abs().mean().item():.3g}, "
+                f"mean std {state.text_std.mean().item():.3g}); kept in the checkpoint")
 
 
 def run_options(args, output_dir, start_epoch, batch_size, amp_dtype, alignment):

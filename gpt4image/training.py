@@ -124,10 +124,11 @@ def _fit(recipe, data, opts, dist_info, progress, record):
     last_epoch = opts.epochs if opts.stop_after is None else min(opts.epochs, progress.epoch + opts.stop_after)
     world, accum = dist_info.world_size, opts.accum_iter
     per_step = f"batch {opts.batch_size} x {world}" + (f" x {accum} accumulated" if accum > 1 else "")
+    aligned_at_once = opts.batch_size * world * (accum if step.exact_accumulation else 1)
     logger.info(f"training {recipe.arch} for {opts.epochs} epochs on {world} process(es): {len(data.train_set)} train / "
                 f"{len(data.val_loader.dataset)} val images, {per_step} = {opts.batch_size * world * accum} per "
                 f"step, lr {recipe.optimizer.param_groups[0]['lr']:g} (scaled to it), "
-                f"{f'alignment {opts.alignment.loss_type} over {opts.batch_size * world} images at a time' if opts.alignment else 'baseline'}; every argument is in "
+                f"{f'alignment {opts.alignment.loss_type} over {aligned_at_once} images at a time' if opts.alignment else 'baseline'}; every argument is in "
                 f"{os.path.join(opts.output_dir, 'args.json')}")
     evals = {}
     try:

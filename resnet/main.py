@@ -21,7 +21,9 @@ from gpt4image.data import (DeviceNormalize, SkipCorrupt, attach_text_embeddings
 from gpt4image.distributed import logger
 from gpt4image.errors import ArgumentParser, UserError, at_least, in_range
 from gpt4image.eval_sets import build_eval_sets, run_classes
-from gpt4image.options import add_common_args, alignment_from_args, run_options, start_run
+from gpt4image.losses import LOSS_TYPES
+from gpt4image.options import (add_common_args, alignment_from_args, alignment_state_for, prepare_alignment_state,
+                               run_options, start_run)
 from gpt4image.resumable import seed_all
 from gpt4image.training import (Data, Recipe, adopt_checkpoint_settings, evaluate_checkpoint, fit, run_recipe,
                                 script_exit)
@@ -64,10 +66,11 @@ def get_args_parser():
                    help="embedding table from description2embedding.py; 'none' trains the baseline")
     p.add_argument("--proj_type", default="mlp", choices=["mlp", "linear"],
       help="projection head: MLP (Linear-BN-ReLU-Linear) or one Linear")
-    p.add_argument("--loss_type", default="clip", choices=["clip", "ctr", "byol"],
-      help="alignment loss: clip (symmetric InfoNCE over the global batch), ctr (image to text), byol")
+    p.add_argument("--loss_type", default="clip", choices=LOSS_TYPES,
+      help="alignment loss: clip (symmetric InfoNCE over the global batch), ctr (image to text), byol (the paper's); "
+           "cos, l2, kl, dist, sigmoid (SigLIP), supcon, vl2lite-text (README: alignment losses)")
     p.add_argument("--lamb", type=in_range(minimum=0), default=0.3, help="weight of the text-alignment loss")
-    p.add_argument("--tau", type=in_range(above=0), default=0.2, help="temperature of the clip/ctr losses")
+    p.add_argument("--tau", type=in_range(above=0), default=0.2, help="temperature of the clip/ctr/supcon losses")
     p.add_argument("--sync_bn", action="store_true",
       help="synchronise BatchNorm statistics across GPUs (released: per GPU)")
     p.add_argument("--channels-last", action="store_true", help="channels-last memory format (faster on tensor cores)")
@@ -99,7 +102,7 @@ def build_model(args, num_classes, text_dim):
     if text_dim is not None:
         in_dim = backbone.fc.in_features
         head = build_projection_head(args.proj_type, in_dim, text_dim, batchnorm=True, init_std=1024 ** -0.5)
-    return TextAlignedModel(backbone, head)
+    return TextAlignedModel(backbone, head, alignment_state_for(args, text_dim))
 
 
 def main(argv=None):
@@ -138,6 +141,7 @@ def _run(args, dist_info, device):
     text_dim = embeddings.dim if embeddings is not None else None
     seed_all(args.seed, device)  # same initial weights on every rank
     model = build_model(args, num_classes, text_dim).to(device)
+    prepare_alignment_state(model, args, embeddings, args.save_dir)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
     pin = torch.cuda.is_available()
