@@ -118,13 +118,11 @@ class PromptBuilder:
 
 
 def open_rgb(path):
-    """The image as RGB, or the reason it cannot be used (any error Pillow raises, decompression-bomb
-    limits included)."""
-    from PIL import Image
+    """The image as 8-bit RGB (``images.open_rgb``, the loader of every stage), or the reason it
+    cannot be used (any error Pillow raises, decompression-bomb limits and refused modes included)."""
+    from .images import open_rgb as open_image
     try:
-        with Image.open(path) as image:
-            image.load()
-            return image.convert("RGB"), None
+        return open_image(path), None
     except Exception as e:  # noqa: BLE001  every way a file can fail is the file's problem
         return None, f"{type(e).__name__}: {e}".replace("\n", " ")
 
