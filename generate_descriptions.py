@@ -28,6 +28,7 @@ from gpt4image.describe import (DEFAULT_CLASS_PROMPT, DEFAULT_PROMPT, EMPTY, Par
                                 read_class_names, resolve_dtype)
 from gpt4image.distributed import launch_environment
 from gpt4image.errors import ArgumentParser, UserError, at_least, check_device, exit_on_user_error, in_range
+from gpt4image.io import sha256_file
 
 
 positive_int, non_negative_int, positive_float = at_least(1), at_least(0), at_least(0.0, float, strict=True)
@@ -98,6 +99,11 @@ def check_args(args, items):
         raise UserError("--class-names is used only with --class-prompt; add --class-prompt")
     if args.class_prompt and items[0].class_name is None:
         raise UserError(f"--class-prompt needs class folders, but --data {args.data!r} is a list of images")
+    if not args.prompt.strip():
+        raise UserError(f"--prompt {args.prompt!r} is empty; leave it out for the paper's {DEFAULT_PROMPT!r}")
+    if "{class_name}" in args.prompt and not args.class_prompt:
+        raise UserError(f"--prompt {args.prompt!r} has a {{class_name}} placeholder, which only --class-prompt "
+                        f"fills; pass it as --class-prompt {args.prompt!r}")
     if args.class_prompt and "{class_name}" not in args.class_prompt:
         raise UserError(f"--class-prompt {args.class_prompt!r} has no {{class_name}} placeholder; "
                         f"e.g. --class-prompt {DEFAULT_CLASS_PROMPT!r}")
@@ -114,8 +120,18 @@ def run_settings(args, model_info):
     """What decides the text of a description: parts made with other settings are not mixed in."""
     return {"model": model_info["name"], "model_config_sha256": model_info["config_sha256"], "backend": args.backend,
             "dtype": model_info["dtype"], "prompt": args.prompt, "class_prompt": args.class_prompt,
-            "class_names": os.path.abspath(args.class_names) if args.class_names else None,
+            "class_names_sha256": sha256_file(args.class_names) if args.class_names else None,
             "generation": generation_settings(args), "data": os.path.abspath(args.data)}
+
+
+def merge_settings(args):
+    """What a --merge command states of the descriptions (the same command as the shards', plus
+    --merge): the parts must have been made with it. The model is compared when --model is given."""
+    stated = {k: v for k, v in run_settings(args, {"name": None, "config_sha256": None, "dtype": None}).items()
+              if k in ("prompt", "class_prompt", "class_names_sha256", "generation")}
+    if args.model:
+        stated["model_config_sha256"] = inspect_vlm(args.model, args.allow_download).info["config_sha256"]
+    return stated
 
 
 def describe_shard(args, items, class_names, shard, device, quiet):
@@ -126,7 +142,7 @@ def describe_shard(args, items, class_names, shard, device, quiet):
     info["dtype"] = resolve_dtype(args.dtype, device)
     parts = Parts(args.output)
     settings = run_settings(args, info)
-    parts.check_settings(settings)
+    parts.check_settings(settings, shard)
     if quiet:
         from transformers.utils.logging import disable_progress_bar
         disable_progress_bar()
@@ -230,6 +246,7 @@ def metadata(args, info, started):
     return {"tool": "generate_descriptions.py", "tool_version": __version__, "model": info,
             "backend": (info or {}).get("backend", args.backend),
             "prompt": args.prompt, "class_prompt": args.class_prompt, "class_names": args.class_names,
+            "class_names_sha256": sha256_file(args.class_names) if args.class_names else None,
             "generation": generation_settings(args),
             "data": os.path.abspath(args.data), "started": started,
             "finished": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
@@ -272,10 +289,8 @@ def main(argv=None):
     class_names = read_class_names(args.class_names, {i.class_name for i in items}) if args.class_names else None
     parts = Parts(args.output)
     if args.merge:
-        info = None
-        if os.path.isfile(parts.settings_path):
-            with open(parts.settings_path, encoding="utf-8") as f:
-                info = {"name": json.load(f)["model"]}
+        settings = parts.check_merge(merge_settings(args))
+        info = {"name": settings["model"]} if settings else None
         counts, failures = parts.merge(items, metadata(args, info, started), args.allow_missing)
         return report(args, counts, failures)
     if args.device is None:

@@ -42,7 +42,7 @@ class ImageItem:
 def list_images(data):
     """Images of an ImageFolder directory (its order) or of a text file with one path per line
     (relative paths are relative to the file's folder)."""
-    from .descriptions import list_image_folder
+    from .descriptions import canonical_path, list_image_folder, text_lines
     if os.path.isdir(data):
         return [ImageItem(i, rel, os.path.join(data, rel), rel.split("/")[0])
                 for i, rel in enumerate(list_image_folder(data))]
@@ -51,16 +51,20 @@ def list_images(data):
                         f"or a text file with one image path per line")
     base = os.path.dirname(os.path.abspath(data))
     try:
-        with open(data, encoding="utf-8") as f:
-            paths = [line.strip() for line in f if line.strip()]
+        with open(data, encoding="utf-8", newline="") as f:
+            paths = [line.strip() for line in text_lines(f.read()) if line.strip()]
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"cannot read the image list {data!r} ({e}); pass a UTF-8 text file with one "
                         f"image path per line, or an ImageFolder directory") from None
     if not paths:
         raise UserError(f"the image list {data!r} names no image")
-    if len(set(paths)) != len(paths):
-        dup = next(p for p in paths if paths.count(p) > 1)
-        raise UserError(f"the image list {data!r} names {dup!r} more than once; list each image once")
+    seen = {}
+    for path in paths:
+        key = canonical_path(path, base)
+        if key in seen:
+            same = "" if seen[key] == path else f" (as {seen[key]!r} too)"
+            raise UserError(f"the image list {data!r} names {path!r} more than once{same}; list each image once")
+        seen[key] = path
     return [ImageItem(i, p, p if os.path.isabs(p) else os.path.join(base, p)) for i, p in enumerate(paths)]
 
 
@@ -68,18 +72,19 @@ def read_class_names(path, classes):
     """``{folder name: words}`` from a .json object or a text file of ``folder words...`` lines (the
     format of ImageNet's LOC_synset_mapping.txt; only the first comma-separated name is used)."""
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8", newline="") as f:
             if path.lower().endswith(".json"):
                 names = json.load(f)
                 if not isinstance(names, dict) or not all(isinstance(v, str) for v in names.values()):
                     raise ValueError("not an object mapping folder names to strings")
             else:
+                from .descriptions import text_lines
                 names = {}
-                for line in f:
+                for line in text_lines(f.read()):
                     folder, _, words = line.strip().partition(" ")
                     if folder:
                         names[folder] = words.split(",")[0].strip() or folder
-    except (OSError, ValueError, UnicodeDecodeError) as e:
+    except (OSError, ValueError, RecursionError) as e:
         raise UserError(f"cannot read --class-names {path!r} ({e}); pass a JSON object "
                         f"{{folder: name}} or lines 'folder name'") from None
     missing = sorted(set(classes) - set(names))
@@ -406,20 +411,60 @@ class Parts:
     def part_files(self):
         return sorted(glob.glob(os.path.join(self.directory, "part-*-of-*.jsonl")))
 
-    def check_settings(self, settings):
-        """Refuse to add to parts made with other settings (model, prompt, generation); record them
-        for a new output."""
+    def _settings_files(self):
+        return sorted(glob.glob(os.path.join(self.directory, "*settings.json")))
+
+    def _read_settings(self, path):
+        try:
+            with open(path, encoding="utf-8") as f:
+                settings = json.load(f)
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot read {path} ({type(e).__name__}: {e}); delete {self.directory} to start "
+                            f"again") from None
+        if not isinstance(settings, dict):
+            raise UserError(f"{path} is not a settings object; delete {self.directory} to start again")
+        return settings
+
+    @staticmethod
+    def _differences(before, now, keys=None):
+        keys = sorted(set(before) | set(now)) if keys is None else keys
+        differ = [k for k in keys if before.get(k) != now.get(k)]
+        return "; ".join(f"{k}: {before.get(k)!r} in the parts, {now.get(k)!r} now" for k in differ[:3])
+
+    def check_settings(self, settings, shard=(0, 1)):
+        """Refuse to add to parts made with other settings (model, prompt, generation, class-names
+        content); record them for the output and for this shard's part file (shards started at once
+        on a job array each leave their own record, which --merge compares)."""
         os.makedirs(self.directory, exist_ok=True)
-        if os.path.isfile(self.settings_path):
-            with open(self.settings_path, encoding="utf-8") as f:
-                before = json.load(f)
-            differ = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
-            if differ:
-                shown = "; ".join(f"{k}: {before.get(k)!r} before, {settings.get(k)!r} now" for k in differ[:3])
+        for path in self._settings_files():
+            shown = self._differences(self._read_settings(path), settings)
+            if shown:
                 raise UserError(f"{self.directory} holds descriptions made with other settings ({shown}); "
                                 f"use another --output, or delete that folder to start again")
-        else:
+        if not os.path.isfile(self.settings_path):
             atomic_write_json(self.settings_path, settings)
+        own = self.part_path(*shard)[:-len(".jsonl")] + ".settings.json"
+        if not os.path.isfile(own):
+            atomic_write_json(own, settings)
+
+    def check_merge(self, stated):
+        """The settings every part was made with (None without parts); a part made with settings other
+        than another part's, or than the --merge command states, is refused by name."""
+        found = [(path, self._read_settings(path)) for path in self._settings_files()]
+        if not found:
+            return None
+        first_path, first = found[0]
+        for path, settings in found[1:]:
+            shown = self._differences(first, settings)
+            if shown:
+                raise UserError(f"{os.path.basename(first_path)} and {os.path.basename(path)} in {self.directory} "
+                                f"were made with different settings ({shown}); describe those shards again with "
+                                f"one setting")
+        shown = self._differences(first, stated, keys=sorted(stated))
+        if shown:
+            raise UserError(f"the parts in {self.directory} were made with other settings than this --merge "
+                            f"command's ({shown}); run --merge with the same options as the shards")
+        return first
 
     def done(self, retry_failed=False):
         """``{path: record}`` over every part file: a description wins over an error."""

@@ -47,8 +47,9 @@ class TextEmbeddings:
         path = os.path.join(os.path.dirname(os.path.abspath(self.path)), name)
         if not os.path.isfile(path):
             return None
-        with open(path, encoding="utf-8") as f:
-            return f.read().splitlines()
+        from .descriptions import text_lines
+        with open(path, encoding="utf-8", newline="") as f:
+            return text_lines(f.read())
 
 
 def _validate(table, path, chunk_rows=65536):

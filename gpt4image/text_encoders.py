@@ -303,16 +303,36 @@ def _pack(units, count, room, additive=False):
     return pieces
 
 
+# A run of more characters than this without a space is cut into runs of this length before any
+# count: tokenisers (CLIP's BPE among them) take time quadratic in the length of one word, so a
+# 100,000-character "word" would never be counted whole. No word of a description is that long.
+LONGEST_WORD = 64
+_LONG_WORD = re.compile(r"\S{%d,}" % (LONGEST_WORD + 1))
+
+
+def _words(text):
+    """The space-separated words of ``text``, a longer run cut every ``LONGEST_WORD`` characters."""
+    out = []
+    for word in text.split():
+        out.extend(word[i:i + LONGEST_WORD] for i in range(0, len(word), LONGEST_WORD))
+    return out
+
+
 def _split_long_word(word, count, room):
-    """A word longer than the context on its own, cut between characters."""
+    """A word (at most ``LONGEST_WORD`` characters) with more tokens than ``room``, cut between
+    characters into the longest prefixes that fit (at least one character each)."""
     pieces = []
-    while count(word) > room:
-        cut = len(word) - 1
-        while cut > 1 and count(word[:cut]) > room:
-            cut -= 1
-        pieces.append(word[:cut])
-        word = word[cut:]
-    return pieces + [word]
+    while word:
+        lo, hi = 1, len(word)  # word[:lo] is taken; the longest fitting prefix is in [lo, hi]
+        while lo < hi:
+            middle = (lo + hi + 1) // 2
+            if count(word[:middle]) <= room:
+                lo = middle
+            else:
+                hi = middle - 1
+        pieces.append(word[:lo])
+        word = word[lo:]
+    return pieces
 
 
 def _fitting(units, split, count, room):
@@ -326,8 +346,9 @@ def _fitting(units, split, count, room):
 def split_description(text, count, room, additive=False):
     """Pieces of ``text`` that fit ``room`` content tokens: whole sentences packed greedily, a longer
     sentence split at word boundaries (a longer word between characters). A text that fits is
-    returned as it is (one piece). ``additive``: see ``_pack``."""
-    if count(text) <= room:
+    returned as it is (one piece). ``additive``: see ``_pack``. Linear in the length of ``text``:
+    nothing longer than a sentence of ordinary words, or than a piece, is counted."""
+    if _LONG_WORD.search(text) is None and count(text) <= room:
         return [text]
     known = {}
 
@@ -338,12 +359,12 @@ def split_description(text, count, room, additive=False):
 
     pieces, run = [], []  # run: consecutive sentences that fit on their own, packed together
     for sentence in filter(None, _SENTENCE_END.split(text.strip())):
-        if count(sentence) <= room:
+        if _LONG_WORD.search(sentence) is None and count(sentence) <= room:
             run.append(sentence)
             continue
         pieces += _pack(run, count, room, additive)
         run = []
-        words = _fitting(sentence.split(), lambda w: _split_long_word(w, count, room), count, room)
+        words = _fitting(_words(sentence), lambda w: _split_long_word(w, count, room), count, room)
         pieces += _pack(words, count, room, additive)
     return pieces + _pack(run, count, room, additive)
 
@@ -403,6 +424,19 @@ def combine_pieces(features, owner, weights, rows):
     return out
 
 
+def _encode(encoder, inputs):
+    """``encoder.encode(inputs)``; a token id beyond the model's embedding table (a checkpoint whose
+    vocabulary is smaller than its tokenizer's) is a UserError, not an IndexError deep in torch."""
+    try:
+        return encoder.encode(inputs)
+    except (IndexError, RuntimeError) as e:
+        if "index out of range" not in str(e) and "out of bounds" not in str(e):
+            raise
+        raise UserError(f"--model {encoder.name!r}: its tokenizer gives token ids beyond the model's vocabulary "
+                        f"({' '.join(str(e).split())[:120]}); the weights and the tokenizer belong to different "
+                        f"models: pass a complete model") from None
+
+
 @torch.inference_mode()
 def encode_texts(encoder, texts, batch_size=1024, num_workers=4, out_dtype=torch.float16, chunks=False,
                  progress=True, pin_memory=False):
@@ -415,7 +449,7 @@ def encode_texts(encoder, texts, batch_size=1024, num_workers=4, out_dtype=torch
     import torch.nn.functional as F
     from tqdm import tqdm
     probe, _ = encoder.tokenizer(["a"])
-    width = encoder.encode(probe).shape[1]
+    width = _encode(encoder, probe).shape[1]
     out = torch.empty(len(texts), width, dtype=out_dtype)
     loader = torch.utils.data.DataLoader(
         DescriptionBatches(texts, batch_size, encoder.tokenizer, chunks), batch_size=None, shuffle=False,
@@ -424,7 +458,7 @@ def encode_texts(encoder, texts, batch_size=1024, num_workers=4, out_dtype=torch
     with tqdm(total=len(texts), unit="desc", unit_scale=True, disable=not progress,
               desc="encoding descriptions", dynamic_ncols=True) as bar:
         for start, inputs, owner, weights, n_truncated, counts in loader:
-            features = encoder.encode(inputs)
+            features = _encode(encoder, inputs)
             if owner is None:
                 rows = F.normalize(features.float(), dim=-1)
             else:
