@@ -27,8 +27,9 @@ from gpt4image.describe import (DEFAULT_CLASS_PROMPT, DEFAULT_PROMPT, EMPTY, Par
                                 VLLMEngine, generate, inspect_vlm, list_images, load_vlm, parse_shard,
                                 read_class_names, resolve_dtype)
 from gpt4image.distributed import launch_environment
+from gpt4image.resumable import ignore_stop_signals
 from gpt4image.errors import ArgumentParser, UserError, at_least, check_device, exit_on_user_error, in_range
-from gpt4image.io import sha256_file
+from gpt4image.io import append_durably, sha256_file
 
 
 positive_int, non_negative_int, positive_float = at_least(1), at_least(0), at_least(0.0, float, strict=True)
@@ -170,7 +171,8 @@ def describe_shard(args, items, class_names, shard, device, quiet):
           f"{info['architecture']} ({info['dtype']}) on {device}", flush=True)
     batches = PromptBatches(todo, loader_batch, processor, prompts, preprocess=args.backend == "transformers")
     loader = TimedLoader(torch.utils.data.DataLoader(batches, batch_size=None, num_workers=args.workers,
-                                                     prefetch_factor=4 if args.workers else None))
+                                                     prefetch_factor=4 if args.workers else None,
+                                                     worker_init_fn=ignore_stop_signals))
     started = time.perf_counter()
     write_results(results_of(loader), parts, shard, len(todo), quiet)
     total = time.perf_counter() - started
@@ -209,11 +211,12 @@ def batch_results(loader, describe):
 
 
 def write_results(results, parts, shard, total, quiet):
-    """Append each list of results to the shard's part file, flushed to disk before the next."""
+    """Append each list of results to the shard's part file, on disk before the next; a failed
+    write (a full disk) leaves the file as it was before that batch."""
     from tqdm import tqdm
     index, count = shard
-    with parts.open_for_append(index, count) as out, \
-            tqdm(total=total, unit="img", disable=quiet, desc=f"describing {index}/{count}", dynamic_ncols=True) as bar:
+    path = parts.append_path(index, count)
+    with tqdm(total=total, unit="img", disable=quiet, desc=f"describing {index}/{count}", dynamic_ncols=True) as bar:
         for batch in results:
             records = []
             for item, text, reason in batch:
@@ -226,9 +229,7 @@ def write_results(results, parts, shard, total, quiet):
                     records.append({"path": item.path, "description": text})
                     if item.class_name is not None:
                         records[-1]["class"] = item.class_name
-            out.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-            out.flush()
-            os.fsync(out.fileno())
+            append_durably(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8"))
             bar.update(len(records))
 
 
@@ -275,6 +276,16 @@ def report(args, counts, failures):
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
+    try:
+        return describe(args)
+    except KeyboardInterrupt:
+        # every finished batch is already on disk (appended and fsynced), an unfinished one cut off
+        print(f"interrupted: the images described so far are kept in {args.output}.parts; run the same command "
+              f"to go on", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
+
+
+def describe(args):
     check_device(args.device)
     if args.batch_size is None:
         args.batch_size = 256 if args.backend == "vllm" else 16

@@ -43,13 +43,16 @@ def load_clip(weights_path, device):
 
     As in OpenAI's code the weights stay fp16 on CUDA and become fp32 on CPU.
     """
+    from .io import load_error
+    from .weights import check_weights
     clip = import_clip()
+    check_weights(weights_path, "CLIP weights")
     try:
         model, _ = clip.load(weights_path, device=device, jit=False)
     except UserError:
         raise
     except Exception as e:
-        raise UserError(f"{weights_path!r} is not a CLIP checkpoint ({type(e).__name__}: {e}); "
+        raise UserError(f"{weights_path!r} is not a CLIP checkpoint ({load_error(e)}); "
                         f"pass a file saved by OpenAI's CLIP or a state dict in its format") from None
     return model.eval()
 

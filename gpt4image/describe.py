@@ -262,10 +262,15 @@ def load_vlm(directory, device, dtype):
     """The model of a folder ``inspect_vlm`` accepted, in ``dtype``, on ``device``; on a GPU
     attention uses SDPA."""
     from transformers import AutoModelForImageTextToText
+    from .weights import check_weights, load_failure
+    check_weights(directory, "model weights")
     device = torch.device(device)
     kwargs = {"attn_implementation": "sdpa"} if device.type == "cuda" else {}
-    model = AutoModelForImageTextToText.from_pretrained(directory, local_files_only=True,
-                                                        dtype=getattr(torch, dtype), **kwargs)
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(directory, local_files_only=True,
+                                                            dtype=getattr(torch, dtype), **kwargs)
+    except Exception as e:  # noqa: BLE001  missing or mismatched weights files: the folder's problem
+        raise load_failure(e, directory, "model") from None
     return model.to(device).eval()
 
 
@@ -491,15 +496,16 @@ class Parts:
         for marker in markers:
             os.unlink(marker)
 
-    def open_for_append(self, index, count):
-        """The shard's part file, ready to append; a last line cut short by a kill is removed first."""
+    def append_path(self, index, count):
+        """The shard's part file, ready to append to (``io.append_durably``); a last line cut short by
+        a kill is removed first."""
         path = self.part_path(index, count)
         if os.path.exists(path):
             with open(path, "rb+") as f:
                 data = f.read()
                 if data and not data.endswith(b"\n"):
                     f.truncate(data.rfind(b"\n") + 1)
-        return open(path, "a", encoding="utf-8")
+        return path
 
     def missing_report(self, items, done):
         """How many images have no record, and in which shards of the part files' layout."""

@@ -76,7 +76,7 @@ def _load_raw(path):
     except UserError:
         raise
     except Exception as e:  # unreadable pickle, bad JSON, bad UTF-8: all the user's file
-        raise UserError(f"cannot read description file {path!r}: {load_error(e)}") from None
+        raise UserError(f"cannot read description file {path!r}: {load_error(e, path)}") from None
     raise UserError(f"description file {path!r} has an unknown extension {ext!r}; "
                     f"use .pth, .txt, .json or .jsonl")
 

@@ -138,6 +138,9 @@ def open_clip_encoder(spec, device, allow_download=False):
                         f"local-dir:DIR or hf-hub:ORG/NAME")
     if pretrained and not os.path.isfile(pretrained) and os.path.sep in pretrained:
         raise UserError(f"open_clip weights {pretrained!r} do not exist; pass a weights file or a pretrained tag")
+    if pretrained and os.path.isfile(pretrained):
+        from .weights import check_weights
+        check_weights(pretrained, "open_clip weights")
     offline = {} if allow_download else {"HF_HUB_OFFLINE": "1"}
     saved = {k: os.environ.get(k) for k in offline}
     os.environ.update(offline)
@@ -150,8 +153,8 @@ def open_clip_encoder(spec, device, allow_download=False):
         how = ("" if allow_download else
                "; put the weights file on this machine and pass open_clip:ARCH:/path/to/file, or fill open_clip's "
                "cache (~/.cache/huggingface) on a machine with internet, or pass --allow-download")
-        raise UserError(f"cannot load open_clip model {spec!r} ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0] if str(e) else ''}){how}") from None
+        from .io import load_error
+        raise UserError(f"cannot load open_clip model {spec!r} ({load_error(e).splitlines()[0]}){how}") from None
     finally:
         for k, v in saved.items():
             if v is None:
@@ -232,12 +235,17 @@ def hf_encoder(spec, device, pooling="mean"):
     except Exception as e:  # noqa: BLE001
         raise UserError(f"--model {spec!r}: {directory!r} has no usable tokenizer ({type(e).__name__}: "
                         f"{str(e).splitlines()[0] if str(e) else ''}); {how}") from None
+    from .weights import check_weights, load_failure
+    check_weights(directory, "text encoder weights")
+    model_class = getattr(transformers, HF_PROJECTED[model_type]) if model_type in HF_PROJECTED else transformers.AutoModel
+    try:
+        model = model_class.from_pretrained(directory, local_files_only=True)
+    except Exception as e:  # noqa: BLE001  missing or mismatched weights files: the folder's problem
+        raise load_failure(e, directory, f"--model {spec!r}") from None
     if model_type in HF_PROJECTED:
-        model = getattr(transformers, HF_PROJECTED[model_type]).from_pretrained(directory, local_files_only=True)
         pooling = "clip_projection" if "clip" in model_type else "siglip_head"
         output = "text_embeds" if "clip" in model_type else "pooler_output"
     else:
-        model = transformers.AutoModel.from_pretrained(directory, local_files_only=True)
         output = None
     model.to(device).eval()
     text_config = config.text_config if hasattr(config, "text_config") and config.text_config else config
