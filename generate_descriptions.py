@@ -28,6 +28,7 @@ from gpt4image.describe import (DEFAULT_CLASS_PROMPT, DEFAULT_PROMPT, EMPTY, Par
                                 read_class_names, resolve_dtype)
 from gpt4image.distributed import launch_environment
 from gpt4image.resumable import ignore_stop_signals
+from gpt4image.tiny_models import TINY_MARKER
 from gpt4image.errors import ArgumentParser, UserError, at_least, check_device, exit_on_user_error, in_range
 from gpt4image.io import append_durably, sha256_file
 
@@ -271,7 +272,27 @@ def report(args, counts, failures):
               f"again with --retry-failed, or keep them out of training)", flush=True)
     print(f"descriptions: {os.path.abspath(args.output)}", flush=True)
     print(f"metadata:     {os.path.abspath(args.output)}.json", flush=True)
-    print(f"next: python description2embedding.py --caption {args.output} --data {args.data}", flush=True)
+    command, note = next_step(args)
+    print(f"next: {command}", flush=True)
+    if note:
+        print(f"      ({note})", flush=True)
+
+
+def next_step(args):
+    """``(command, note)``: the description2embedding command for these descriptions, runnable as
+    printed (with the tiny CLIP stand-in when the model is the tiny VLM written by ``python -m
+    gpt4image.tiny_models``), and a note when OpenAI CLIP's RN50 (the default) would be downloaded."""
+    import shlex
+    from gpt4image.clip_text import DEFAULT_DOWNLOAD_ROOT
+    command = (f"python description2embedding.py --caption {shlex.quote(args.output)} "
+               f"--data {shlex.quote(args.data)}")
+    stand_in = os.path.join(os.path.dirname(os.path.abspath(args.model or ".")), "tiny_clip.pt")
+    if args.model and os.path.isfile(os.path.join(args.model, TINY_MARKER)) and os.path.isfile(stand_in):
+        return f"{command} --model {shlex.quote(stand_in)}", "the tiny CLIP stand-in, as the tiny VLM: no download"
+    if not os.path.isfile(os.path.join(os.path.expanduser(DEFAULT_DOWNLOAD_ROOT), "RN50.pt")):
+        return command, ("it downloads OpenAI CLIP RN50 (244 MB) the first time; offline, add --model with a CLIP "
+                         "weights file, or --no-download to be told where to put it")
+    return command, None
 
 
 def main(argv=None):

@@ -152,6 +152,17 @@ def canonical_path(path, root):
     return full if relative == ".." or relative.startswith("../") else relative
 
 
+def _listed_files(data):
+    """``(paths, folder they are relative to)`` of ``--data``: an ImageFolder train directory (its
+    ``class/file`` paths) or a text file of image paths (as generate_descriptions takes); (None, None)."""
+    if not data:
+        return None, None
+    if os.path.isfile(data):
+        from .describe import list_images
+        return [item.path for item in list_images(data)], os.path.dirname(os.path.abspath(data))
+    return list_image_folder(data), data
+
+
 def read_descriptions(path, image_folder=None):
     """Return ``(descriptions, file_list)``.
 
@@ -160,7 +171,7 @@ def read_descriptions(path, image_folder=None):
     reordered to it, and a path missing on either side is an error.
     """
     raw = _load_raw(path)
-    files = list_image_folder(image_folder) if image_folder else None
+    files, base = _listed_files(image_folder)
     if isinstance(raw, dict):
         keys = list(raw)
         if any(not isinstance(k, str) for k in keys):
@@ -171,13 +182,14 @@ def read_descriptions(path, image_folder=None):
                             f"so that rows can be written in ImageFolder order")
         normalised, original = {}, {}
         for key, text in raw.items():
-            relative = canonical_path(key, image_folder)
+            relative = canonical_path(key, base)
             if relative in normalised:
                 raise UserError(f"{path}: {original[relative]!r} and {key!r} name the same image; keep one "
                                 f"description per image")
             normalised[relative], original[relative] = text, key
-        missing = [f for f in files if f not in normalised]
-        extra = sorted(set(normalised) - set(files))
+        canonical = [canonical_path(f, base) for f in files]
+        missing = [f for f, c in zip(files, canonical) if c not in normalised]
+        extra = sorted(set(normalised) - set(canonical))
         if missing or extra:
             parts = []
             if missing:
@@ -187,7 +199,7 @@ def read_descriptions(path, image_folder=None):
                 parts.append(f"{len(extra)} described paths are not in {image_folder} "
                              f"(first: {', '.join(extra[:3])})")
             raise UserError(f"{path}: " + "; ".join(parts) + "; paths must be relative to the train folder")
-        return [normalised[f] for f in files], files
+        return [normalised[c] for c in canonical], files
     if not isinstance(raw, (list, tuple)):
         raise UserError(f"{path} holds a {type(raw).__name__}, not a list of description strings")
     raw = list(raw)
