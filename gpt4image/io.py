@@ -28,10 +28,11 @@ def _atomic_write(path, write_fn):
         os.chmod(tmp, _mode_for(path))
         os.replace(tmp, path)
     except BaseException as e:
+        error = _disk_error(e, path) if is_write_failure(e) else None  # before the space is freed again
         if os.path.exists(tmp):
             os.unlink(tmp)
-        if is_write_failure(e):
-            raise _disk_error(e, path) from None
+        if error is not None:
+            raise error from None
         raise
     try:  # make the rename itself durable
         dir_fd = os.open(directory, os.O_RDONLY)
@@ -94,8 +95,9 @@ def _disk_error(error, path, kept=None):
     """A UserError for a write that failed on the file system (disk full, quota, permissions)."""
     kept = kept or f"the previous {os.path.basename(path)}"
     code = getattr(error, "errno", None)
-    try:
-        full = os.statvfs(os.path.dirname(os.path.abspath(path))).f_bavail == 0
+    try:  # torch.save's RuntimeError carries no errno: a disk with (almost) nothing left is full
+        stat = os.statvfs(os.path.dirname(os.path.abspath(path)))
+        full = stat.f_bavail * stat.f_frsize < (1 << 20)
     except OSError:
         full = False
     if code in (errno.ENOSPC, errno.EDQUOT) or full:
