@@ -230,7 +230,8 @@ class VLMSource:
 
 def inspect_vlm(model, allow_download=False):
     """The ``VLMSource`` of a local image-text-to-text model, checked without loading weights: a
-    missing folder, a model of another kind or a missing processor is a UserError."""
+    missing folder, a model of another kind, a missing processor or weights files that are truncated
+    or would run code (``weights.check_weights``) are a UserError."""
     from transformers import AutoConfig, AutoProcessor
     from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
     directory = resolve_model_dir(model, allow_download)
@@ -251,6 +252,8 @@ def inspect_vlm(model, allow_download=False):
         raise UserError(f"{directory!r} has no processor for images and text ({found}); the folder needs the "
                         f"model's preprocessor_config.json and tokenizer files as downloaded".replace("\n", " "))
     processor.tokenizer.padding_side = "left"
+    from .weights import check_weights
+    check_weights(directory, "model weights")  # truncated, corrupt or holding code: refused before any work
     architectures = getattr(config, "architectures", None) or [config.model_type]
     info = {"name": getattr(config, "_name_or_path", None) or model, "path": os.path.abspath(directory),
             "model_type": config.model_type, "architecture": architectures[0],
@@ -262,8 +265,7 @@ def load_vlm(directory, device, dtype):
     """The model of a folder ``inspect_vlm`` accepted, in ``dtype``, on ``device``; on a GPU
     attention uses SDPA."""
     from transformers import AutoModelForImageTextToText
-    from .weights import check_weights, load_failure
-    check_weights(directory, "model weights")
+    from .weights import load_failure
     device = torch.device(device)
     kwargs = {"attn_implementation": "sdpa"} if device.type == "cuda" else {}
     try:

@@ -11,7 +11,6 @@ import torch
 
 from conftest import REPO
 from gpt4image.errors import UserError, exit_on_user_error
-from gpt4image.io import append_durably, is_write_failure
 
 SMALL = ["-a", "resnet18", "-b", "4", "--input-size", "32", "-j", "0", "--seed", "0"]
 TINY_DEIT = ["--model", "deit_tiny_patch16_224", "--input-size", "32", "--batch-size", "8", "-p", "2", "--seed", "0",
@@ -47,6 +46,7 @@ def fill(folder, leave=0):
 
 
 def test_torch_save_on_a_full_disk_raises_a_runtime_error_that_counts_as_a_failed_write(disk):
+    from gpt4image.io import is_write_failure
     fill(disk)
     with pytest.raises(RuntimeError) as e:
         torch.save(torch.zeros(10_000), disk / "x.pth")
@@ -55,6 +55,7 @@ def test_torch_save_on_a_full_disk_raises_a_runtime_error_that_counts_as_a_faile
 
 
 def test_an_append_cut_short_by_a_full_disk_leaves_the_file_as_it_was(disk):
+    from gpt4image.io import append_durably
     part = disk / "part.jsonl"
     part.write_bytes(b'{"path": "a"}\n')
     fill(disk, leave=4096)
