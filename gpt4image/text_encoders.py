@@ -311,23 +311,31 @@ def _pack(units, count, room, additive=False):
     return pieces
 
 
-# A run of more characters than this without a space is cut into runs of this length before any
-# count: tokenisers (CLIP's BPE among them) take time quadratic in the length of one word, so a
-# 100,000-character "word" would never be counted whole. No word of a description is that long.
+# Tokenisers (CLIP's BPE among them) take time quadratic in the length of one word, so a
+# 100,000-character "word" would never be counted whole: a text or sentence holding a word longer
+# than LONGEST_COUNTED_WORD characters is not counted whole, and a word that does not fit is cut into
+# runs of LONGEST_WORD characters before it is cut between characters. No word of a description is
+# that long; the work stays linear in the length of the text.
+LONGEST_COUNTED_WORD = 256
 LONGEST_WORD = 64
-_LONG_WORD = re.compile(r"\S{%d,}" % (LONGEST_WORD + 1))
+_HUGE_WORD = re.compile(r"\S{%d,}" % (LONGEST_COUNTED_WORD + 1))
 
 
-def _words(text):
-    """The space-separated words of ``text``, a longer run cut every ``LONGEST_WORD`` characters."""
-    out = []
-    for word in text.split():
-        out.extend(word[i:i + LONGEST_WORD] for i in range(0, len(word), LONGEST_WORD))
-    return out
+def _fits(text, count, room):
+    return _HUGE_WORD.search(text) is None and count(text) <= room
+
+
+def _cut_word(word, count, room):
+    """A word that does not fit ``room`` (or is too long to count) as pieces that do."""
+    pieces = []
+    for i in range(0, len(word), LONGEST_WORD):
+        run = word[i:i + LONGEST_WORD]
+        pieces.extend(_split_long_word(run, count, room) if count(run) > room else [run])
+    return pieces
 
 
 def _split_long_word(word, count, room):
-    """A word (at most ``LONGEST_WORD`` characters) with more tokens than ``room``, cut between
+    """A word (of at most ``LONGEST_WORD`` characters) with more tokens than ``room``, cut between
     characters into the longest prefixes that fit (at least one character each)."""
     pieces = []
     while word:
@@ -347,7 +355,7 @@ def _fitting(units, split, count, room):
     """``units`` with each one longer than ``room`` replaced by ``split(unit)``."""
     out = []
     for unit in units:
-        out.extend(split(unit) if count(unit) > room else [unit])
+        out.extend([unit] if _fits(unit, count, room) else split(unit))
     return out
 
 
@@ -356,7 +364,7 @@ def split_description(text, count, room, additive=False):
     sentence split at word boundaries (a longer word between characters). A text that fits is
     returned as it is (one piece). ``additive``: see ``_pack``. Linear in the length of ``text``:
     nothing longer than a sentence of ordinary words, or than a piece, is counted."""
-    if _LONG_WORD.search(text) is None and count(text) <= room:
+    if _fits(text, count, room):
         return [text]
     known = {}
 
@@ -367,12 +375,12 @@ def split_description(text, count, room, additive=False):
 
     pieces, run = [], []  # run: consecutive sentences that fit on their own, packed together
     for sentence in filter(None, _SENTENCE_END.split(text.strip())):
-        if _LONG_WORD.search(sentence) is None and count(sentence) <= room:
+        if _fits(sentence, count, room):
             run.append(sentence)
             continue
         pieces += _pack(run, count, room, additive)
         run = []
-        words = _fitting(_words(sentence), lambda w: _split_long_word(w, count, room), count, room)
+        words = _fitting(sentence.split(), lambda w: _cut_word(w, count, room), count, room)
         pieces += _pack(words, count, room, additive)
     return pieces + _pack(run, count, room, additive)
 
