@@ -32,6 +32,9 @@ def resolve_clip_weights(model, download_root=None, allow_download=True):
               f"(or pass --download-root DIR holding {os.path.basename(url)}, or --model /path/to/file)")
     if not allow_download and not os.path.isfile(target):
         raise UserError(f"CLIP weights for {model} are not at {target} and downloading is off; {how_to}")
+    if not os.path.isfile(target):  # the one download a tool makes without --allow-download: say so first
+        print(f"downloading OpenAI CLIP {model} weights from {url} into {target} (once; --no-download "
+              f"forbids it)", flush=True)
     try:
         return _download(url, root)
     except Exception as e:  # no network, proxy, disk full, checksum mismatch
