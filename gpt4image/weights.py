@@ -22,9 +22,12 @@ from .errors import UserError
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 # what torch.load(weights_only=True) rebuilds: tensors, their storages, containers and numbers
-SAFE_MODULES = ("torch", "__torch__", "collections", "numpy.core.multiarray", "numpy._core.multiarray", "numpy", "_codecs")
-SAFE_BUILTINS = {"set", "frozenset", "bytearray", "slice", "complex", "int", "float", "bool", "str", "bytes",
-                 "list", "dict", "tuple", "object"}
+SAFE_MODULES = {"torch", "torch._utils", "torch._tensor", "torch.nn.parameter", "torch.storage", "numpy",
+                "numpy.core.multiarray", "numpy._core.multiarray", "numpy.dtypes"}
+SAFE_CALLS = {"collections.OrderedDict", "_codecs.encode", "torch.serialization._get_layout"} | {
+    f"{module}.{name}" for module in ("builtins", "__builtin__")
+    for name in ("set", "frozenset", "bytearray", "slice", "complex", "int", "float", "bool", "str", "bytes", "list",
+                 "dict", "tuple", "object")}
 
 
 def safetensors_problem(path):
@@ -52,7 +55,7 @@ def safetensors_problem(path):
     return None
 
 
-def pickle_calls(path, most=3):
+def pickle_calls(path, most=5):
     """``module.name`` of every global the pickle(s) in ``path`` would import and may call, read
     without unpickling; None when the file holds no complete pickle. A TorchScript archive (OpenAI's
     CLIP files) holds TorchScript, not Python code: no calls."""
@@ -91,10 +94,11 @@ def _calls(stream, most):
 
 
 def unsafe_calls(calls):
+    """The calls of ``calls`` beyond what rebuilds tensors, storages, containers and numbers
+    (TorchScript's compiled ``__torch__`` classes included: they are not Python code)."""
     def safe(call):
-        module, _, name = call.rpartition(".")
-        return module.split(".")[0] in SAFE_MODULES or (module == "builtins" and name in SAFE_BUILTINS) or \
-            call.startswith("torch.")
+        module = call.rpartition(".")[0]
+        return call in SAFE_CALLS or module in SAFE_MODULES or call.startswith("__torch__.")
     return sorted({c for c in calls if not safe(c)})
 
 
@@ -106,8 +110,8 @@ def pickle_problem(path):
     unsafe = unsafe_calls(calls)
     if unsafe:
         shown = ", ".join(unsafe[:3]) + (f" and {len(unsafe) - 3} more" if len(unsafe) > 3 else "")
-        return (f"it holds code that would run when it is unpickled (it calls {shown}), so it was not loaded; "
-                f"use the model's .safetensors weights, or re-save only its tensors from a trusted copy")
+        return (f"it holds code that would run when it is unpickled (it calls {shown}): it was refused and not "
+                f"loaded; use .safetensors weights, or re-save only its tensors, strings and lists from a trusted copy")
     return None
 
 

@@ -108,3 +108,41 @@ def test_bad_weights_are_one_line_naming_the_file_and_code_in_them_never_runs(en
         assert "weights_only" not in err and "not a pickle" not in err, err
     assert not (tmp_path / "code-ran").exists()
     assert not (tmp_path / "o.pth").exists() and not (tmp_path / "d.jsonl.parts").exists()
+
+
+def _evil_plain_pickle(path, marker):
+    import pickle
+    path.write_bytes(pickle.dumps({"w": [1.0], "extra": RunsCode(marker)}, protocol=4))
+
+
+@pytest.mark.parametrize("kind, expected", [
+    ("zip", None), ("legacy", None), ("torchscript", None), ("junk", "not a file torch.save writes"),
+    ("zip+code", "holds code that would run"), ("legacy+code", "holds code that would run"),
+    ("plain pickle+code", "holds code that would run"), ("module", "holds code that would run"),
+])
+def test_every_pickle_layout_is_read_without_running_it(kind, expected, tmp_path):
+    from gpt4image.weights import file_problem
+    marker = tmp_path / "code-ran"
+    path = tmp_path / "w.pt"
+    state = {"w": torch.zeros(3), "p": torch.nn.Parameter(torch.ones(2)), "size": torch.Size([2])}
+    if kind == "zip":
+        torch.save(state, path)
+    elif kind == "legacy":
+        torch.save(state, path, _use_new_zipfile_serialization=False)
+    elif kind == "torchscript":
+        torch.jit.script(torch.nn.Linear(2, 2)).save(str(path))
+    elif kind == "junk":
+        path.write_bytes(b"hello, this is text and not weights\n")
+    elif kind == "zip+code":
+        torch.save({**state, "x": RunsCode(marker)}, path)
+    elif kind == "legacy+code":
+        torch.save({**state, "x": RunsCode(marker)}, path, _use_new_zipfile_serialization=False)
+    elif kind == "plain pickle+code":
+        _evil_plain_pickle(path, marker)
+    else:
+        torch.save({"texts": ["a"], "obj": torch.nn.Linear(1, 1)}, path)
+    problem = file_problem(str(path))
+    assert (problem is None) if expected is None else (expected in problem), problem
+    if problem and "code" in problem:
+        assert "not a pickle" not in problem and "weights_only" not in problem and "not loaded" in problem
+    assert not marker.exists()
