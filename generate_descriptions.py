@@ -24,13 +24,12 @@ import torch
 
 from gpt4image import __version__
 from gpt4image.describe import (DEFAULT_CLASS_PROMPT, DEFAULT_PROMPT, EMPTY, Parts, PromptBatches, PromptBuilder,
-                                VLLMEngine, generate, inspect_vlm, list_images, load_vlm, parse_shard,
-                                read_class_names, resolve_dtype)
+                                VLLMEngine, generate, inspect_vlm, list_images, load_vlm, loader_worker_init,
+                                parse_shard, read_class_names, resolve_dtype)
 from gpt4image.distributed import launch_environment
-from gpt4image.resumable import ignore_stop_signals
-from gpt4image.tiny_models import TINY_MARKER
 from gpt4image.errors import ArgumentParser, UserError, at_least, check_device, exit_on_user_error, in_range
 from gpt4image.io import append_durably, sha256_file
+from gpt4image.tiny_models import TINY_MARKER
 
 
 positive_int, non_negative_int, positive_float = at_least(1), at_least(0), at_least(0.0, float, strict=True)
@@ -173,7 +172,7 @@ def describe_shard(args, items, class_names, shard, device, quiet):
     batches = PromptBatches(todo, loader_batch, processor, prompts, preprocess=args.backend == "transformers")
     loader = TimedLoader(torch.utils.data.DataLoader(batches, batch_size=None, num_workers=args.workers,
                                                      prefetch_factor=4 if args.workers else None,
-                                                     worker_init_fn=ignore_stop_signals))
+                                                     worker_init_fn=loader_worker_init))
     started = time.perf_counter()
     write_results(results_of(loader), parts, shard, len(todo), quiet)
     total = time.perf_counter() - started

@@ -180,6 +180,21 @@ class PromptBatches(torch.utils.data.Dataset):
             return kept, (self._process(kept, kept_images) if kept else None), failures
 
 
+def loader_worker_init(worker_id=None):
+    """DataLoader ``worker_init_fn`` of generate_descriptions: Ctrl-C (sent to the whole foreground
+    group) is the main process's to handle; and a worker that was handing a batch over when the main
+    process stopped stays quiet about the dropped connection instead of printing a traceback."""
+    import sys
+    from .resumable import ignore_stop_signals
+    ignore_stop_signals(worker_id)
+    previous = sys.excepthook
+
+    def hook(kind, value, traceback):
+        if not issubclass(kind, (ConnectionError, EOFError)):
+            previous(kind, value, traceback)
+    sys.excepthook = hook
+
+
 def resolve_model_dir(model, allow_download=False):
     """A local directory holding the model: ``model`` itself, or a hub id found in (or, with
     ``allow_download``, fetched into) Hugging Face's cache."""
