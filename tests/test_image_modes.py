@@ -66,16 +66,9 @@ def _deit_training(path):
 def _generate_descriptions(path):
     from gpt4image.describe import ImageItem, PromptBatches
     good, (prompts, images), failures = PromptBatches([ImageItem(0, "a", path)], 1, None, lambda item: "p",
-                                                      preprocess=False)[0] if _decodes(path) else ([], ([], []), [])
+                                                      preprocess=False)[0]
+    assert not failures, failures
     return images[0]
-
-
-def _decodes(path):
-    from gpt4image.describe import open_rgb
-    image, reason = open_rgb(path)
-    if image is None:
-        raise ValueError(reason)
-    return True
 
 
 def _as_dataset(path):

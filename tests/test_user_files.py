@@ -17,7 +17,8 @@ from gpt4image.descriptions import read_descriptions
 from gpt4image.errors import UserError, exit_on_user_error, one_line
 
 # bounded work per example: CPU is shared, and a hang shows as a deadline failure
-FAST = settings(max_examples=60, deadline=2000, suppress_health_check=[HealthCheck.function_scoped_fixture])
+FAST = settings(max_examples=60, deadline=2000, database=None,
+                suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=20),
                            lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
