@@ -297,7 +297,7 @@ def next_step(args):
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
     try:
-        return describe(args)
+        return run(args)
     except KeyboardInterrupt:
         # every finished batch is already on disk (appended and fsynced), an unfinished one cut off
         print(f"interrupted: the images described so far are kept in {args.output}.parts; run the same command "
@@ -305,7 +305,7 @@ def main(argv=None):
         raise SystemExit(130) from None
 
 
-def describe(args):
+def run(args):
     check_device(args.device)
     if args.batch_size is None:
         args.batch_size = 256 if args.backend == "vllm" else 16
