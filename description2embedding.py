@@ -71,8 +71,8 @@ def get_args_parser():
     p.add_argument("--dtype", choices=["float16", "float32"], default="float16",
                    help="stored dtype (the released tables are float16)")
     p.add_argument("--data", default=None,
-                   help="train folder (ImageFolder): orders a path-keyed input and records the file list "
-                        "so that training can verify the pairing")
+                   help="train folder (ImageFolder), or the text file of image paths given to generate_descriptions: "
+                        "orders a path-keyed input and records the file list so that training can verify the pairing")
     p.add_argument("--force", action="store_true", help="overwrite an existing output file")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p

@@ -24,10 +24,12 @@ import torch
 
 from gpt4image import __version__
 from gpt4image.describe import (DEFAULT_CLASS_PROMPT, DEFAULT_PROMPT, EMPTY, Parts, PromptBatches, PromptBuilder,
-                                VLLMEngine, generate, inspect_vlm, list_images, load_vlm, parse_shard,
-                                read_class_names, resolve_dtype)
+                                VLLMEngine, generate, inspect_vlm, list_images, load_vlm, loader_worker_init,
+                                parse_shard, read_class_names, resolve_dtype)
 from gpt4image.distributed import launch_environment
 from gpt4image.errors import ArgumentParser, UserError, at_least, check_device, exit_on_user_error, in_range
+from gpt4image.io import append_durably, sha256_file
+from gpt4image.tiny_models import TINY_MARKER
 
 
 positive_int, non_negative_int, positive_float = at_least(1), at_least(0), at_least(0.0, float, strict=True)
@@ -98,6 +100,11 @@ def check_args(args, items):
         raise UserError("--class-names is used only with --class-prompt; add --class-prompt")
     if args.class_prompt and items[0].class_name is None:
         raise UserError(f"--class-prompt needs class folders, but --data {args.data!r} is a list of images")
+    if not args.prompt.strip():
+        raise UserError(f"--prompt {args.prompt!r} is empty; leave it out for the paper's {DEFAULT_PROMPT!r}")
+    if "{class_name}" in args.prompt and not args.class_prompt:
+        raise UserError(f"--prompt {args.prompt!r} has a {{class_name}} placeholder, which only --class-prompt "
+                        f"fills; pass it as --class-prompt {args.prompt!r}")
     if args.class_prompt and "{class_name}" not in args.class_prompt:
         raise UserError(f"--class-prompt {args.class_prompt!r} has no {{class_name}} placeholder; "
                         f"e.g. --class-prompt {DEFAULT_CLASS_PROMPT!r}")
@@ -114,8 +121,18 @@ def run_settings(args, model_info):
     """What decides the text of a description: parts made with other settings are not mixed in."""
     return {"model": model_info["name"], "model_config_sha256": model_info["config_sha256"], "backend": args.backend,
             "dtype": model_info["dtype"], "prompt": args.prompt, "class_prompt": args.class_prompt,
-            "class_names": os.path.abspath(args.class_names) if args.class_names else None,
+            "class_names_sha256": sha256_file(args.class_names) if args.class_names else None,
             "generation": generation_settings(args), "data": os.path.abspath(args.data)}
+
+
+def merge_settings(args):
+    """What a --merge command states of the descriptions (the same command as the shards', plus
+    --merge): the parts must have been made with it. The model is compared when --model is given."""
+    stated = {k: v for k, v in run_settings(args, {"name": None, "config_sha256": None, "dtype": None}).items()
+              if k in ("prompt", "class_prompt", "class_names_sha256", "generation")}
+    if args.model:
+        stated["model_config_sha256"] = inspect_vlm(args.model, args.allow_download).info["config_sha256"]
+    return stated
 
 
 def describe_shard(args, items, class_names, shard, device, quiet):
@@ -126,7 +143,7 @@ def describe_shard(args, items, class_names, shard, device, quiet):
     info["dtype"] = resolve_dtype(args.dtype, device)
     parts = Parts(args.output)
     settings = run_settings(args, info)
-    parts.check_settings(settings)
+    parts.check_settings(settings, shard)
     if quiet:
         from transformers.utils.logging import disable_progress_bar
         disable_progress_bar()
@@ -154,7 +171,8 @@ def describe_shard(args, items, class_names, shard, device, quiet):
           f"{info['architecture']} ({info['dtype']}) on {device}", flush=True)
     batches = PromptBatches(todo, loader_batch, processor, prompts, preprocess=args.backend == "transformers")
     loader = TimedLoader(torch.utils.data.DataLoader(batches, batch_size=None, num_workers=args.workers,
-                                                     prefetch_factor=4 if args.workers else None))
+                                                     prefetch_factor=4 if args.workers else None,
+                                                     worker_init_fn=loader_worker_init))
     started = time.perf_counter()
     write_results(results_of(loader), parts, shard, len(todo), quiet)
     total = time.perf_counter() - started
@@ -193,11 +211,12 @@ def batch_results(loader, describe):
 
 
 def write_results(results, parts, shard, total, quiet):
-    """Append each list of results to the shard's part file, flushed to disk before the next."""
+    """Append each list of results to the shard's part file, on disk before the next; a failed
+    write (a full disk) leaves the file as it was before that batch."""
     from tqdm import tqdm
     index, count = shard
-    with parts.open_for_append(index, count) as out, \
-            tqdm(total=total, unit="img", disable=quiet, desc=f"describing {index}/{count}", dynamic_ncols=True) as bar:
+    path = parts.append_path(index, count)
+    with tqdm(total=total, unit="img", disable=quiet, desc=f"describing {index}/{count}", dynamic_ncols=True) as bar:
         for batch in results:
             records = []
             for item, text, reason in batch:
@@ -210,9 +229,7 @@ def write_results(results, parts, shard, total, quiet):
                     records.append({"path": item.path, "description": text})
                     if item.class_name is not None:
                         records[-1]["class"] = item.class_name
-            out.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-            out.flush()
-            os.fsync(out.fileno())
+            append_durably(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8"))
             bar.update(len(records))
 
 
@@ -230,6 +247,7 @@ def metadata(args, info, started):
     return {"tool": "generate_descriptions.py", "tool_version": __version__, "model": info,
             "backend": (info or {}).get("backend", args.backend),
             "prompt": args.prompt, "class_prompt": args.class_prompt, "class_names": args.class_names,
+            "class_names_sha256": sha256_file(args.class_names) if args.class_names else None,
             "generation": generation_settings(args),
             "data": os.path.abspath(args.data), "started": started,
             "finished": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
@@ -253,11 +271,41 @@ def report(args, counts, failures):
               f"again with --retry-failed, or keep them out of training)", flush=True)
     print(f"descriptions: {os.path.abspath(args.output)}", flush=True)
     print(f"metadata:     {os.path.abspath(args.output)}.json", flush=True)
-    print(f"next: python description2embedding.py --caption {args.output} --data {args.data}", flush=True)
+    command, note = next_step(args)
+    print(f"next: {command}", flush=True)
+    if note:
+        print(f"      ({note})", flush=True)
+
+
+def next_step(args):
+    """``(command, note)``: the description2embedding command for these descriptions, runnable as
+    printed (with the tiny CLIP stand-in when the model is the tiny VLM written by ``python -m
+    gpt4image.tiny_models``), and a note when OpenAI CLIP's RN50 (the default) would be downloaded."""
+    import shlex
+    from gpt4image.clip_text import DEFAULT_DOWNLOAD_ROOT
+    command = (f"python description2embedding.py --caption {shlex.quote(args.output)} "
+               f"--data {shlex.quote(args.data)}")
+    stand_in = os.path.join(os.path.dirname(os.path.abspath(args.model or ".")), "tiny_clip.pt")
+    if args.model and os.path.isfile(os.path.join(args.model, TINY_MARKER)) and os.path.isfile(stand_in):
+        return f"{command} --model {shlex.quote(stand_in)}", "the tiny CLIP stand-in, as the tiny VLM: no download"
+    if not os.path.isfile(os.path.join(os.path.expanduser(DEFAULT_DOWNLOAD_ROOT), "RN50.pt")):
+        return command, ("it downloads OpenAI CLIP RN50 (244 MB) the first time; offline, add --model with a CLIP "
+                         "weights file, or --no-download to be told where to put it")
+    return command, None
 
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
+    try:
+        return run(args)
+    except KeyboardInterrupt:
+        # every finished batch is already on disk (appended and fsynced), an unfinished one cut off
+        print(f"interrupted: the images described so far are kept in {args.output}.parts; run the same command "
+              f"to go on", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
+
+
+def run(args):
     check_device(args.device)
     if args.batch_size is None:
         args.batch_size = 256 if args.backend == "vllm" else 16
@@ -272,10 +320,8 @@ def main(argv=None):
     class_names = read_class_names(args.class_names, {i.class_name for i in items}) if args.class_names else None
     parts = Parts(args.output)
     if args.merge:
-        info = None
-        if os.path.isfile(parts.settings_path):
-            with open(parts.settings_path, encoding="utf-8") as f:
-                info = {"name": json.load(f)["model"]}
+        settings = parts.check_merge(merge_settings(args))
+        info = {"name": settings["model"]} if settings else None
         counts, failures = parts.merge(items, metadata(args, info, started), args.allow_missing)
         return report(args, counts, failures)
     if args.device is None:

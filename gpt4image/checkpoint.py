@@ -24,8 +24,7 @@ def load_checkpoint(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UserError(f"cannot read checkpoint {path!r} ({load_error(e)}); "
-                        f"it is not a file written by torch.save") from None
+        raise UserError(f"cannot read checkpoint {path!r}: {load_error(e, path)}") from None
 
 
 def check_compatible(checkpoint, path, recipe, arch, text_dim):

@@ -32,6 +32,9 @@ def resolve_clip_weights(model, download_root=None, allow_download=True):
               f"(or pass --download-root DIR holding {os.path.basename(url)}, or --model /path/to/file)")
     if not allow_download and not os.path.isfile(target):
         raise UserError(f"CLIP weights for {model} are not at {target} and downloading is off; {how_to}")
+    if not os.path.isfile(target):  # the one download a tool makes without --allow-download: say so first
+        print(f"downloading OpenAI CLIP {model} weights from {url} into {target} (once; --no-download "
+              f"forbids it)", flush=True)
     try:
         return _download(url, root)
     except Exception as e:  # no network, proxy, disk full, checksum mismatch
@@ -43,13 +46,16 @@ def load_clip(weights_path, device):
 
     As in OpenAI's code the weights stay fp16 on CUDA and become fp32 on CPU.
     """
+    from .io import load_error
+    from .weights import check_weights
     clip = import_clip()
+    check_weights(weights_path, "CLIP weights")
     try:
         model, _ = clip.load(weights_path, device=device, jit=False)
     except UserError:
         raise
     except Exception as e:
-        raise UserError(f"{weights_path!r} is not a CLIP checkpoint ({type(e).__name__}: {e}); "
+        raise UserError(f"{weights_path!r} is not a CLIP checkpoint ({load_error(e)}); "
                         f"pass a file saved by OpenAI's CLIP or a state dict in its format") from None
     return model.eval()
 

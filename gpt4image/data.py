@@ -56,14 +56,12 @@ def build_eval_loader(dataset, dist_info, batch_size, num_workers, pin_memory):
 
 
 def load_image(path):
-    """Open an image as RGB; a file PIL cannot decode is a UserError that names it."""
-    from PIL import Image
+    """The image as 8-bit RGB (``images.open_rgb``: RGB files used as decoded, 16-bit and float
+    greyscale scaled, transparency over white); a file that cannot be decoded or whose mode is
+    refused is a UserError that names it."""
+    from .images import open_rgb
     try:
-        with open(path, "rb") as f:
-            image = Image.open(f)
-            image.load()
-            # an RGB file is used as decoded: convert("RGB") would only copy it (~1 ms per ImageNet JPEG)
-            return image if image.mode == "RGB" else image.convert("RGB")
+        return open_rgb(path)
     except Exception as e:  # noqa: BLE001  OSError, SyntaxError, DecompressionBombError, ...: the file's problem
         raise UserError(f"cannot decode image {path} ({type(e).__name__}: {e}); replace or delete the file, "
                         f"or pass --skip-corrupt-images") from None

@@ -42,7 +42,7 @@ class ImageItem:
 def list_images(data):
     """Images of an ImageFolder directory (its order) or of a text file with one path per line
     (relative paths are relative to the file's folder)."""
-    from .descriptions import list_image_folder
+    from .descriptions import canonical_path, list_image_folder, text_lines
     if os.path.isdir(data):
         return [ImageItem(i, rel, os.path.join(data, rel), rel.split("/")[0])
                 for i, rel in enumerate(list_image_folder(data))]
@@ -51,16 +51,20 @@ def list_images(data):
                         f"or a text file with one image path per line")
     base = os.path.dirname(os.path.abspath(data))
     try:
-        with open(data, encoding="utf-8") as f:
-            paths = [line.strip() for line in f if line.strip()]
+        with open(data, encoding="utf-8", newline="") as f:
+            paths = [line.strip() for line in text_lines(f.read()) if line.strip()]
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"cannot read the image list {data!r} ({e}); pass a UTF-8 text file with one "
                         f"image path per line, or an ImageFolder directory") from None
     if not paths:
         raise UserError(f"the image list {data!r} names no image")
-    if len(set(paths)) != len(paths):
-        dup = next(p for p in paths if paths.count(p) > 1)
-        raise UserError(f"the image list {data!r} names {dup!r} more than once; list each image once")
+    seen = {}
+    for path in paths:
+        key = canonical_path(path, base)
+        if key in seen:
+            same = "" if seen[key] == path else f" (as {seen[key]!r} too)"
+            raise UserError(f"the image list {data!r} names {path!r} more than once{same}; list each image once")
+        seen[key] = path
     return [ImageItem(i, p, p if os.path.isabs(p) else os.path.join(base, p)) for i, p in enumerate(paths)]
 
 
@@ -68,18 +72,19 @@ def read_class_names(path, classes):
     """``{folder name: words}`` from a .json object or a text file of ``folder words...`` lines (the
     format of ImageNet's LOC_synset_mapping.txt; only the first comma-separated name is used)."""
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8", newline="") as f:
             if path.lower().endswith(".json"):
                 names = json.load(f)
                 if not isinstance(names, dict) or not all(isinstance(v, str) for v in names.values()):
                     raise ValueError("not an object mapping folder names to strings")
             else:
+                from .descriptions import text_lines
                 names = {}
-                for line in f:
+                for line in text_lines(f.read()):
                     folder, _, words = line.strip().partition(" ")
                     if folder:
                         names[folder] = words.split(",")[0].strip() or folder
-    except (OSError, ValueError, UnicodeDecodeError) as e:
+    except (OSError, ValueError, RecursionError) as e:
         raise UserError(f"cannot read --class-names {path!r} ({e}); pass a JSON object "
                         f"{{folder: name}} or lines 'folder name'") from None
     missing = sorted(set(classes) - set(names))
@@ -118,13 +123,11 @@ class PromptBuilder:
 
 
 def open_rgb(path):
-    """The image as RGB, or the reason it cannot be used (any error Pillow raises, decompression-bomb
-    limits included)."""
-    from PIL import Image
+    """The image as 8-bit RGB (``images.open_rgb``, the loader of every stage), or the reason it
+    cannot be used (any error Pillow raises, decompression-bomb limits and refused modes included)."""
+    from .images import open_rgb as open_image
     try:
-        with Image.open(path) as image:
-            image.load()
-            return image.convert("RGB"), None
+        return open_image(path), None
     except Exception as e:  # noqa: BLE001  every way a file can fail is the file's problem
         return None, f"{type(e).__name__}: {e}".replace("\n", " ")
 
@@ -177,6 +180,21 @@ class PromptBatches(torch.utils.data.Dataset):
             return kept, (self._process(kept, kept_images) if kept else None), failures
 
 
+def loader_worker_init(worker_id=None):
+    """DataLoader ``worker_init_fn`` of generate_descriptions: Ctrl-C (sent to the whole foreground
+    group) is the main process's to handle; and a worker that was handing a batch over when the main
+    process stopped stays quiet about the dropped connection instead of printing a traceback."""
+    import sys
+    from .resumable import ignore_stop_signals
+    ignore_stop_signals(worker_id)
+    previous = sys.excepthook
+
+    def hook(kind, value, traceback):
+        if not issubclass(kind, (ConnectionError, EOFError)):
+            previous(kind, value, traceback)
+    sys.excepthook = hook
+
+
 def resolve_model_dir(model, allow_download=False):
     """A local directory holding the model: ``model`` itself, or a hub id found in (or, with
     ``allow_download``, fetched into) Hugging Face's cache."""
@@ -227,7 +245,8 @@ class VLMSource:
 
 def inspect_vlm(model, allow_download=False):
     """The ``VLMSource`` of a local image-text-to-text model, checked without loading weights: a
-    missing folder, a model of another kind or a missing processor is a UserError."""
+    missing folder, a model of another kind, a missing processor or weights files that are truncated
+    or would run code (``weights.check_weights``) are a UserError."""
     from transformers import AutoConfig, AutoProcessor
     from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
     directory = resolve_model_dir(model, allow_download)
@@ -248,6 +267,8 @@ def inspect_vlm(model, allow_download=False):
         raise UserError(f"{directory!r} has no processor for images and text ({found}); the folder needs the "
                         f"model's preprocessor_config.json and tokenizer files as downloaded".replace("\n", " "))
     processor.tokenizer.padding_side = "left"
+    from .weights import check_weights
+    check_weights(directory, "model weights")  # truncated, corrupt or holding code: refused before any work
     architectures = getattr(config, "architectures", None) or [config.model_type]
     info = {"name": getattr(config, "_name_or_path", None) or model, "path": os.path.abspath(directory),
             "model_type": config.model_type, "architecture": architectures[0],
@@ -259,10 +280,14 @@ def load_vlm(directory, device, dtype):
     """The model of a folder ``inspect_vlm`` accepted, in ``dtype``, on ``device``; on a GPU
     attention uses SDPA."""
     from transformers import AutoModelForImageTextToText
+    from .weights import load_failure
     device = torch.device(device)
     kwargs = {"attn_implementation": "sdpa"} if device.type == "cuda" else {}
-    model = AutoModelForImageTextToText.from_pretrained(directory, local_files_only=True,
-                                                        dtype=getattr(torch, dtype), **kwargs)
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(directory, local_files_only=True,
+                                                            dtype=getattr(torch, dtype), **kwargs)
+    except Exception as e:  # noqa: BLE001  missing or mismatched weights files: the folder's problem
+        raise load_failure(e, directory, "model") from None
     return model.to(device).eval()
 
 
@@ -408,20 +433,60 @@ class Parts:
     def part_files(self):
         return sorted(glob.glob(os.path.join(self.directory, "part-*-of-*.jsonl")))
 
-    def check_settings(self, settings):
-        """Refuse to add to parts made with other settings (model, prompt, generation); record them
-        for a new output."""
+    def _settings_files(self):
+        return sorted(glob.glob(os.path.join(self.directory, "*settings.json")))
+
+    def _read_settings(self, path):
+        try:
+            with open(path, encoding="utf-8") as f:
+                settings = json.load(f)
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot read {path} ({type(e).__name__}: {e}); delete {self.directory} to start "
+                            f"again") from None
+        if not isinstance(settings, dict):
+            raise UserError(f"{path} is not a settings object; delete {self.directory} to start again")
+        return settings
+
+    @staticmethod
+    def _differences(before, now, keys=None):
+        keys = sorted(set(before) | set(now)) if keys is None else keys
+        differ = [k for k in keys if before.get(k) != now.get(k)]
+        return "; ".join(f"{k}: {before.get(k)!r} in the parts, {now.get(k)!r} now" for k in differ[:3])
+
+    def check_settings(self, settings, shard=(0, 1)):
+        """Refuse to add to parts made with other settings (model, prompt, generation, class-names
+        content); record them for the output and for this shard's part file (shards started at once
+        on a job array each leave their own record, which --merge compares)."""
         os.makedirs(self.directory, exist_ok=True)
-        if os.path.isfile(self.settings_path):
-            with open(self.settings_path, encoding="utf-8") as f:
-                before = json.load(f)
-            differ = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
-            if differ:
-                shown = "; ".join(f"{k}: {before.get(k)!r} before, {settings.get(k)!r} now" for k in differ[:3])
+        for path in self._settings_files():
+            shown = self._differences(self._read_settings(path), settings)
+            if shown:
                 raise UserError(f"{self.directory} holds descriptions made with other settings ({shown}); "
                                 f"use another --output, or delete that folder to start again")
-        else:
+        if not os.path.isfile(self.settings_path):
             atomic_write_json(self.settings_path, settings)
+        own = self.part_path(*shard)[:-len(".jsonl")] + ".settings.json"
+        if not os.path.isfile(own):
+            atomic_write_json(own, settings)
+
+    def check_merge(self, stated):
+        """The settings every part was made with (None without parts); a part made with settings other
+        than another part's, or than the --merge command states, is refused by name."""
+        found = [(path, self._read_settings(path)) for path in self._settings_files()]
+        if not found:
+            return None
+        first_path, first = found[0]
+        for path, settings in found[1:]:
+            shown = self._differences(first, settings)
+            if shown:
+                raise UserError(f"{os.path.basename(first_path)} and {os.path.basename(path)} in {self.directory} "
+                                f"were made with different settings ({shown}); describe those shards again with "
+                                f"one setting")
+        shown = self._differences(first, stated, keys=sorted(stated))
+        if shown:
+            raise UserError(f"the parts in {self.directory} were made with other settings than this --merge "
+                            f"command's ({shown}); run --merge with the same options as the shards")
+        return first
 
     def done(self, retry_failed=False):
         """``{path: record}`` over every part file: a description wins over an error."""
@@ -448,15 +513,16 @@ class Parts:
         for marker in markers:
             os.unlink(marker)
 
-    def open_for_append(self, index, count):
-        """The shard's part file, ready to append; a last line cut short by a kill is removed first."""
+    def append_path(self, index, count):
+        """The shard's part file, ready to append to (``io.append_durably``); a last line cut short by
+        a kill is removed first."""
         path = self.part_path(index, count)
         if os.path.exists(path):
             with open(path, "rb+") as f:
                 data = f.read()
                 if data and not data.endswith(b"\n"):
                     f.truncate(data.rfind(b"\n") + 1)
-        return open(path, "a", encoding="utf-8")
+        return path
 
     def missing_report(self, items, done):
         """How many images have no record, and in which shards of the part files' layout."""

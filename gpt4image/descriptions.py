@@ -29,12 +29,31 @@ def list_image_folder(root):
         raise UserError(f"image folder {root!r} does not exist; pass the train folder "
                         f"(the one holding one sub-folder per class)")
     refuse_repeated_dirs(root)
+    refuse_dataset_root(root)
     try:
         _, class_to_idx = find_classes(root)
         samples = make_dataset(root, class_to_idx, extensions=IMG_EXTENSIONS)
     except (FileNotFoundError, RuntimeError) as e:
         raise UserError(f"{root!r} is not an ImageFolder: {e}") from None
     return [os.path.relpath(path, root).replace(os.sep, "/") for path, _ in samples]
+
+
+def text_lines(text):
+    """The lines of a text file: only ``\\n`` and ``\\r\\n`` end one (``str.splitlines`` would also split
+    at U+2028, U+2029, U+0085, form feeds and other characters a description may hold)."""
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    return [line[:-1] if line.endswith("\r") else line for line in lines]
+
+
+def refuse_dataset_root(root):
+    """A folder holding ``train/`` and ``val/`` (the root training takes) is not a train folder: as an
+    ImageFolder it would make ``train`` and ``val`` two classes and describe the validation images."""
+    if all(os.path.isdir(os.path.join(root, split)) for split in ("train", "val")):
+        train = os.path.join(root, "train")
+        raise UserError(f"{root!r} is a dataset root (it holds train/ and val/), not a train folder; pass "
+                        f"{train!r} (and, for the validation images, a second run on {os.path.join(root, 'val')!r})")
 
 
 def _load_raw(path):
@@ -47,17 +66,17 @@ def _load_raw(path):
     try:
         if ext in (".pth", ".pt"):
             return torch.load(path, map_location="cpu", weights_only=True)
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8", newline="") as f:
             if ext == ".txt":
-                return f.read().splitlines()
+                return text_lines(f.read())
             if ext == ".json":
                 return json.load(f, object_pairs_hook=lambda pairs: _unique_keys(path, pairs))
             if ext == ".jsonl":
-                return _parse_jsonl(path, f)
+                return _parse_jsonl(path, text_lines(f.read()))
     except UserError:
         raise
     except Exception as e:  # unreadable pickle, bad JSON, bad UTF-8: all the user's file
-        raise UserError(f"cannot read description file {path!r}: {load_error(e)}") from None
+        raise UserError(f"cannot read description file {path!r}: {load_error(e, path)}") from None
     raise UserError(f"description file {path!r} has an unknown extension {ext!r}; "
                     f"use .pth, .txt, .json or .jsonl")
 
@@ -73,10 +92,16 @@ def _parse_jsonl(path, lines):
             raise UserError(f"{path}:{number}: not a JSON value ({e}); every line must be one JSON string or "
                             f"object") from None
         if isinstance(value, dict):
-            text = next((value[k] for k in TEXT_KEYS if k in value), None)
+            field = next((k for k in TEXT_KEYS if k in value), None)
             key = next((value[k] for k in PATH_KEYS if k in value), None)
-            if text is None:
+            if field is None:
                 raise UserError(f"{path}:{number}: object has none of the fields {TEXT_KEYS}")
+            text = value[field]
+            if text is None:
+                raise UserError(f"{path}:{number}: \"{field}\" is null; every image needs a description string "
+                                f"(describe that image again, or leave it out of the data)")
+            if key is not None and not isinstance(key, str):
+                raise UserError(f"{path}:{number}: the image path is a {type(key).__name__}, not a string")
             if key is not None:
                 if key in keyed:
                     raise UserError(f"{path}:{number}: image {key!r} is described a second time (first at line "
@@ -112,10 +137,30 @@ def _unique_keys(path, pairs):
     return seen
 
 
-def _relative_key(key):
-    """``./a/b.jpg``, ``a//b.jpg`` and ``a\\b.jpg`` all name ``a/b.jpg``."""
+def canonical_path(path, root):
+    """The one spelling of an image path, used by every reader of image lists and description files:
+    ``./a``, ``a//b``, ``a/./b``, ``a\\b``, ``//root/a`` and the absolute path of a file under ``root``
+    all become ``a``-style paths relative to ``root`` ('/'-separated); a path outside ``root``
+    becomes its absolute, normalised form."""
     import posixpath
-    return posixpath.normpath(key.replace("\\", "/"))
+    path = path.replace("\\", "/")
+    root = os.path.abspath(root).replace(os.sep, "/")
+    full = posixpath.normpath(posixpath.join(root, path))
+    if full.startswith("//"):  # POSIX keeps a leading "//" apart; it names the same file as "/"
+        full = "/" + full.lstrip("/")
+    relative = posixpath.relpath(full, root)
+    return full if relative == ".." or relative.startswith("../") else relative
+
+
+def _listed_files(data):
+    """``(paths, folder they are relative to)`` of ``--data``: an ImageFolder train directory (its
+    ``class/file`` paths) or a text file of image paths (as generate_descriptions takes); (None, None)."""
+    if not data:
+        return None, None
+    if os.path.isfile(data):
+        from .describe import list_images
+        return [item.path for item in list_images(data)], os.path.dirname(os.path.abspath(data))
+    return list_image_folder(data), data
 
 
 def read_descriptions(path, image_folder=None):
@@ -126,7 +171,7 @@ def read_descriptions(path, image_folder=None):
     reordered to it, and a path missing on either side is an error.
     """
     raw = _load_raw(path)
-    files = list_image_folder(image_folder) if image_folder else None
+    files, base = _listed_files(image_folder)
     if isinstance(raw, dict):
         keys = list(raw)
         if any(not isinstance(k, str) for k in keys):
@@ -137,13 +182,14 @@ def read_descriptions(path, image_folder=None):
                             f"so that rows can be written in ImageFolder order")
         normalised, original = {}, {}
         for key, text in raw.items():
-            relative = _relative_key(key)
+            relative = canonical_path(key, base)
             if relative in normalised:
                 raise UserError(f"{path}: {original[relative]!r} and {key!r} name the same image; keep one "
                                 f"description per image")
             normalised[relative], original[relative] = text, key
-        missing = [f for f in files if f not in normalised]
-        extra = sorted(set(normalised) - set(files))
+        canonical = [canonical_path(f, base) for f in files]
+        missing = [f for f, c in zip(files, canonical) if c not in normalised]
+        extra = sorted(set(normalised) - set(canonical))
         if missing or extra:
             parts = []
             if missing:
@@ -153,7 +199,7 @@ def read_descriptions(path, image_folder=None):
                 parts.append(f"{len(extra)} described paths are not in {image_folder} "
                              f"(first: {', '.join(extra[:3])})")
             raise UserError(f"{path}: " + "; ".join(parts) + "; paths must be relative to the train folder")
-        return [normalised[f] for f in files], files
+        return [normalised[c] for c in canonical], files
     if not isinstance(raw, (list, tuple)):
         raise UserError(f"{path} holds a {type(raw).__name__}, not a list of description strings")
     raw = list(raw)

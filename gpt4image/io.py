@@ -28,10 +28,11 @@ def _atomic_write(path, write_fn):
         os.chmod(tmp, _mode_for(path))
         os.replace(tmp, path)
     except BaseException as e:
+        error = _disk_error(e, path) if is_write_failure(e) else None  # before the space is freed again
         if os.path.exists(tmp):
             os.unlink(tmp)
-        if isinstance(e, OSError) or "write failed" in str(e) or "failed writing" in str(e):
-            raise _disk_error(e, path) from None  # torch.save reports a full disk as a RuntimeError
+        if error is not None:
+            raise error from None
         raise
     try:  # make the rename itself durable
         dir_fd = os.open(directory, os.O_RDONLY)
@@ -41,6 +42,38 @@ def _atomic_write(path, write_fn):
             os.close(dir_fd)
     except OSError:
         pass
+
+
+# How torch.save reports a failed write (a full disk among them): a RuntimeError from its zip writer,
+# "[enforce fail at inline_container.cc:...] . unexpected pos N vs M" or "... file write failed".
+_TORCH_WRITE_FAILURES = ("unexpected pos", "write failed", "failed writing", "inline_container")
+
+
+def is_write_failure(error):
+    """True for an error that says a write to the file system failed (OSError, or torch.save's
+    RuntimeError for the same thing)."""
+    return isinstance(error, OSError) or (isinstance(error, RuntimeError) and
+                                          any(text in str(error) for text in _TORCH_WRITE_FAILURES))
+
+
+def append_durably(path, data):
+    """Append ``data`` (bytes) to ``path`` and fsync it. A failed write (a full disk) cuts the file
+    back to its previous end, so no partial line is left behind, and is a one-line UserError."""
+    with open(path, "ab", buffering=0) as f:
+        start = f.seek(0, os.SEEK_END)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[f.write(view):]
+            os.fsync(f.fileno())
+        except BaseException as e:  # a full disk, or Ctrl-C in the middle of the write
+            try:
+                os.truncate(path, start)
+            except OSError:
+                pass
+            if isinstance(e, OSError):
+                raise _disk_error(e, path, kept="the records written before") from None
+            raise
 
 
 def _umask():
@@ -58,32 +91,37 @@ def _mode_for(path):
         return 0o666 & ~_umask()
 
 
-def _disk_error(error, path):
+def _disk_error(error, path, kept=None):
     """A UserError for a write that failed on the file system (disk full, quota, permissions)."""
+    kept = kept or f"the previous {os.path.basename(path)}"
     code = getattr(error, "errno", None)
-    try:
-        full = os.statvfs(os.path.dirname(os.path.abspath(path))).f_bavail == 0
+    try:  # torch.save's RuntimeError carries no errno: a disk with (almost) nothing left is full
+        stat = os.statvfs(os.path.dirname(os.path.abspath(path)))
+        full = stat.f_bavail * stat.f_frsize < (1 << 20)
     except OSError:
         full = False
     if code in (errno.ENOSPC, errno.EDQUOT) or full:
         return UserError(f"no space left on device while writing {path!r} (in {os.path.dirname(os.path.abspath(path))!r});"
-                         f" free space there or choose another output folder; the previous {os.path.basename(path)} "
-                         f"is kept as it was")
+                         f" free space there or choose another output folder; {kept} is kept as it was")
     reason = error.strerror if isinstance(error, OSError) and error.strerror else " ".join(str(error).split())
-    return UserError(f"cannot write {path!r} ({reason}); the previous file is kept as it was")
+    return UserError(f"cannot write {path!r} ({reason}); {kept} is kept as it was")
 
 
-def load_error(error):
-    """Why ``torch.load`` refused a file, in one line. A file that holds arbitrary Python objects is
-    refused by ``weights_only=True`` (unpickling it could run any code); torch's own message then
-    advises ``weights_only=False``, which is unsafe for a file from elsewhere, so it is not repeated."""
+def load_error(error, path=None):
+    """Why ``torch.load`` refused a file, in one line. torch's own message for a file its safe
+    loader (``weights_only=True``) refuses advises ``weights_only=False``, which would run whatever
+    code the file holds: it is never repeated. With ``path``, the file is read opcode by opcode
+    (``weights.file_problem``, nothing executed) to say what it holds."""
     text = str(error)
-    if "Weights only load failed" in text and "Unsupported global" not in text:
-        return "its bytes are not a pickle, the format torch.save writes"
+    if path is not None and os.path.isfile(path):
+        from .weights import file_problem
+        problem = file_problem(path)
+        if problem:
+            return problem
     if "Weights only load failed" in text:
-        return ("it holds Python objects beyond tensors, numbers, strings, lists and dicts, which only a full "
-                "unpickling could rebuild, and that can run any code: it is refused. Re-save its content as "
-                "plain tensors / lists (or, for descriptions, as .json, .jsonl or .txt)")
+        return ("torch's safe loader refused it: it holds Python objects beyond tensors, numbers, strings, lists "
+                "and dicts, whose unpickling could run code, so it was not loaded. Re-save its content as plain "
+                "tensors / lists (or, for descriptions, as .json, .jsonl or .txt)")
     return f"{type(error).__name__}: {' '.join(text.split())}"
 
 

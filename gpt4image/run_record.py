@@ -5,7 +5,7 @@ import socket
 
 from .distributed import logger
 from .errors import UserError
-from .io import atomic_write_json, atomic_write_text, ensure_writable_dir
+from .io import append_durably, atomic_write_json, atomic_write_text, ensure_writable_dir
 
 LOCK = "run.lock"
 
@@ -53,8 +53,7 @@ class RunRecord:
             return
         path = os.path.join(self.output_dir, "log.txt")
         _drop_partial_last_line(path)
-        with open(path, "a") as f:
-            f.write(json.dumps(stats) + "\n")
+        append_durably(path, (json.dumps(stats) + "\n").encode("utf-8"))
         if self.writer is not None:
             for k, v in stats.items():
                 if isinstance(v, (int, float)) and k != "epoch":

@@ -47,8 +47,9 @@ class TextEmbeddings:
         path = os.path.join(os.path.dirname(os.path.abspath(self.path)), name)
         if not os.path.isfile(path):
             return None
-        with open(path, encoding="utf-8") as f:
-            return f.read().splitlines()
+        from .descriptions import text_lines
+        with open(path, encoding="utf-8", newline="") as f:
+            return text_lines(f.read())
 
 
 def _validate(table, path, chunk_rows=65536):
@@ -84,8 +85,8 @@ def load_text_embeddings(path, validate=True):
     try:
         table = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except Exception as e:
-        raise UserError(f"cannot read text embeddings {path!r} ({load_error(e)}); "
-                        f"expected a tensor saved by description2embedding.py") from None
+        raise UserError(f"cannot read text embeddings {path!r}: {load_error(e, path)} (expected a tensor saved "
+                        f"by description2embedding.py)") from None
     if not isinstance(table, torch.Tensor):
         raise UserError(f"text embeddings {path!r} hold a {type(table).__name__}, not a tensor")
     metadata = None

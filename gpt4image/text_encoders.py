@@ -138,6 +138,9 @@ def open_clip_encoder(spec, device, allow_download=False):
                         f"local-dir:DIR or hf-hub:ORG/NAME")
     if pretrained and not os.path.isfile(pretrained) and os.path.sep in pretrained:
         raise UserError(f"open_clip weights {pretrained!r} do not exist; pass a weights file or a pretrained tag")
+    if pretrained and os.path.isfile(pretrained):
+        from .weights import check_weights
+        check_weights(pretrained, "open_clip weights")
     offline = {} if allow_download else {"HF_HUB_OFFLINE": "1"}
     saved = {k: os.environ.get(k) for k in offline}
     os.environ.update(offline)
@@ -150,8 +153,8 @@ def open_clip_encoder(spec, device, allow_download=False):
         how = ("" if allow_download else
                "; put the weights file on this machine and pass open_clip:ARCH:/path/to/file, or fill open_clip's "
                "cache (~/.cache/huggingface) on a machine with internet, or pass --allow-download")
-        raise UserError(f"cannot load open_clip model {spec!r} ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0] if str(e) else ''}){how}") from None
+        from .io import load_error
+        raise UserError(f"cannot load open_clip model {spec!r} ({load_error(e).splitlines()[0]}){how}") from None
     finally:
         for k, v in saved.items():
             if v is None:
@@ -232,12 +235,17 @@ def hf_encoder(spec, device, pooling="mean"):
     except Exception as e:  # noqa: BLE001
         raise UserError(f"--model {spec!r}: {directory!r} has no usable tokenizer ({type(e).__name__}: "
                         f"{str(e).splitlines()[0] if str(e) else ''}); {how}") from None
+    from .weights import check_weights, load_failure
+    check_weights(directory, "text encoder weights")
+    model_class = getattr(transformers, HF_PROJECTED[model_type]) if model_type in HF_PROJECTED else transformers.AutoModel
+    try:
+        model = model_class.from_pretrained(directory, local_files_only=True)
+    except Exception as e:  # noqa: BLE001  missing or mismatched weights files: the folder's problem
+        raise load_failure(e, directory, f"--model {spec!r}") from None
     if model_type in HF_PROJECTED:
-        model = getattr(transformers, HF_PROJECTED[model_type]).from_pretrained(directory, local_files_only=True)
         pooling = "clip_projection" if "clip" in model_type else "siglip_head"
         output = "text_embeds" if "clip" in model_type else "pooler_output"
     else:
-        model = transformers.AutoModel.from_pretrained(directory, local_files_only=True)
         output = None
     model.to(device).eval()
     text_config = config.text_config if hasattr(config, "text_config") and config.text_config else config
@@ -303,31 +311,60 @@ def _pack(units, count, room, additive=False):
     return pieces
 
 
-def _split_long_word(word, count, room):
-    """A word longer than the context on its own, cut between characters."""
+# Tokenisers (CLIP's BPE among them) take time quadratic in the length of one word, so a
+# 100,000-character "word" would never be counted whole: a text or sentence holding a word longer
+# than LONGEST_COUNTED_WORD characters is not counted whole, and a word that does not fit is cut into
+# runs of LONGEST_WORD characters before it is cut between characters. No word of a description is
+# that long; the work stays linear in the length of the text.
+LONGEST_COUNTED_WORD = 256
+LONGEST_WORD = 64
+_HUGE_WORD = re.compile(r"\S{%d,}" % (LONGEST_COUNTED_WORD + 1))
+
+
+def _fits(text, count, room):
+    return _HUGE_WORD.search(text) is None and count(text) <= room
+
+
+def _cut_word(word, count, room):
+    """A word that does not fit ``room`` (or is too long to count) as pieces that do."""
     pieces = []
-    while count(word) > room:
-        cut = len(word) - 1
-        while cut > 1 and count(word[:cut]) > room:
-            cut -= 1
-        pieces.append(word[:cut])
-        word = word[cut:]
-    return pieces + [word]
+    for i in range(0, len(word), LONGEST_WORD):
+        run = word[i:i + LONGEST_WORD]
+        pieces.extend(_split_long_word(run, count, room) if count(run) > room else [run])
+    return pieces
+
+
+def _split_long_word(word, count, room):
+    """A word (of at most ``LONGEST_WORD`` characters) with more tokens than ``room``, cut between
+    characters into the longest prefixes that fit (at least one character each)."""
+    pieces = []
+    while word:
+        lo, hi = 1, len(word)  # word[:lo] is taken; the longest fitting prefix is in [lo, hi]
+        while lo < hi:
+            middle = (lo + hi + 1) // 2
+            if count(word[:middle]) <= room:
+                lo = middle
+            else:
+                hi = middle - 1
+        pieces.append(word[:lo])
+        word = word[lo:]
+    return pieces
 
 
 def _fitting(units, split, count, room):
     """``units`` with each one longer than ``room`` replaced by ``split(unit)``."""
     out = []
     for unit in units:
-        out.extend(split(unit) if count(unit) > room else [unit])
+        out.extend([unit] if _fits(unit, count, room) else split(unit))
     return out
 
 
 def split_description(text, count, room, additive=False):
     """Pieces of ``text`` that fit ``room`` content tokens: whole sentences packed greedily, a longer
     sentence split at word boundaries (a longer word between characters). A text that fits is
-    returned as it is (one piece). ``additive``: see ``_pack``."""
-    if count(text) <= room:
+    returned as it is (one piece). ``additive``: see ``_pack``. Linear in the length of ``text``:
+    nothing longer than a sentence of ordinary words, or than a piece, is counted."""
+    if _fits(text, count, room):
         return [text]
     known = {}
 
@@ -338,12 +375,12 @@ def split_description(text, count, room, additive=False):
 
     pieces, run = [], []  # run: consecutive sentences that fit on their own, packed together
     for sentence in filter(None, _SENTENCE_END.split(text.strip())):
-        if count(sentence) <= room:
+        if _fits(sentence, count, room):
             run.append(sentence)
             continue
         pieces += _pack(run, count, room, additive)
         run = []
-        words = _fitting(sentence.split(), lambda w: _split_long_word(w, count, room), count, room)
+        words = _fitting(sentence.split(), lambda w: _cut_word(w, count, room), count, room)
         pieces += _pack(words, count, room, additive)
     return pieces + _pack(run, count, room, additive)
 
@@ -403,6 +440,19 @@ def combine_pieces(features, owner, weights, rows):
     return out
 
 
+def _encode(encoder, inputs):
+    """``encoder.encode(inputs)``; a token id beyond the model's embedding table (a checkpoint whose
+    vocabulary is smaller than its tokenizer's) is a UserError, not an IndexError deep in torch."""
+    try:
+        return encoder.encode(inputs)
+    except (IndexError, RuntimeError) as e:
+        if "index out of range" not in str(e) and "out of bounds" not in str(e):
+            raise
+        raise UserError(f"--model {encoder.name!r}: its tokenizer gives token ids beyond the model's vocabulary "
+                        f"({' '.join(str(e).split())[:120]}); the weights and the tokenizer belong to different "
+                        f"models: pass a complete model") from None
+
+
 @torch.inference_mode()
 def encode_texts(encoder, texts, batch_size=1024, num_workers=4, out_dtype=torch.float16, chunks=False,
                  progress=True, pin_memory=False):
@@ -415,7 +465,7 @@ def encode_texts(encoder, texts, batch_size=1024, num_workers=4, out_dtype=torch
     import torch.nn.functional as F
     from tqdm import tqdm
     probe, _ = encoder.tokenizer(["a"])
-    width = encoder.encode(probe).shape[1]
+    width = _encode(encoder, probe).shape[1]
     out = torch.empty(len(texts), width, dtype=out_dtype)
     loader = torch.utils.data.DataLoader(
         DescriptionBatches(texts, batch_size, encoder.tokenizer, chunks), batch_size=None, shuffle=False,
@@ -424,7 +474,7 @@ def encode_texts(encoder, texts, batch_size=1024, num_workers=4, out_dtype=torch
     with tqdm(total=len(texts), unit="desc", unit_scale=True, disable=not progress,
               desc="encoding descriptions", dynamic_ncols=True) as bar:
         for start, inputs, owner, weights, n_truncated, counts in loader:
-            features = encoder.encode(inputs)
+            features = _encode(encoder, inputs)
             if owner is None:
                 rows = F.normalize(features.float(), dim=-1)
             else:

@@ -51,6 +51,14 @@ def tiny_clip(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def vlm(tmp_path_factory):
+    """family -> directory of its tiny random model (built once per session)."""
+    from gpt4image.tiny_vlm import FAMILIES, save_tiny_vlm
+    root = tmp_path_factory.mktemp("vlm")
+    return {family: save_tiny_vlm(family, str(root / family)) for family in FAMILIES}
+
+
+@pytest.fixture(scope="session")
 def image_folder(tmp_path_factory):
     """Generated ImageFolder (4 classes, 12 train + 4 val images each, 32 px) and its descriptions."""
     root = str(tmp_path_factory.mktemp("images"))

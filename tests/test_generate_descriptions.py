@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -12,17 +13,12 @@ import torch.nn.functional as F
 from PIL import Image
 
 from conftest import REPO, described_paths, kill_once_written, run_script
+from gpt4image.describe import DEFAULT_CLASS_PROMPT
 from gpt4image.errors import exit_on_user_error
-from gpt4image.tiny_vlm import FAMILIES, save_tiny_vlm
+from gpt4image.io import sha256_file
+from gpt4image.tiny_vlm import FAMILIES
 
 SCRIPT = os.path.join(REPO, "generate_descriptions.py")
-
-
-@pytest.fixture(scope="session")
-def vlm(tmp_path_factory):
-    """family -> directory of its tiny random model (built once per session)."""
-    root = tmp_path_factory.mktemp("vlm")
-    return {family: save_tiny_vlm(family, str(root / family)) for family in FAMILIES}
 
 
 @pytest.fixture
@@ -256,3 +252,87 @@ def test_a_list_of_image_paths_is_described_with_paths_as_listed(vlm, photos, tm
              "--workers=0", "--quiet"])
     records = _records(out)
     assert [r["path"] for r in records] == listing.read_text().split() and all("class" not in r for r in records)
+
+
+@pytest.mark.parametrize("prompt, expected", [
+    ("This is a {class_name}. Describe it.", "only --class-prompt fills"),
+    ("", "is empty"),
+    ("  \t ", "is empty"),
+])
+def test_a_prompt_that_would_be_sent_wrong_is_refused_before_anything_is_written(prompt, expected, vlm, photos,
+                                                                                  tmp_path, gd_main, capsys):
+    out = tmp_path / "d.jsonl"
+    err = _fail(gd_main, [f"--data={photos}", f"--model={vlm['llava']}", f"--output={out}", f"--prompt={prompt}"],
+                capsys)
+    assert expected in err and os.listdir(tmp_path) == []
+
+
+def test_merge_refuses_parts_made_with_other_settings_and_class_names_are_compared_by_content(vlm, photos, tmp_path,
+                                                                                             gd_main, capsys):
+    names = tmp_path / "names.txt"
+    names.write_text("n01440764 tench\nn01443537 goldfish\nn01484850 great white shark\n")
+    out = tmp_path / "d.jsonl"
+    common = [f"--data={photos}", f"--model={vlm['llava']}", f"--output={out}", "--max-new-tokens=2", "--workers=0",
+              "--quiet", "--class-prompt", f"--class-names={names}"]
+    gd_main([*common, "--shard=0/2"])
+    names.write_text("n01440764 carp\nn01443537 goldfish\nn01484850 great white shark\n")  # same path, new names
+    err = _fail(gd_main, [*common, "--shard=1/2"], capsys)
+    assert "class_names_sha256" in err and not os.path.exists(f"{out}.parts/part-00001-of-00002.jsonl")
+    names.write_text("n01440764 tench\nn01443537 goldfish\nn01484850 great white shark\n")
+    gd_main([*common, "--shard=1/2"])
+    capsys.readouterr()
+    merged = out.read_bytes()  # the last shard to finish merged; merging again must not change the settings
+    for other in (["--max-new-tokens=3"], ["--class-prompt=A {class_name}. Describe it."]):
+        err = _fail(gd_main, [*common, *other, "--merge", "--force"], capsys)
+        assert "made with other settings than this --merge command's" in err and out.read_bytes() == merged
+    without_model = [a for a in common if not a.startswith("--model")]
+    gd_main([*without_model, "--merge", "--force"])
+    meta = json.load(open(f"{out}.json"))
+    assert meta["counts"]["described"] == 13 and meta["class_prompt"] == DEFAULT_CLASS_PROMPT
+    assert meta["class_names_sha256"] == sha256_file(names) and meta["model"]["name"]
+
+
+def test_ctrl_c_ends_with_one_line_exit_130_and_the_same_command_goes_on(vlm, photos, tmp_path):
+    import signal
+    out = tmp_path / "d.jsonl"
+    cmd = [sys.executable, SCRIPT, f"--data={photos}", f"--model={vlm['llava']}", f"--output={out}",
+           "--max-new-tokens=4", "--workers=1", "--batch-size=1", "--quiet"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
+    part = tmp_path / "d.jsonl.parts" / "part-00000-of-00001.jsonl"
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    while proc.poll() is None and not (part.exists() and part.read_bytes().count(b"\n") >= 2):
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGINT)  # as Ctrl-C does: the whole foreground group, loader worker included
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert err.strip().count("\n") == 0 and "Traceback" not in err and "interrupted" in err and str(out) in err, err
+    assert part.read_bytes().endswith(b"\n")  # every record whole
+    subprocess.run(cmd, env=env, cwd=REPO, check=True, capture_output=True)
+    described = described_paths(out)
+    assert sorted(described) == sorted(set(described)) and len(described) == 13
+
+
+def test_the_next_step_printed_for_a_list_of_images_runs_as_printed(vlm, photos, tiny_clip, tmp_path, gd_main,
+                                                                      capsys):
+    import shlex
+    listing = tmp_path / "images.txt"
+    listing.write_text("".join(f"{os.path.join(photos, c, f)}\n" for c in sorted(os.listdir(photos))[:1]
+                               for f in sorted(os.listdir(os.path.join(photos, c)))))
+    out = tmp_path / "d.jsonl"
+    gd_main([f"--data={listing}", f"--model={vlm['llava']}", f"--output={out}", "--max-new-tokens=2",
+             "--workers=0", "--quiet"])
+    hint = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("next: "))
+    argv = shlex.split(hint[len("next: "):])
+    assert argv[:2] == ["python", "description2embedding.py"]
+    argv = [a for a in argv[2:] if not a.startswith("--model")] + [f"--model={tiny_clip}", "--workers=0", "--quiet"]
+    here = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        sys.path.insert(0, REPO)
+        import description2embedding
+        description2embedding.main(argv)
+    finally:
+        sys.path.remove(REPO)
+        os.chdir(here)
+    assert torch.load(tmp_path / "d_text_emb.pth").shape[0] == len(listing.read_text().split())

@@ -195,3 +195,56 @@ def test_one_training_epoch_on_a_table_of_each_family(family, encoders, image_fo
     assert row["train_text_loss"] > 0
     head = torch.load(f"{tmp_path}/run/checkpoint.pth")["projection_head"]
     assert list(head.values())[-1].shape[0] == width  # the head's output width comes from the table
+
+
+def test_chunks_of_a_text_without_spaces_take_work_linear_in_its_length():
+    """--long-text chunks on a 200,000-character description with no space: every count the splitter
+    asks for is of a short piece, and the characters counted grow linearly (a quadratic splitter
+    counts a prefix per cut: 10x the text, 100x the work; CLIP's BPE is itself quadratic in a word)."""
+    import random
+    from gpt4image.text_encoders import OpenAIClipTokenizer
+    tokenizer = OpenAIClipTokenizer()
+    counted = []
+
+    def count(text):
+        counted.append(len(text))
+        return tokenizer.count(text)
+    rng = random.Random(0)
+    work = {}
+    for n in (20_000, 200_000):
+        counted.clear()
+        text = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(n))
+        pieces = split_description(text, count, tokenizer.room, tokenizer.additive)
+        assert "".join("".join(pieces).split()) == text and all(tokenizer.count(p) <= tokenizer.room for p in pieces)
+        work[n] = sum(counted)
+        assert max(counted) <= 1000
+    assert work[200_000] <= 12 * work[20_000]
+
+
+@pytest.mark.parametrize("family", ["openai_clip", "hf"])
+def test_a_checkpoint_whose_vocabulary_is_smaller_than_its_tokenizer_is_one_line(family, encoders, d2e, tmp_path,
+                                                                                  capsys):
+    if family == "openai_clip":
+        from gpt4image.synthetic import tiny_clip_state_dict
+        state = tiny_clip_state_dict()
+        state["token_embedding.weight"] = state["token_embedding.weight"][:300]  # ids above 299 have no row
+        model = tmp_path / "small_vocab.pt"
+        torch.save(state, model)
+        spec = str(model)
+    else:
+        from transformers import BertConfig, BertModel
+        folder = tmp_path / "small_vocab"
+        shutil.copytree(encoders["hf_bert"][len("hf:"):], folder)
+        BertModel(BertConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                             num_attention_heads=2, max_position_embeddings=128)).save_pretrained(folder)
+        spec = f"hf:{folder}"
+    (tmp_path / "c.json").write_text(json.dumps(["a zebra and a xylophone", "quiet evening"]))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        exit_on_user_error(d2e, [f"--caption={tmp_path}/c.json", f"--model={spec}", f"--output={tmp_path}/o.pth",
+                                 "--workers=0", "--quiet"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err, err
+    last = err.strip().split("\n")[-1]  # after transformers' own loading bar
+    assert last.startswith("error: ") and "beyond the model's vocabulary" in last, err
+    assert not (tmp_path / "o.pth").exists()
