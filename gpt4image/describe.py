@@ -14,6 +14,7 @@
 A record is ``{"path": ..., "description": ...}`` (plus ``"class"``), or ``{"path": ...,
 "error": ...}`` for an image that could not be described (undecodable, or an empty generation).
 """
+import contextlib
 import glob
 import hashlib
 import json
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import UserError
-from .io import atomic_write_json, atomic_write_text
+from .io import atomic_write_json, atomic_write_lines
 
 DEFAULT_PROMPT = "Describe this image in detail."  # the paper's prompt to MiniGPT-4
 DEFAULT_CLASS_PROMPT = "This is a photo of a {class_name}. Describe this image in detail."
@@ -117,14 +118,19 @@ class PromptBuilder:
         return self._cache[text]
 
 
-def open_rgb(path):
-    """The image as RGB, or the reason it cannot be used (any error Pillow raises, decompression-bomb
-    limits included)."""
+def open_rgb(path, max_pixels=None):
+    """The image as RGB (shrunk to ``max_pixels`` in area when given), or the reason it cannot be
+    used (any error Pillow raises, decompression-bomb limits included)."""
     from PIL import Image
+
+    from .vlm_preprocess import draft_for, fit_pixels
     try:
         with Image.open(path) as image:
+            if max_pixels:
+                draft_for(image, max_pixels)
             image.load()
-            return image.convert("RGB"), None
+            image = image.convert("RGB")
+            return (fit_pixels(image, max_pixels) if max_pixels else image), None
     except Exception as e:  # noqa: BLE001  every way a file can fail is the file's problem
         return None, f"{type(e).__name__}: {e}".replace("\n", " ")
 
@@ -135,13 +141,15 @@ class PromptBatches(torch.utils.data.Dataset):
     Returns ``(items, inputs, failures)``: the described items, the processor's tensors for them
     (None when none is left), and ``[(item, reason)]`` for images that could not be used. With
     ``preprocess=False`` (vLLM preprocesses itself) ``inputs`` is ``(prompts, images)``.
+    ``max_pixels``: images are shrunk to that area here, in the loader workers.
     """
 
-    def __init__(self, items, batch_size, processor, prompts, preprocess=True):
+    def __init__(self, items, batch_size, processor, prompts, preprocess=True, max_pixels=None):
         self.batches = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
         self.processor = processor
         self.prompts = prompts
         self.preprocess = preprocess
+        self.max_pixels = max_pixels
 
     def __len__(self):
         return len(self.batches)
@@ -153,7 +161,7 @@ class PromptBatches(torch.utils.data.Dataset):
     def __getitem__(self, i):
         good, images, failures = [], [], []
         for item in self.batches[i]:
-            image, reason = open_rgb(item.file)
+            image, reason = open_rgb(item.file, self.max_pixels)
             if image is None:
                 failures.append((item, reason))
             else:
@@ -267,9 +275,10 @@ def load_vlm(directory, device, dtype):
 
 
 @torch.inference_mode()
-def generate(model, processor, inputs, device, generation):
+def generate(model, processor, inputs, device, generation, with_limit=False):
     """Descriptions for one preprocessed batch: ``model.generate`` with the settings in
-    ``generation`` (a dict of generate's keyword arguments), without the prompt."""
+    ``generation`` (a dict of generate's keyword arguments), without the prompt. ``with_limit``:
+    also return, per description, whether it stopped at ``max_new_tokens`` (no end token)."""
     inputs = inputs.to(device)
     floating = next(model.parameters()).dtype
     for key, value in inputs.items():
@@ -279,7 +288,13 @@ def generate(model, processor, inputs, device, generation):
     prompt = inputs["input_ids"]
     if out.shape[1] >= prompt.shape[1] and torch.equal(out[:, :prompt.shape[1]], prompt):
         out = out[:, prompt.shape[1]:]  # decoder-only models return the prompt before the new tokens
-    return [text.strip() for text in processor.tokenizer.batch_decode(out, skip_special_tokens=True)]
+    texts = [text.strip() for text in processor.tokenizer.batch_decode(out, skip_special_tokens=True)]
+    if not with_limit:
+        return texts
+    eos = model.generation_config.eos_token_id
+    eos = [e for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None]
+    ended = torch.isin(out, torch.tensor(eos, device=out.device)).any(dim=1)
+    return texts, [bool(out.shape[1] >= generation["max_new_tokens"] and not e) for e in ended.tolist()]
 
 
 def model_generation_defaults(directory):
@@ -300,7 +315,7 @@ class VLLMEngine:
     ``generate``: ``engine((prompts, images)) -> descriptions``. Settings follow transformers'
     greedy ``generate`` with the model's generation config, so both backends decode alike."""
 
-    def __init__(self, directory, device, dtype, generation, vocab_size, memory=None, seed=0):
+    def __init__(self, directory, device, dtype, generation, vocab_size, memory=None, seed=0, processor_kwargs=None):
         from ._compat import ensure_torchvision_importable
         if ensure_torchvision_importable():  # a CPU torch: vLLM's own processes need the same shim
             site = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_site")
@@ -321,8 +336,11 @@ class VLLMEngine:
             sampling.update(temperature=generation["temperature"], top_p=generation["top_p"], seed=seed)
         else:
             sampling.update(temperature=0.0)
+        self.sampling, self.seed, self._params = sampling, seed, SamplingParams
         self.params = SamplingParams(**sampling)
         engine = {"model": directory, "dtype": dtype, "seed": seed, "limit_mm_per_prompt": {"image": 1}}
+        if processor_kwargs:  # e.g. Qwen2-VL's min_pixels / max_pixels
+            engine["mm_processor_kwargs"] = processor_kwargs
         if device.type == "cuda":
             os.environ.setdefault("CUDA_VISIBLE_DEVICES", str(device.index or 0))
         else:
@@ -334,6 +352,23 @@ class VLLMEngine:
         import vllm
         self.version = vllm.__version__
 
+    def params_for(self, task, overrides=None):
+        """The request's SamplingParams: the run's, with description k of a sampled run seeded by
+        seed + k, and ``overrides`` (a retry's settings, generate's names) applied."""
+        k = getattr(task, "k", 0)
+        if not k and not overrides:
+            return self.params
+        sampling = dict(self.sampling)
+        for key, value in (overrides or {}).items():
+            if key == "do_sample":
+                sampling["temperature"] = sampling.get("temperature") or 1.0
+                sampling["seed"] = self.seed + task.index  # a sampled retry: seeded per image
+            else:
+                sampling[key] = value
+        if "seed" in sampling:
+            sampling["seed"] += k
+        return self._params(**sampling)
+
     def __call__(self, inputs):
         """Descriptions of ``(prompts, images)``, all at once."""
         prompts, images = inputs
@@ -341,11 +376,12 @@ class VLLMEngine:
         outputs = self.llm.generate(requests, self.params, use_tqdm=False)
         return [o.outputs[0].text.strip() for o in outputs]
 
-    def stream(self, batches, in_flight=256):
+    def stream(self, batches, in_flight=256, overrides=None):
         """Continuous batching over a whole shard: requests from ``batches`` (PromptBatches items
         without preprocessing) are kept ``in_flight`` deep in the engine, and each engine step yields
-        its finished ones as ``[(item, description, None)]`` (undecodable images as ``(item, None,
-        reason)``), so every answer can be written as soon as it exists."""
+        its finished ones as ``[(item, description, None, stopped at the token limit)]`` (undecodable
+        images as ``(item, None, reason, False)``), so every answer can be written as soon as it
+        exists. ``overrides``: generation settings of a retry."""
         engine = self.llm.llm_engine
         batches = iter(batches)
         pending, exhausted = {}, False
@@ -357,16 +393,18 @@ class VLLMEngine:
                     exhausted = True
                     break
                 if failures:
-                    yield [(item, None, reason) for item, reason in failures]
+                    yield [(item, None, reason, False) for item, reason in failures]
                 for item, prompt, image in zip(good, *(inputs or ([], []))):
-                    request = str(item.index)
-                    engine.add_request(request, {"prompt": prompt, "multi_modal_data": {"image": image}}, self.params)
+                    request = f"{item.index}:{getattr(item, 'k', 0)}"
+                    engine.add_request(request, {"prompt": prompt, "multi_modal_data": {"image": image}},
+                                       self.params_for(item, overrides))
                     pending[request] = item
             if not pending:
                 return
             finished = [out for out in engine.step() if out.finished]
             if finished:
-                yield [(pending.pop(out.request_id), out.outputs[0].text.strip(), None) for out in finished]
+                yield [(pending.pop(out.request_id), out.outputs[0].text.strip(), None,
+                        out.outputs[0].finish_reason == "length") for out in finished]
 
 
 def parse_shard(text):
@@ -424,14 +462,16 @@ class Parts:
             atomic_write_json(self.settings_path, settings)
 
     def done(self, retry_failed=False):
-        """``{path: record}`` over every part file: a description wins over an error."""
+        """``{key: record}`` over every part file (key: the path, or ``(path, k)`` for description k
+        of several): a description wins over an error, a retry over what it retried."""
         best = {}
         for path in self.part_files():
             for record in read_records(path):
                 if retry_failed and "error" in record:
                     continue
-                if record["path"] not in best or "error" in best[record["path"]]:
-                    best[record["path"]] = record
+                key = record_key(record)
+                if key not in best or _wins(record, best[key]):
+                    best[key] = record
         return best
 
     def mark_done(self, run_id, rank):
@@ -459,8 +499,8 @@ class Parts:
         return open(path, "a", encoding="utf-8")
 
     def missing_report(self, items, done):
-        """How many images have no record, and in which shards of the part files' layout."""
-        missing = [item for item in items if item.path not in done]
+        """How many images (tasks) have no record, and in which shards of the part files' layout."""
+        missing = [item for item in items if task_key(item) not in done]
         counts = {int(m.group(1)) for m in (re.search(r"-of-(\d+)\.jsonl$", p) for p in self.part_files()) if m}
         count = max(counts) if counts else 1
         shards = sorted({item.index % count for item in missing})
@@ -468,26 +508,90 @@ class Parts:
                          f"shards {', '.join(f'{s}/{count}' for s in shards[:10])}"
                          f"{' ...' if len(shards) > 10 else ''})" if missing else "")
 
-    def merge(self, items, metadata, allow_missing=False):
-        """Write ``output`` (records in ``items``' order, descriptions only) and ``output.json``;
-        returns the counts."""
-        done = self.done()
-        missing, report = self.missing_report(items, done)
+    def index(self):
+        """``{key: (part number, byte offset, record)}`` of the record that counts for each task,
+        the record reduced to what decides (``error``, ``retry``), so that 1.28M of them fit in a
+        few hundred MB; the merge reads the full records again from their offsets."""
+        best = {}
+        for number, path in enumerate(self.part_files()):
+            with open(path, "rb") as f:
+                offset = 0
+                for line_number, line in enumerate(f, 1):
+                    start, offset = offset, offset + len(line)
+                    if not line.strip():
+                        continue
+                    try:
+                        record = json.loads(line)
+                    except ValueError:
+                        if not line.endswith(b"\n"):  # the unterminated last line: the batch a kill interrupted
+                            continue
+                        raise UserError(f"{path}:{line_number} is not a JSON record; delete the line (that image is "
+                                        f"then described again) and rerun") from None
+                    key = record_key(record)
+                    slim = {k: True for k in ("error", "retry") if k in record}
+                    if key not in best or _wins(slim, best[key][2]):
+                        best[key] = (number, start, slim)
+        return best
+
+    def merge(self, items, metadata, allow_missing=False, gate=None):
+        """Write ``output`` (records in ``items``' order, descriptions only, judged by ``gate``:
+        its reasons in ``"flags"``) and ``output.json``; returns the counts. Streams: the records
+        are read from the part files one at a time, in the output's order."""
+        from .quality import QualityGate, Tally
+        gate = gate or QualityGate()
+        index = self.index()
+        missing, report = self.missing_report(items, index)
         if missing and not allow_missing:
             raise UserError(f"cannot merge {self.output}: {report}; run the missing shards (the same command "
                             f"skips what is done), or pass --allow-missing")
-        lines, failures = [], []
-        for item in items:
-            record = done.get(item.path)
-            if record is None:
-                continue
-            if "error" in record:
-                failures.append({"path": item.path, "error": record["error"]})
-            else:
-                lines.append(json.dumps(record, ensure_ascii=False) + "\n")
-        counts = {"images": len(items), "described": len(lines),
+        failures, tally, described = [], Tally(), [0]
+        stack = contextlib.ExitStack()
+        files = [stack.enter_context(open(path, "rb")) for path in self.part_files()]
+
+        def lines():
+            for item in items:
+                entry = index.get(task_key(item))
+                if entry is None:
+                    continue
+                number, offset, _ = entry
+                files[number].seek(offset)
+                record = json.loads(files[number].readline())
+                if "error" in record:
+                    failures.append({"path": record["path"], "error": record["error"],
+                                     **({"k": record["k"]} if "k" in record else {})})
+                    if record["error"] == EMPTY:
+                        tally.add(record, ["empty"])
+                    continue
+                flags = gate.check(record["description"], record.get("hit_max_new_tokens", False))
+                record.pop("flags", None)
+                if flags:
+                    record["flags"] = flags
+                tally.add(record, flags)
+                described[0] += 1
+                yield json.dumps(record, ensure_ascii=False) + "\n"
+        with stack:
+            atomic_write_lines(self.output, lines())
+        counts = {"images": len(items), "described": described[0],
                   "failed": sum(f["error"] != EMPTY for f in failures),
                   "empty": sum(f["error"] == EMPTY for f in failures), "missing": len(missing)}
-        atomic_write_text(self.output, "".join(lines))
-        atomic_write_json(self.output + ".json", dict(metadata, counts=counts, failures=failures))
-        return counts, failures
+        atomic_write_json(self.output + ".json", dict(metadata, counts=counts, failures=failures,
+                                                      quality=tally.summary(gate)))
+        return counts, failures, tally
+
+
+def record_key(record):
+    """A record's task: its image path, or ``(path, k)`` for description k of several."""
+    return (record["path"], record["k"]) if "k" in record else record["path"]
+
+
+def task_key(item):
+    k = getattr(item, "k", None)
+    return item.path if k is None else (item.path, k)
+
+
+def _wins(record, best):
+    """Which of two records of one task counts: a retry over what it retried, else a description
+    over an error, else the first."""
+    if "retry" in record:
+        return True
+    return "error" in best and "error" not in record and "retry" not in best
