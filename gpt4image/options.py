@@ -5,6 +5,7 @@ from .distributed import logger
 from .errors import UserError, at_least
 from .losses import Alignment
 from .run_record import require_wandb
+from .text_per_step import add_text_per_step_args
 from .training import RunOptions
 
 
@@ -24,6 +25,7 @@ def add_common_args(p):
                    help="embeddings of the validation images' descriptions (generate_descriptions.py and "
                         "description2embedding.py on val/): each evaluation adds image->text and text->image "
                         "recall@1/@5 and the mean image-description cosine")
+    add_text_per_step_args(p)
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--skip-corrupt-images", action="store_true",
                    help="replace a training image that cannot be decoded by the next one (warned and counted in "
