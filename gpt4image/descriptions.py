@@ -35,7 +35,9 @@ def list_image_folder(root):
         samples = make_dataset(root, class_to_idx, extensions=IMG_EXTENSIONS)
     except (FileNotFoundError, RuntimeError) as e:
         raise UserError(f"{root!r} is not an ImageFolder: {e}") from None
-    return [os.path.relpath(path, root).replace(os.sep, "/") for path, _ in samples]
+    prefix = os.path.join(root, "")  # make_dataset joins root and the relative path: cut it off (relpath is ~10x slower)
+    return [(path[len(prefix):] if path.startswith(prefix) else os.path.relpath(path, root)).replace(os.sep, "/")
+            for path, _ in samples]
 
 
 def _load_raw(path):

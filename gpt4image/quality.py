@@ -15,7 +15,7 @@ from .errors import at_least, in_range
 
 REASONS = ("empty", "too_short", "repetition", "cut", "script")
 SENTENCE_END = re.compile(r"[.!?\u3002\uff01\uff1f\u2026][\"'\u201d\u2019)\]]*\s*$")
-WORD = re.compile(r"\w+", re.UNICODE)
+_PUNCTUATION = {ord(c): " " for c in "!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~\u2014\u2013\u201c\u201d\u2018\u2019\u3001\u3002"}
 
 # What --retry-degenerate changes in the generation settings: a repetition penalty on greedy
 # decoding, or sampling (seeded per image, so a rerun gives the same text).
@@ -23,18 +23,23 @@ RETRY_SETTINGS = {"penalty": {"repetition_penalty": 1.3},
                   "sample": {"do_sample": True, "temperature": 0.7, "top_p": 0.9, "repetition_penalty": 1.1}}
 
 
-def repeated_ngram_share(text, n=3):
+def words_of(text):
+    """Lower-cased words of ``text``, punctuation removed (``str.split``: ~10x faster than a regex)."""
+    return text.lower().translate(_PUNCTUATION).split()
+
+
+def repeated_ngram_share(text, n=3, words=None):
     """Share of the word n-grams of ``text`` that repeat an earlier one (0: none, near 1: a loop).
 
-    Words are ``\\w+`` runs, lower-cased; a text in a script without spaces (one long "word") is
-    taken character by character. Fewer than ``n + 1`` units: 0."""
-    units = WORD.findall(text.lower())
+    A text in a script without spaces (one long "word") is taken character by character. Fewer
+    than ``n + 1`` units: 0."""
+    units = words if words is not None else words_of(text)
     if len(units) < 2 and len(text) > 2 * n:
         units = [c for c in text if not c.isspace()]
-    grams = [tuple(units[i:i + n]) for i in range(len(units) - n + 1)]
-    if len(grams) < 2:
+    count = len(units) - n + 1
+    if count < 2:
         return 0.0
-    return 1.0 - len(set(grams)) / len(grams)
+    return 1.0 - len(set(zip(*(units[i:] for i in range(n))))) / count
 
 
 def script_of(char):
@@ -69,10 +74,10 @@ class QualityGate:
         text = text.strip()
         if not text:
             return ["empty"]
-        reasons = []
-        if len(WORD.findall(text)) < self.min_words:
+        reasons, words = [], words_of(text)
+        if len(words) < self.min_words:
             reasons.append("too_short")
-        if repeated_ngram_share(text, self.ngram) > self.max_repeated_share:
+        if repeated_ngram_share(text, self.ngram, words) > self.max_repeated_share:
             reasons.append("repetition")
         if hit_limit and not SENTENCE_END.search(text):
             reasons.append("cut")
