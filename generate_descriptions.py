@@ -29,7 +29,7 @@ from gpt4image.describe import (DEFAULT_CLASS_PROMPT, DEFAULT_PROMPT, EMPTY, Par
 from gpt4image.distributed import launch_environment
 from gpt4image.errors import ArgumentParser, UserError, at_least, check_device, exit_on_user_error, in_range
 from gpt4image.multi_describe import TaskPrompts, add_multi_args, resolve_descriptions, tasks_of
-from gpt4image.quality import RETRY_SETTINGS, add_quality_args, gate_from_args
+from gpt4image.quality import RETRY_SETTINGS, QualityGate, add_quality_args, gate_from_args
 from gpt4image.resumable import mix_seed
 from gpt4image.vlm_preprocess import add_preprocess_args, apply_pixel_budget
 
@@ -131,7 +131,8 @@ def run_settings(args, model_info):
             "dtype": model_info["dtype"], "prompt": args.prompt, "class_prompt": args.class_prompt,
             "class_names": os.path.abspath(args.class_names) if args.class_names else None,
             "generation": generation_settings(args), "data": os.path.abspath(args.data),
-            **{k: v for k, v in preprocessing(args).items() if v is not None}}
+            **{k: v for k, v in preprocessing(args).items() if v is not None},
+            **({"quality_gate": args.gate.settings()} if args.gate != QualityGate() else {})}
 
 
 def preprocessing(args):
@@ -214,6 +215,15 @@ def describe_shard(args, items, class_names, shard, device, quiet):
         run([task for task in shard_tasks if task_key(task) in retried], overrides,
             {key: (record, overrides) for key, record in retried.items()})
     return info
+
+
+def written_gate(parts, args):
+    """The quality gate the part files were written under (their settings), else the command line's."""
+    if not os.path.isfile(parts.settings_path):
+        return args.gate
+    with open(parts.settings_path, encoding="utf-8") as f:
+        recorded = json.load(f).get("quality_gate")
+    return QualityGate(**recorded) if recorded else QualityGate()
 
 
 def degenerate_records(done, tasks, gate):
@@ -379,7 +389,8 @@ def main(argv=None):
             with open(parts.settings_path, encoding="utf-8") as f:
                 info = {"name": json.load(f)["model"]}
         tasks = tasks_of(items, args.num_descriptions, image_major=True)
-        return report(args, *parts.merge(tasks, metadata(args, info, started), args.allow_missing, args.gate))
+        return report(args, *parts.merge(tasks, metadata(args, info, started), args.allow_missing,
+                                         written_gate(parts, args)))
     if args.device is None:
         args.device = f"cuda:{local_rank % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu"
     info = describe_shard(args, items, class_names, shard, args.device, quiet=args.quiet or rank != 0)

@@ -37,6 +37,7 @@ def make(root, images, shards, per_class=1282):
     train = os.path.join(root, "train")
     classes = (images + per_class - 1) // per_class
     rng = random.Random(0)
+    pool = [" ".join(rng.choices(WORDS, k=rng.randint(60, 120))).capitalize() for _ in range(4096)]
     parts = Parts(os.path.join(root, "descriptions.jsonl"))
     os.makedirs(parts.directory, exist_ok=True)
     outs = [open(parts.part_path(s, shards), "w", encoding="utf-8") for s in range(shards)]
@@ -47,8 +48,9 @@ def make(root, images, shards, per_class=1282):
         for j in range(min(per_class, images - index)):
             name = f"{folder}_{j:05d}.JPEG"
             open(os.path.join(train, folder, name), "wb").close()
-            words = rng.choices(WORDS, k=rng.randint(60, 120))
-            record = {"path": f"{folder}/{name}", "description": " ".join(words).capitalize() + ".", "class": folder}
+            # distinct texts of MiniGPT-4's length: a pool sentence and the image's own number
+            text = f"{pool[index % len(pool)]} number {index}."
+            record = {"path": f"{folder}/{name}", "description": text, "class": folder}
             if rng.random() < 0.01:
                 record["description"] = record["description"][:-1]
                 record.update(hit_max_new_tokens=True, flags=["cut"])

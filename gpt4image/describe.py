@@ -509,9 +509,9 @@ class Parts:
                          f"{' ...' if len(shards) > 10 else ''})" if missing else "")
 
     def index(self):
-        """``{key: (part number, byte offset, record)}`` of the record that counts for each task,
-        the record reduced to what decides (``error``, ``retry``), so that 1.28M of them fit in a
-        few hundred MB; the merge reads the full records again from their offsets."""
+        """``{key: (part number, byte offset, marks)}`` of the record that counts for each task
+        (``marks``: which of ``error``/``retry`` it has), found without decoding most lines, so that
+        1.28M records take a few hundred MB and seconds; the merge copies the lines themselves."""
         best = {}
         for number, path in enumerate(self.part_files()):
             with open(path, "rb") as f:
@@ -520,23 +520,22 @@ class Parts:
                     start, offset = offset, offset + len(line)
                     if not line.strip():
                         continue
-                    try:
-                        record = json.loads(line)
-                    except ValueError:
-                        if not line.endswith(b"\n"):  # the unterminated last line: the batch a kill interrupted
+                    if not line.endswith(b"\n"):  # the unterminated last line: the batch a kill interrupted
+                        try:
+                            json.loads(line)
+                        except ValueError:
                             continue
-                        raise UserError(f"{path}:{line_number} is not a JSON record; delete the line (that image is "
-                                        f"then described again) and rerun") from None
-                    key = record_key(record)
-                    slim = {k: True for k in ("error", "retry") if k in record}
-                    if key not in best or _wins(slim, best[key][2]):
-                        best[key] = (number, start, slim)
+                    key = _fast_key(line) or _decoded_key(line, path, line_number)
+                    marks = _marks(line)
+                    if key not in best or _wins(marks, best[key][2]):
+                        best[key] = (number, start, marks)
         return best
 
     def merge(self, items, metadata, allow_missing=False, gate=None):
-        """Write ``output`` (records in ``items``' order, descriptions only, judged by ``gate``:
-        its reasons in ``"flags"``) and ``output.json``; returns the counts. Streams: the records
-        are read from the part files one at a time, in the output's order."""
+        """Write ``output`` (the records of ``items``, in their order, descriptions only, as the part
+        files hold them: flags from the quality gate they were written under, ``gate``) and
+        ``output.json``; returns the counts, the failures and the gate's Tally. Streams: lines are
+        copied from the part files one at a time; only flagged, retried and failed ones are decoded."""
         from .quality import QualityGate, Tally
         gate = gate or QualityGate()
         index = self.index()
@@ -553,22 +552,21 @@ class Parts:
                 entry = index.get(task_key(item))
                 if entry is None:
                     continue
-                number, offset, _ = entry
+                number, offset, marks = entry
                 files[number].seek(offset)
-                record = json.loads(files[number].readline())
-                if "error" in record:
+                line = files[number].readline()
+                if "error" in marks:
+                    record = json.loads(line)
                     failures.append({"path": record["path"], "error": record["error"],
                                      **({"k": record["k"]} if "k" in record else {})})
                     if record["error"] == EMPTY:
                         tally.add(record, ["empty"])
                     continue
-                flags = gate.check(record["description"], record.get("hit_max_new_tokens", False))
-                record.pop("flags", None)
-                if flags:
-                    record["flags"] = flags
-                tally.add(record, flags)
+                if "retry" in marks or b'"flags": ' in line:
+                    record = json.loads(line)
+                    tally.add(record, record.get("flags", []))
                 described[0] += 1
-                yield json.dumps(record, ensure_ascii=False) + "\n"
+                yield line
         with stack:
             atomic_write_lines(self.output, lines())
         counts = {"images": len(items), "described": described[0],
@@ -577,6 +575,40 @@ class Parts:
         atomic_write_json(self.output + ".json", dict(metadata, counts=counts, failures=failures,
                                                       quality=tally.summary(gate)))
         return counts, failures, tally
+
+
+_PATH_PREFIX = b'{"path": "'
+_K_PREFIX = b', "k": '
+
+
+def _fast_key(line):
+    """The key of a line as this tool writes it (``{"path": "...", ["k": K, ]...``) without
+    decoding it; None when the path holds an escape (then decode the line)."""
+    if not line.startswith(_PATH_PREFIX):
+        return None
+    end = line.find(b'"', len(_PATH_PREFIX))
+    path = line[len(_PATH_PREFIX):end]
+    if end < 0 or b"\\" in path:
+        return None
+    path = path.decode("utf-8")
+    if line.startswith(_K_PREFIX, end + 1):
+        stop = line.find(b",", end + 1 + len(_K_PREFIX))
+        return path, int(line[end + 1 + len(_K_PREFIX):stop if stop > 0 else None].rstrip(b"}\n "))
+    return path
+
+
+def _decoded_key(line, path, number):
+    try:
+        return record_key(json.loads(line))
+    except ValueError:
+        raise UserError(f"{path}:{number} is not a JSON record; delete the line (that image is then described "
+                        f"again) and rerun") from None
+
+
+def _marks(line):
+    """Which of the top-level fields ``error`` and ``retry`` a record line has. Inside a JSON string
+    a quote is escaped, so ``"error": `` can only be a key."""
+    return tuple(name for name, token in (("error", b'"error": '), ("retry", b'"retry": ')) if token in line)
 
 
 def record_key(record):
@@ -591,7 +623,7 @@ def task_key(item):
 
 def _wins(record, best):
     """Which of two records of one task counts: a retry over what it retried, else a description
-    over an error, else the first."""
+    over an error, else the first (records, or the field names they have)."""
     if "retry" in record:
         return True
     return "error" in best and "error" not in record and "retry" not in best

@@ -35,7 +35,7 @@ def list_image_folder(root):
         samples = make_dataset(root, class_to_idx, extensions=IMG_EXTENSIONS)
     except (FileNotFoundError, RuntimeError) as e:
         raise UserError(f"{root!r} is not an ImageFolder: {e}") from None
-    prefix = os.path.join(root, "")  # make_dataset joins root and the relative path: cut it off (relpath is ~10x slower)
+    prefix = os.path.join(root, "")  # make_dataset joins root and the path: cut it off (10x faster than relpath)
     return [(path[len(prefix):] if path.startswith(prefix) else os.path.relpath(path, root)).replace(os.sep, "/")
             for path, _ in samples]
 
@@ -202,7 +202,8 @@ def read_description_set(path, image_folder=None, drop_flagged=False):
         if per_image == 1:
             _check_texts(path, [raw[k] for k in keys], [repr(k) for k in keys])
         else:
-            _check_texts(path, [t for k in keys for t in raw[k]], [f"{k!r} #{j}" for k in keys for j in range(per_image)])
+            _check_texts(path, [t for k in keys for t in raw[k]],
+                         [f"{k!r} #{j}" for k in keys for j in range(per_image)])
         if files is None:
             raise UserError(f"{path} maps image paths to descriptions; pass --data <train folder> "
                             f"so that rows can be written in ImageFolder order")

@@ -151,5 +151,5 @@ def ensure_writable_dir(path, what="output directory"):
 
 
 def atomic_write_lines(path, lines):
-    """Write an iterable of str (each with its newline) atomically, without holding them all."""
-    _atomic_write(path, lambda f: f.writelines(line.encode("utf-8") for line in lines))
+    """Write an iterable of bytes (each line with its newline) atomically, without holding them all."""
+    _atomic_write(path, lambda f: f.writelines(lines))

@@ -3,9 +3,9 @@
 Small VLMs fail in a few recognisable ways: they loop (the same phrase until the token limit),
 stop after a word or two, are cut at ``--max-new-tokens`` in mid-sentence, return nothing, or
 answer in another script. ``QualityGate.check`` names each of these for one description; a record
-keeps the names in ``"flags"``. The gate is applied as each description is written and again at
-the merge (with the merge's settings, so the final file is judged by one rule); ``Tally`` counts
-the reasons and keeps a few examples of each for the metadata and the final report.
+keeps the names in ``"flags"``. The gate is applied as each description is written; its settings,
+when not the defaults, are part of the run's settings (so one output's flags come from one rule);
+``Tally`` counts the reasons and keeps a few examples of each for the metadata and the final report.
 """
 import re
 import unicodedata
@@ -15,7 +15,8 @@ from .errors import at_least, in_range
 
 REASONS = ("empty", "too_short", "repetition", "cut", "script")
 SENTENCE_END = re.compile(r"[.!?\u3002\uff01\uff1f\u2026][\"'\u201d\u2019)\]]*\s*$")
-_PUNCTUATION = {ord(c): " " for c in "!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~\u2014\u2013\u201c\u201d\u2018\u2019\u3001\u3002"}
+_PUNCTUATION = {ord(c): " " for c in
+                "!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~\u2014\u2013\u201c\u201d\u2018\u2019\u3001\u3002"}
 
 # What --retry-degenerate changes in the generation settings: a repetition penalty on greedy
 # decoding, or sampling (seeded per image, so a rerun gives the same text).
