@@ -343,3 +343,23 @@ def test_both_recipes_train_on_k_descriptions_and_sample_resumes_exactly(image_f
     log = json.loads(open(tmp_path / "deit" / "log.txt").readline())
     assert log["train_text_loss"] > 0
     shutil.rmtree(tmp_path / "straight")
+
+
+def test_the_merge_index_finds_each_records_key_and_marks_as_decoding_would(tmp_path):
+    from gpt4image.describe import Parts, _fast_key, _marks, record_key
+    records = [{"path": "a/1.jpg", "description": 'he said "error": no', "class": "a"},
+               {"path": 'b/"odd\\name.jpg', "description": "x"},
+               {"path": "c/3.jpg", "k": 12, "description": "y", "retry": {"first": "z"}},
+               {"path": "c/3.jpg", "k": 2, "error": "empty description"},
+               {"path": "d/\u00e9t\u00e9.jpg", "k": 0, "description": "\u00e9"}]
+    for record in records:
+        line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+        assert (_fast_key(line) or record_key(json.loads(line))) == record_key(record)
+        assert set(_marks(line)) == {"error", "retry"} & set(record)
+    parts = Parts(str(tmp_path / "d.jsonl"))
+    os.makedirs(parts.directory)
+    with open(parts.part_path(0, 1), "w", encoding="utf-8") as f:  # a retry wins over the record it retried
+        f.write(json.dumps({"path": "a.jpg", "description": "loop loop", "flags": ["too_short"]}) + "\n")
+        f.write(json.dumps({"path": "a.jpg", "description": "Fixed.", "retry": {"first": "loop loop"}}) + "\n")
+        f.write('{"path": "b.jpg", "descr')  # a line cut by a kill
+    assert parts.index()["a.jpg"][2] == ("retry",) and "b.jpg" not in parts.index()
