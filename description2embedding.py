@@ -4,7 +4,8 @@
     python description2embedding.py --caption=descriptions.jsonl --data=train/ --model=hf:/models/all-mpnet-base-v2
 
 writes ``imagenet_clip_text_emb_0_1281166.pth`` (an [N, D] tensor of L2-normalised rows, row k for
-image k of the ImageFolder train set) and, beside it, ``<output>.json`` describing it. The encoder is
+image k of the ImageFolder train set; [N, K, D] for K descriptions per image, row [i, k] for image i's
+description k) and, beside it, ``<output>.json`` describing it. The encoder is
 OpenAI CLIP (default RN50, as released), any open_clip model (``open_clip:ARCH[:PRETRAINED]``) or a
 transformers text encoder from a local folder (``hf:DIR``).
 """
@@ -17,7 +18,7 @@ import torch
 
 from gpt4image import __version__
 from gpt4image.text_encoders import encode_texts, load_text_encoder
-from gpt4image.descriptions import read_descriptions
+from gpt4image.descriptions import read_description_set
 from gpt4image.errors import ArgumentParser, UserError, check_device, at_least, exit_on_user_error
 from gpt4image.io import atomic_torch_save, atomic_write_json, atomic_write_text, sha256_file, sha256_lines
 
@@ -73,6 +74,10 @@ def get_args_parser():
     p.add_argument("--data", default=None,
                    help="train folder (ImageFolder), or the text file of image paths given to generate_descriptions: "
                         "orders a path-keyed input and records the file list so that training can verify the pairing")
+    p.add_argument("--drop-flagged", action="store_true",
+                   help="leave out descriptions that generate_descriptions.py's quality gate flagged: an image whose "
+                        "only (or every) description is flagged loses its row (training then uses only the images "
+                        "the table lists); a flagged one of several is replaced by another of its image")
     p.add_argument("--force", action="store_true", help="overwrite an existing output file")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
@@ -113,8 +118,20 @@ def main(argv=None):
         args.output = default_output(args.caption)
     check_output(args)
     started = time.time()
-    texts, files = read_descriptions(args.caption, args.data)
-    print(f"read {len(texts)} descriptions from {args.caption}", flush=True)
+    found = read_description_set(args.caption, args.data, args.drop_flagged)
+    texts, files, per_image = found.texts, found.files, found.per_image
+    if args.drop_flagged and (found.left_out or found.replaced):
+        print(f"--drop-flagged: {found.left_out} images left out, {found.replaced} flagged descriptions replaced by "
+              f"another of their image ({found.flagged} flagged in all)", flush=True)
+    elif args.drop_flagged and found.flagged == 0:
+        print(f"--drop-flagged: no record of {args.caption} carries quality flags", flush=True)
+    if not texts:
+        raise UserError(f"--drop-flagged leaves no image of {args.caption}: every description is flagged; look at the "
+                        f"samples in its .json, then describe again (generate_descriptions.py --retry-degenerate)")
+    if per_image > 1:
+        texts = [t for image in texts for t in image]  # encoded flat, stored as [N, K, D]
+    print(f"read {len(texts)} descriptions from {args.caption}"
+          + (f" ({per_image} per image)" if per_image > 1 else ""), flush=True)
     encoder = load_text_encoder(args.model, args.device, args.download_root, allow_download=not args.no_download,
                                 allow_hub_download=args.allow_download, pooling=args.pooling)
     dtype = getattr(torch, args.dtype)
@@ -123,14 +140,16 @@ def main(argv=None):
                                                  progress=not args.quiet,
                                                  pin_memory=torch.device(args.device).type == "cuda")
     if not torch.isfinite(embeddings).all():
-        bad = (~torch.isfinite(embeddings)).any(dim=1).nonzero()[0].item()
+        bad = (~torch.isfinite(embeddings)).any(dim=1).nonzero()[0].item() // per_image
         raise UserError(f"the encoder produced non-finite values (first at row {bad}); "
                         f"try --dtype float32 or check the model {args.model!r}")
+    if per_image > 1:
+        embeddings = embeddings.view(-1, per_image, embeddings.shape[1])
     metadata = {
         "encoder": args.model,
         "family": encoder.family,
         "pooling": encoder.pooling,
-        "embedding_dim": embeddings.shape[1],
+        "embedding_dim": embeddings.shape[-1],
         "num_rows": embeddings.shape[0],
         "dtype": args.dtype,
         "long_text": args.long_text,
@@ -142,6 +161,13 @@ def main(argv=None):
         "tool_version": __version__,
         "versions": encoder.extra.get("versions", {}),
     }
+    if per_image > 1:
+        metadata["descriptions_per_image"] = per_image
+    if found.flagged:
+        metadata["flagged"] = found.flagged
+    if args.drop_flagged:
+        metadata["drop_flagged"] = {"images_left_out": found.left_out, "descriptions_replaced": found.replaced,
+                                    "images_in_folder": len(files) + found.left_out}
     if args.long_text == "chunks":
         metadata["pieces_per_description"] = {"mean": sum(pieces) / len(pieces), "max": max(pieces)}
     if files is not None:
@@ -153,8 +179,8 @@ def main(argv=None):
     rate = len(texts) / max(time.time() - started, 1e-9)
     cut = (f"{truncated} truncated at {encoder.context_length} tokens" if args.long_text == "truncate" else
            f"{sum(pieces) / len(pieces):.2f} pieces per description, at most {max(pieces)}")
-    print(f"{len(texts)} descriptions ({cut}) -> {embeddings.shape[0]} x "
-          f"{embeddings.shape[1]} {args.dtype} embeddings, {rate:.0f} descriptions/s overall", flush=True)
+    print(f"{len(texts)} descriptions ({cut}) -> {' x '.join(map(str, embeddings.shape))} {args.dtype} embeddings, "
+          f"{rate:.0f} descriptions/s overall", flush=True)
     print(f"embeddings: {os.path.abspath(args.output)}", flush=True)
     print(f"metadata:   {os.path.abspath(metadata_path(args.output))}", flush=True)
     return args.output

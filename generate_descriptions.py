@@ -23,13 +23,17 @@ import gpt4image  # noqa: F401  (makes torchvision importable first: Qwen2-VL's 
 import torch
 
 from gpt4image import __version__
-from gpt4image.describe import (DEFAULT_CLASS_PROMPT, DEFAULT_PROMPT, EMPTY, Parts, PromptBatches, PromptBuilder,
-                                VLLMEngine, generate, inspect_vlm, list_images, load_vlm, loader_worker_init,
-                                parse_shard, read_class_names, resolve_dtype)
+from gpt4image.describe import (DEFAULT_CLASS_PROMPT, DEFAULT_PROMPT, EMPTY, Parts, PromptBatches, VLLMEngine,
+                                generate, inspect_vlm, list_images, load_vlm, loader_worker_init, parse_shard,
+                                read_class_names, resolve_dtype, task_key)
 from gpt4image.distributed import launch_environment
 from gpt4image.errors import ArgumentParser, UserError, at_least, check_device, exit_on_user_error, in_range
 from gpt4image.io import append_durably, sha256_file
+from gpt4image.multi_describe import TaskPrompts, add_multi_args, resolve_descriptions, tasks_of
+from gpt4image.quality import RETRY_SETTINGS, QualityGate, add_quality_args, gate_from_args
+from gpt4image.resumable import mix_seed
 from gpt4image.tiny_models import TINY_MARKER
+from gpt4image.vlm_preprocess import add_preprocess_args, apply_pixel_budget
 
 
 positive_int, non_negative_int, positive_float = at_least(1), at_least(0), at_least(0.0, float, strict=True)
@@ -74,6 +78,9 @@ def get_args_parser():
     p.add_argument("--allow-download", action="store_true", help="let a hub id be downloaded into Hugging Face's cache")
     p.add_argument("--force", action="store_true", help="overwrite an existing final --output")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_multi_args(p)
+    add_quality_args(p)
+    add_preprocess_args(p)
     return p
 
 
@@ -108,6 +115,14 @@ def check_args(args, items):
     if args.class_prompt and "{class_name}" not in args.class_prompt:
         raise UserError(f"--class-prompt {args.class_prompt!r} has no {{class_name}} placeholder; "
                         f"e.g. --class-prompt {DEFAULT_CLASS_PROMPT!r}")
+    resolve_descriptions(args)
+    if args.prompts and items[0].class_name is None and any("{class_name}" in p for p in args.prompts):
+        raise UserError(f"--prompt-file {args.prompt_file!r} has {{class_name}} placeholders, but --data "
+                        f"{args.data!r} is a list of images without class folders")
+    if args.min_pixels and args.max_pixels and args.min_pixels > args.max_pixels:
+        raise UserError(f"--min-pixels {args.min_pixels} is above --max-pixels {args.max_pixels}; the processor "
+                        f"needs min <= max")
+    args.gate = gate_from_args(args)
 
 
 def generation_settings(args):
@@ -122,25 +137,41 @@ def run_settings(args, model_info):
     return {"model": model_info["name"], "model_config_sha256": model_info["config_sha256"], "backend": args.backend,
             "dtype": model_info["dtype"], "prompt": args.prompt, "class_prompt": args.class_prompt,
             "class_names_sha256": sha256_file(args.class_names) if args.class_names else None,
-            "generation": generation_settings(args), "data": os.path.abspath(args.data)}
+            "generation": generation_settings(args), "data": os.path.abspath(args.data),
+            **{k: v for k, v in preprocessing(args).items() if v is not None},
+            **({"quality_gate": args.gate.settings()} if args.gate != QualityGate() else {})}
+
+
+def preprocessing(args):
+    """Settings beyond the original ones that change the text (each None when not used, so that
+    parts made before they existed still match a run without them)."""
+    return {"max_pixels": args.max_pixels, "min_pixels": args.min_pixels, "loader_max_pixels": args.loader_max_pixels,
+            "num_descriptions": args.num_descriptions if args.num_descriptions > 1 else None,
+            "prompts": args.prompts}
 
 
 def merge_settings(args):
     """What a --merge command states of the descriptions (the same command as the shards', plus
     --merge): the parts must have been made with it. The model is compared when --model is given."""
     stated = {k: v for k, v in run_settings(args, {"name": None, "config_sha256": None, "dtype": None}).items()
-              if k in ("prompt", "class_prompt", "class_names_sha256", "generation")}
+              if k in ("prompt", "class_prompt", "class_names_sha256", "generation", "quality_gate")}
+    stated.setdefault("quality_gate", None)
+    stated.update(preprocessing(args))  # None where not used: parts made with a value are refused
     if args.model:
         stated["model_config_sha256"] = inspect_vlm(args.model, args.allow_download).info["config_sha256"]
     return stated
 
 
 def describe_shard(args, items, class_names, shard, device, quiet):
-    """Describe the images of shard ``(index, count)`` not described yet; append their records."""
+    """Describe the images of shard ``(index, count)`` not described yet (each of its K
+    descriptions); append their records; with --retry-degenerate, describe the flagged ones again."""
     index, count = shard
     source = inspect_vlm(args.model, args.allow_download)
     directory, info, processor = source.directory, source.info, source.processor
     info["dtype"] = resolve_dtype(args.dtype, device)
+    budget = apply_pixel_budget(processor, args.max_pixels, args.min_pixels, args.model)
+    if budget:
+        info["min_pixels"], info["max_pixels"] = budget
     parts = Parts(args.output)
     settings = run_settings(args, info)
     parts.check_settings(settings, shard)
@@ -148,38 +179,84 @@ def describe_shard(args, items, class_names, shard, device, quiet):
         from transformers.utils.logging import disable_progress_bar
         disable_progress_bar()
     generation = {k: v for k, v in settings["generation"].items() if k != "seed"}
+    several = args.num_descriptions > 1
     if args.backend == "vllm":
         vocab = source.config.get_text_config().vocab_size
+        pixels = {k: v for k, v in (("min_pixels", args.min_pixels), ("max_pixels", args.max_pixels)) if v}
         engine = VLLMEngine(directory, device, info["dtype"], generation, vocab, args.gpu_memory_utilization,
-                            args.seed + index)
+                            args.seed + index, pixels)
         info["backend"] = f"vllm {engine.version}"
         loader_batch = min(args.batch_size, 32)  # images decoded per loader item; the engine holds --batch-size
-        results_of = lambda loader: engine.stream(loader, args.batch_size)  # noqa: E731
+        results_of = lambda loader, overrides=None: engine.stream(loader, args.batch_size, overrides)  # noqa: E731
     else:
         model = load_vlm(directory, device, info["dtype"])
         info["backend"] = "transformers"
         loader_batch = args.batch_size
-        results_of = lambda loader: batch_results(  # noqa: E731
-            loader, lambda inputs: generate(model, processor, inputs, device, generation))
+
+        def results_of(loader, overrides=None):
+            settings = dict(generation, **(overrides or {}))
+            seeded = (several and args.do_sample) or (overrides or {}).get("do_sample")
+
+            def describe(batch, inputs):
+                if seeded:  # one seed per batch: (seed, k, first image) or, for a retry, (seed, first image)
+                    torch.manual_seed(mix_seed(args.seed, -1 if overrides else getattr(batch[0], "k", 0),
+                                               batch[0].index))
+                return generate(model, processor, inputs, device, settings, with_limit=True)
+            return batch_results(loader, describe)
+    shard_tasks = [t for t in tasks_of(items, args.num_descriptions) if t.index % count == index]
     done = parts.done(retry_failed=args.retry_failed)
-    todo = [item for item in items if item.index % count == index and item.path not in done]
-    prompts = PromptBuilder(processor, args.prompt, args.class_prompt, class_names)
-    if args.do_sample:
+    todo = [task for task in shard_tasks if task_key(task) not in done]
+    prompts = TaskPrompts(processor, args.prompt, args.class_prompt, class_names, args.prompts)
+    if args.do_sample and not several:
         torch.manual_seed(args.seed + index)
-    print(f"shard {index}/{count}: {len(todo)} images to describe "
-          f"({sum(1 for i in items if i.index % count == index) - len(todo)} already done) with "
-          f"{info['architecture']} ({info['dtype']}) on {device}", flush=True)
-    batches = PromptBatches(todo, loader_batch, processor, prompts, preprocess=args.backend == "transformers")
-    loader = TimedLoader(torch.utils.data.DataLoader(batches, batch_size=None, num_workers=args.workers,
-                                                     prefetch_factor=4 if args.workers else None,
-                                                     worker_init_fn=loader_worker_init))
-    started = time.perf_counter()
-    write_results(results_of(loader), parts, shard, len(todo), quiet)
-    total = time.perf_counter() - started
-    if todo and total > 0:
-        print(f"shard {index}/{count}: {len(todo)} images in {total:.1f} s ({len(todo) / total:.2f} images/s; "
-              f"waiting for the loader {100 * loader.waited / total:.1f}% of the time)", flush=True)
+    what = "images" if not several else f"descriptions ({args.num_descriptions} per image)"
+    print(f"shard {index}/{count}: {len(todo)} {what} to describe ({len(shard_tasks) - len(todo)} already done) "
+          f"with {info['architecture']} ({info['dtype']}) on {device}", flush=True)
+
+    def run(tasks, overrides=None, retried=None):
+        batches = PromptBatches(tasks, loader_batch, processor, prompts, preprocess=args.backend == "transformers",
+                                max_pixels=args.loader_max_pixels)
+        loader = TimedLoader(torch.utils.data.DataLoader(batches, batch_size=None, num_workers=args.workers,
+                                                         prefetch_factor=4 if args.workers else None,
+                                                         worker_init_fn=loader_worker_init))
+        started = time.perf_counter()
+        write_results(results_of(loader, overrides), parts, shard, len(tasks), quiet, args.gate, retried)
+        total = time.perf_counter() - started
+        if tasks and total > 0:
+            print(f"shard {index}/{count}: {len(tasks)} descriptions in {total:.1f} s ({len(tasks) / total:.2f}/s; "
+                  f"waiting for the loader {100 * loader.waited / total:.1f}% of the time)", flush=True)
+
+    run(todo)
+    if args.retry_degenerate:
+        overrides = RETRY_SETTINGS[args.retry_degenerate]
+        retried = degenerate_records(parts.done(), shard_tasks, args.gate)
+        print(f"shard {index}/{count}: {len(retried)} flagged descriptions to describe again with {overrides}",
+              flush=True)
+        run([task for task in shard_tasks if task_key(task) in retried], overrides,
+            {key: (record, overrides) for key, record in retried.items()})
     return info
+
+
+def written_gate(parts, args):
+    """The quality gate the part files were written under (their settings), else the command line's."""
+    if not os.path.isfile(parts.settings_path):
+        return args.gate
+    with open(parts.settings_path, encoding="utf-8") as f:
+        recorded = json.load(f).get("quality_gate")
+    return QualityGate(**recorded) if recorded else QualityGate()
+
+
+def degenerate_records(done, tasks, gate):
+    """``{key: record}`` of the tasks whose record the gate flags (or is empty) and was not retried yet."""
+    found = {}
+    for task in tasks:
+        record = done.get(task_key(task))
+        if record is None or "retry" in record:
+            continue
+        if record.get("error") == EMPTY or ("description" in record and
+                                            gate.check(record["description"], record.get("hit_max_new_tokens"))):
+            found[task_key(task)] = record
+    return found
 
 
 class TimedLoader:
@@ -202,35 +279,64 @@ class TimedLoader:
 
 
 def batch_results(loader, describe):
-    """transformers: one list of ``(item, description or None, reason or None)`` per batch."""
+    """transformers: one list of ``(item, description or None, reason or None, stopped at the token
+    limit)`` per batch; ``describe(items, inputs) -> (descriptions, stopped at the limit)``."""
     for good, inputs, failures in loader:
-        results = [(item, None, reason) for item, reason in failures]
+        results = [(item, None, reason, False) for item, reason in failures]
         if good:
-            results += [(item, text, None) for item, text in zip(good, describe(inputs))]
+            texts, at_limit = describe(good, inputs)
+            results += [(item, text, None, cut) for item, text, cut in zip(good, texts, at_limit)]
         yield results
 
 
-def write_results(results, parts, shard, total, quiet):
-    """Append each list of results to the shard's part file, on disk before the next; a failed
-    write (a full disk) leaves the file as it was before that batch."""
+def description_record(item, text, hit_limit, gate):
+    """The record of one answer: ``{"path", ["k"], "description", ["class"], ["hit_max_new_tokens"],
+    ["flags"]}``, or ``{"path", ["k"], "error"}`` for an empty one."""
+    record = {"path": item.path}
+    if getattr(item, "k", None) is not None:
+        record["k"] = item.k
+    if not text:
+        record["error"] = EMPTY
+        return record
+    record["description"] = text
+    if item.class_name is not None:
+        record["class"] = item.class_name
+    if hit_limit:
+        record["hit_max_new_tokens"] = True
+    flags = gate.check(text, hit_limit)
+    if flags:
+        record["flags"] = flags
+    return record
+
+
+def write_results(results, parts, shard, total, quiet, gate, retried=None):
+    """Append each list of results to the shard's part file, flushed to disk before the next; each
+    description is checked by ``gate`` as it is written. ``retried``: ``{key: (first record,
+    settings)}`` of a retry pass, kept in each new record's ``"retry"``."""
     from tqdm import tqdm
     index, count = shard
+    flagged = 0
     path = parts.append_path(index, count)
     with tqdm(total=total, unit="img", disable=quiet, desc=f"describing {index}/{count}", dynamic_ncols=True) as bar:
         for batch in results:
             records = []
-            for item, text, reason in batch:
+            for item, text, reason, hit_limit in batch:
                 if reason is not None:
                     bar.write(f"warning: cannot describe {item.file}: {reason}")
-                    records.append({"path": item.path, "error": reason})
-                elif not text:
-                    records.append({"path": item.path, "error": EMPTY})
-                else:
-                    records.append({"path": item.path, "description": text})
-                    if item.class_name is not None:
-                        records[-1]["class"] = item.class_name
+                    records.append({"path": item.path, **({"k": item.k} if hasattr(item, "k") else {}),
+                                    "error": reason})
+                    continue
+                records.append(description_record(item, text, hit_limit, gate))
+                flagged += bool(records[-1].get("flags")) or "error" in records[-1]
+                if retried is not None:
+                    first, settings = retried[task_key(item)]
+                    records[-1]["retry"] = {
+                        "because": gate.check(first.get("description", ""), first.get("hit_max_new_tokens", False)),
+                        "settings": settings, "first": first.get("description", "")}
             append_durably(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8"))
             bar.update(len(records))
+            if flagged:
+                bar.set_postfix(flagged=flagged)
 
 
 def launch_run_id():
@@ -251,7 +357,7 @@ def metadata(args, info, started):
             "generation": generation_settings(args),
             "data": os.path.abspath(args.data), "started": started,
             "finished": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "versions": _versions()}
+            "versions": _versions(), **preprocessing(args)}
 
 
 def _versions():
@@ -261,9 +367,16 @@ def _versions():
             "python": sys.version.split()[0]}
 
 
-def report(args, counts, failures):
-    print(f"{counts['described']} of {counts['images']} images described; {counts['failed']} failed, "
+def report(args, counts, failures, tally):
+    what = "images" if args.num_descriptions == 1 else f"descriptions ({args.num_descriptions} per image)"
+    print(f"{counts['described']} of {counts['images']} {what} described; {counts['failed']} failed, "
           f"{counts['empty']} empty, {counts['missing']} missing", flush=True)
+    for line in tally.report_lines():
+        print(line, flush=True)
+    if tally.flagged:
+        print(f"  (counts and examples per reason in {args.output}.json; flagged records keep their \"flags\": "
+              f"run again with --retry-degenerate, or leave them out with description2embedding.py --drop-flagged)",
+              flush=True)
     for failure in failures[:10]:
         print(f"  not described: {failure['path']}: {failure['error']}", flush=True)
     if failures:
@@ -322,8 +435,9 @@ def run(args):
     if args.merge:
         settings = parts.check_merge(merge_settings(args))
         info = {"name": settings["model"]} if settings else None
-        counts, failures = parts.merge(items, metadata(args, info, started), args.allow_missing)
-        return report(args, counts, failures)
+        tasks = tasks_of(items, args.num_descriptions, image_major=True)
+        return report(args, *parts.merge(tasks, metadata(args, info, started), args.allow_missing,
+                                         written_gate(parts, args)))
     if args.device is None:
         args.device = f"cuda:{local_rank % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu"
     info = describe_shard(args, items, class_names, shard, args.device, quiet=args.quiet or rank != 0)
@@ -333,13 +447,13 @@ def run(args):
         if rank != 0:
             return None
         parts.wait_for_ranks(run_id, world_size)
-    missing, summary = parts.missing_report(items, parts.done())
+    tasks = tasks_of(items, args.num_descriptions, image_major=True)
+    missing, summary = parts.missing_report(tasks, parts.index())
     if missing:
         print(f"{summary}; when every shard has finished, run the same command with --merge "
               f"(part files: {parts.directory})", flush=True)
         return None
-    counts, failures = parts.merge(items, metadata(args, info, started))
-    report(args, counts, failures)
+    report(args, *parts.merge(tasks, metadata(args, info, started), gate=args.gate))
     return args.output
 
 

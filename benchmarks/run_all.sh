@@ -16,6 +16,8 @@ if "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"
   "$PY" stop_agreement.py
   "$PY" alignment_losses.py --backbone-batch 256 --repeats 5
   "$PY" long_text.py
+  "$PY" vlm_preprocess.py --size 500x375 --size 2000x1500
+  "$PY" descriptions_1m.py --root "$(mktemp -d)/d1m"
   "$PY" train_step.py --amp bf16 --channels-last 1 --compile 0 1 --json results/train_step_compile.json
 else
   "$PY" train_step.py --batch 8 --steps 3 --warmup 1 --amp fp32 --json results/train_step_cpu.json
@@ -27,4 +29,6 @@ else
   "$PY" stop_agreement.py
   OMP_NUM_THREADS=1 "$PY" alignment_losses.py
   "$PY" long_text.py
+  "$PY" vlm_preprocess.py --images 48
+  "$PY" descriptions_1m.py --root "$(mktemp -d)/d1m"
 fi

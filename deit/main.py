@@ -242,7 +242,7 @@ def _run(args, dist_info, device):
     amp_dtype = start_run(args, dist_info)
     train_set, val_set, num_classes = build_datasets(args)
     train_set, embeddings = attach_text_embeddings(train_set, None if args.eval else args.text_emb,
-                                                   args.data_path is None)
+                                                   args.data_path is None, args.text_per_step, args.seed)
     val_set = attach_val_text_embeddings(val_set, args.val_text_emb, embeddings)
     eval_sets = build_eval_sets(args, run_classes(train_set, state), val_set, dist_info, int(1.5 * args.batch_size),
                                 args.num_workers, args.pin_mem and device.type == "cuda")

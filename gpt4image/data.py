@@ -10,6 +10,7 @@ from .io import refuse_repeated_dirs
 from .resumable import ResumableSampler, SeededSamples, ignore_stop_signals
 from .samplers import ExactDistributedSampler
 from .text_embeddings import SyntheticTextEmbeddings, WithTextEmbeddings, load_text_embeddings
+from .text_per_step import keep_described, load_training_table
 
 
 class DeviceNormalize:
@@ -80,6 +81,10 @@ class SkipCorrupt(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.dataset)
 
+    def set_epoch(self, epoch):
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+
     def __getitem__(self, index):
         for offset in range(len(self.dataset)):
             try:
@@ -137,13 +142,15 @@ def attach_val_text_embeddings(val, path, train_embeddings):
     return WithTextEmbeddings(val, embeddings)
 
 
-def attach_text_embeddings(train, text_emb, generated):
-    """Return (dataset yielding (image, target, embedding), TextEmbeddings) or (train, None)."""
+def attach_text_embeddings(train, text_emb, generated, text_per_step=None, seed=0):
+    """Return (dataset yielding (image, target, embedding), TextEmbeddings) or (train, None);
+    ``text_per_step``: how an [N, K, D] table's K descriptions become one (gpt4image.text_per_step)."""
     if text_emb is None or str(text_emb).lower() == "none":
         return train, None
     if generated and not os.path.isfile(text_emb):
         embeddings = SyntheticTextEmbeddings(len(train), 1024)
         logger.info(f"generated data: random {len(train)} x 1024 text embeddings (no file {text_emb!r} needed)")
     else:
-        embeddings = load_text_embeddings(text_emb)
+        embeddings = load_training_table(text_emb, text_per_step, seed)
+        train = keep_described(train, embeddings)
     return WithTextEmbeddings(train, embeddings), embeddings

@@ -14,6 +14,7 @@
 A record is ``{"path": ..., "description": ...}`` (plus ``"class"``), or ``{"path": ...,
 "error": ...}`` for an image that could not be described (undecodable, or an empty generation).
 """
+import contextlib
 import glob
 import hashlib
 import json
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import UserError
-from .io import atomic_write_json, atomic_write_text
+from .io import atomic_write_json, atomic_write_lines
 
 DEFAULT_PROMPT = "Describe this image in detail."  # the paper's prompt to MiniGPT-4
 DEFAULT_CLASS_PROMPT = "This is a photo of a {class_name}. Describe this image in detail."
@@ -122,12 +123,21 @@ class PromptBuilder:
         return self._cache[text]
 
 
-def open_rgb(path):
-    """The image as 8-bit RGB (``images.open_rgb``, the loader of every stage), or the reason it
-    cannot be used (any error Pillow raises, decompression-bomb limits and refused modes included)."""
-    from .images import open_rgb as open_image
+def open_rgb(path, max_pixels=None):
+    """The image as 8-bit RGB (``images.to_rgb``, the conversion of every stage), shrunk to
+    ``max_pixels`` in area when given, or the reason it cannot be used (any error Pillow raises,
+    decompression-bomb limits and refused modes included)."""
+    from PIL import Image
+
+    from .images import to_rgb
+    from .vlm_preprocess import draft_for, fit_pixels
     try:
-        return open_image(path), None
+        with Image.open(path) as image:
+            if max_pixels:
+                draft_for(image, max_pixels)
+            image.load()
+            image = to_rgb(image)
+            return (fit_pixels(image, max_pixels) if max_pixels else image), None
     except Exception as e:  # noqa: BLE001  every way a file can fail is the file's problem
         return None, f"{type(e).__name__}: {e}".replace("\n", " ")
 
@@ -138,13 +148,15 @@ class PromptBatches(torch.utils.data.Dataset):
     Returns ``(items, inputs, failures)``: the described items, the processor's tensors for them
     (None when none is left), and ``[(item, reason)]`` for images that could not be used. With
     ``preprocess=False`` (vLLM preprocesses itself) ``inputs`` is ``(prompts, images)``.
+    ``max_pixels``: images are shrunk to that area here, in the loader workers.
     """
 
-    def __init__(self, items, batch_size, processor, prompts, preprocess=True):
+    def __init__(self, items, batch_size, processor, prompts, preprocess=True, max_pixels=None):
         self.batches = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
         self.processor = processor
         self.prompts = prompts
         self.preprocess = preprocess
+        self.max_pixels = max_pixels
 
     def __len__(self):
         return len(self.batches)
@@ -156,7 +168,7 @@ class PromptBatches(torch.utils.data.Dataset):
     def __getitem__(self, i):
         good, images, failures = [], [], []
         for item in self.batches[i]:
-            image, reason = open_rgb(item.file)
+            image, reason = open_rgb(item.file, self.max_pixels)
             if image is None:
                 failures.append((item, reason))
             else:
@@ -292,9 +304,10 @@ def load_vlm(directory, device, dtype):
 
 
 @torch.inference_mode()
-def generate(model, processor, inputs, device, generation):
+def generate(model, processor, inputs, device, generation, with_limit=False):
     """Descriptions for one preprocessed batch: ``model.generate`` with the settings in
-    ``generation`` (a dict of generate's keyword arguments), without the prompt."""
+    ``generation`` (a dict of generate's keyword arguments), without the prompt. ``with_limit``:
+    also return, per description, whether it stopped at ``max_new_tokens`` (no end token)."""
     inputs = inputs.to(device)
     floating = next(model.parameters()).dtype
     for key, value in inputs.items():
@@ -304,7 +317,13 @@ def generate(model, processor, inputs, device, generation):
     prompt = inputs["input_ids"]
     if out.shape[1] >= prompt.shape[1] and torch.equal(out[:, :prompt.shape[1]], prompt):
         out = out[:, prompt.shape[1]:]  # decoder-only models return the prompt before the new tokens
-    return [text.strip() for text in processor.tokenizer.batch_decode(out, skip_special_tokens=True)]
+    texts = [text.strip() for text in processor.tokenizer.batch_decode(out, skip_special_tokens=True)]
+    if not with_limit:
+        return texts
+    eos = model.generation_config.eos_token_id
+    eos = [e for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None]
+    ended = torch.isin(out, torch.tensor(eos, device=out.device)).any(dim=1)
+    return texts, [bool(out.shape[1] >= generation["max_new_tokens"] and not e) for e in ended.tolist()]
 
 
 def model_generation_defaults(directory):
@@ -325,7 +344,7 @@ class VLLMEngine:
     ``generate``: ``engine((prompts, images)) -> descriptions``. Settings follow transformers'
     greedy ``generate`` with the model's generation config, so both backends decode alike."""
 
-    def __init__(self, directory, device, dtype, generation, vocab_size, memory=None, seed=0):
+    def __init__(self, directory, device, dtype, generation, vocab_size, memory=None, seed=0, processor_kwargs=None):
         from ._compat import ensure_torchvision_importable
         if ensure_torchvision_importable():  # a CPU torch: vLLM's own processes need the same shim
             site = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_site")
@@ -346,8 +365,11 @@ class VLLMEngine:
             sampling.update(temperature=generation["temperature"], top_p=generation["top_p"], seed=seed)
         else:
             sampling.update(temperature=0.0)
+        self.sampling, self.seed, self._params = sampling, seed, SamplingParams
         self.params = SamplingParams(**sampling)
         engine = {"model": directory, "dtype": dtype, "seed": seed, "limit_mm_per_prompt": {"image": 1}}
+        if processor_kwargs:  # e.g. Qwen2-VL's min_pixels / max_pixels
+            engine["mm_processor_kwargs"] = processor_kwargs
         if device.type == "cuda":
             os.environ.setdefault("CUDA_VISIBLE_DEVICES", str(device.index or 0))
         else:
@@ -359,6 +381,23 @@ class VLLMEngine:
         import vllm
         self.version = vllm.__version__
 
+    def params_for(self, task, overrides=None):
+        """The request's SamplingParams: the run's, with description k of a sampled run seeded by
+        seed + k, and ``overrides`` (a retry's settings, generate's names) applied."""
+        k = getattr(task, "k", 0)
+        if not k and not overrides:
+            return self.params
+        sampling = dict(self.sampling)
+        for key, value in (overrides or {}).items():
+            if key == "do_sample":
+                sampling["temperature"] = sampling.get("temperature") or 1.0
+                sampling["seed"] = self.seed + task.index  # a sampled retry: seeded per image
+            else:
+                sampling[key] = value
+        if "seed" in sampling:
+            sampling["seed"] += k
+        return self._params(**sampling)
+
     def __call__(self, inputs):
         """Descriptions of ``(prompts, images)``, all at once."""
         prompts, images = inputs
@@ -366,11 +405,12 @@ class VLLMEngine:
         outputs = self.llm.generate(requests, self.params, use_tqdm=False)
         return [o.outputs[0].text.strip() for o in outputs]
 
-    def stream(self, batches, in_flight=256):
+    def stream(self, batches, in_flight=256, overrides=None):
         """Continuous batching over a whole shard: requests from ``batches`` (PromptBatches items
         without preprocessing) are kept ``in_flight`` deep in the engine, and each engine step yields
-        its finished ones as ``[(item, description, None)]`` (undecodable images as ``(item, None,
-        reason)``), so every answer can be written as soon as it exists."""
+        its finished ones as ``[(item, description, None, stopped at the token limit)]`` (undecodable
+        images as ``(item, None, reason, False)``), so every answer can be written as soon as it
+        exists. ``overrides``: generation settings of a retry."""
         engine = self.llm.llm_engine
         batches = iter(batches)
         pending, exhausted = {}, False
@@ -382,16 +422,18 @@ class VLLMEngine:
                     exhausted = True
                     break
                 if failures:
-                    yield [(item, None, reason) for item, reason in failures]
+                    yield [(item, None, reason, False) for item, reason in failures]
                 for item, prompt, image in zip(good, *(inputs or ([], []))):
-                    request = str(item.index)
-                    engine.add_request(request, {"prompt": prompt, "multi_modal_data": {"image": image}}, self.params)
+                    request = f"{item.index}:{getattr(item, 'k', 0)}"
+                    engine.add_request(request, {"prompt": prompt, "multi_modal_data": {"image": image}},
+                                       self.params_for(item, overrides))
                     pending[request] = item
             if not pending:
                 return
             finished = [out for out in engine.step() if out.finished]
             if finished:
-                yield [(pending.pop(out.request_id), out.outputs[0].text.strip(), None) for out in finished]
+                yield [(pending.pop(out.request_id), out.outputs[0].text.strip(), None,
+                        out.outputs[0].finish_reason == "length") for out in finished]
 
 
 def parse_shard(text):
@@ -489,14 +531,16 @@ class Parts:
         return first
 
     def done(self, retry_failed=False):
-        """``{path: record}`` over every part file: a description wins over an error."""
+        """``{key: record}`` over every part file (key: the path, or ``(path, k)`` for description k
+        of several): a description wins over an error, a retry over what it retried."""
         best = {}
         for path in self.part_files():
             for record in read_records(path):
                 if retry_failed and "error" in record:
                     continue
-                if record["path"] not in best or "error" in best[record["path"]]:
-                    best[record["path"]] = record
+                key = record_key(record)
+                if key not in best or _wins(record, best[key]):
+                    best[key] = record
         return best
 
     def mark_done(self, run_id, rank):
@@ -525,8 +569,8 @@ class Parts:
         return path
 
     def missing_report(self, items, done):
-        """How many images have no record, and in which shards of the part files' layout."""
-        missing = [item for item in items if item.path not in done]
+        """How many images (tasks) have no record, and in which shards of the part files' layout."""
+        missing = [item for item in items if task_key(item) not in done]
         counts = {int(m.group(1)) for m in (re.search(r"-of-(\d+)\.jsonl$", p) for p in self.part_files()) if m}
         count = max(counts) if counts else 1
         shards = sorted({item.index % count for item in missing})
@@ -534,26 +578,122 @@ class Parts:
                          f"shards {', '.join(f'{s}/{count}' for s in shards[:10])}"
                          f"{' ...' if len(shards) > 10 else ''})" if missing else "")
 
-    def merge(self, items, metadata, allow_missing=False):
-        """Write ``output`` (records in ``items``' order, descriptions only) and ``output.json``;
-        returns the counts."""
-        done = self.done()
-        missing, report = self.missing_report(items, done)
+    def index(self):
+        """``{key: (part number, byte offset, marks)}`` of the record that counts for each task
+        (``marks``: which of ``error``/``retry`` it has), found without decoding most lines, so that
+        1.28M records take a few hundred MB and seconds; the merge copies the lines themselves."""
+        best = {}
+        for number, path in enumerate(self.part_files()):
+            with open(path, "rb") as f:
+                offset = 0
+                for line_number, line in enumerate(f, 1):
+                    start, offset = offset, offset + len(line)
+                    if not line.strip():
+                        continue
+                    if not line.endswith(b"\n"):  # the unterminated last line: the batch a kill interrupted
+                        try:
+                            json.loads(line)
+                        except ValueError:
+                            continue
+                    key = _fast_key(line) or _decoded_key(line, path, line_number)
+                    marks = _marks(line)
+                    if key not in best or _wins(marks, best[key][2]):
+                        best[key] = (number, start, marks)
+        return best
+
+    def merge(self, items, metadata, allow_missing=False, gate=None):
+        """Write ``output`` (the records of ``items``, in their order, descriptions only, as the part
+        files hold them: flags from the quality gate they were written under, ``gate``) and
+        ``output.json``; returns the counts, the failures and the gate's Tally. Streams: lines are
+        copied from the part files one at a time; only flagged, retried and failed ones are decoded."""
+        from .quality import QualityGate, Tally
+        gate = gate or QualityGate()
+        index = self.index()
+        missing, report = self.missing_report(items, index)
         if missing and not allow_missing:
             raise UserError(f"cannot merge {self.output}: {report}; run the missing shards (the same command "
                             f"skips what is done), or pass --allow-missing")
-        lines, failures = [], []
-        for item in items:
-            record = done.get(item.path)
-            if record is None:
-                continue
-            if "error" in record:
-                failures.append({"path": item.path, "error": record["error"]})
-            else:
-                lines.append(json.dumps(record, ensure_ascii=False) + "\n")
-        counts = {"images": len(items), "described": len(lines),
+        failures, tally, described = [], Tally(), [0]
+        stack = contextlib.ExitStack()
+        files = [stack.enter_context(open(path, "rb")) for path in self.part_files()]
+
+        def lines():
+            for item in items:
+                entry = index.get(task_key(item))
+                if entry is None:
+                    continue
+                number, offset, marks = entry
+                files[number].seek(offset)
+                line = files[number].readline()
+                if "error" in marks:
+                    record = json.loads(line)
+                    failures.append({"path": record["path"], "error": record["error"],
+                                     **({"k": record["k"]} if "k" in record else {})})
+                    if record["error"] == EMPTY:
+                        tally.add(record, ["empty"])
+                    continue
+                if "retry" in marks or b'"flags": ' in line:
+                    record = json.loads(line)
+                    tally.add(record, record.get("flags", []))
+                described[0] += 1
+                yield line
+        with stack:
+            atomic_write_lines(self.output, lines())
+        counts = {"images": len(items), "described": described[0],
                   "failed": sum(f["error"] != EMPTY for f in failures),
                   "empty": sum(f["error"] == EMPTY for f in failures), "missing": len(missing)}
-        atomic_write_text(self.output, "".join(lines))
-        atomic_write_json(self.output + ".json", dict(metadata, counts=counts, failures=failures))
-        return counts, failures
+        atomic_write_json(self.output + ".json", dict(metadata, counts=counts, failures=failures,
+                                                      quality=tally.summary(gate)))
+        return counts, failures, tally
+
+
+_PATH_PREFIX = b'{"path": "'
+_K_PREFIX = b', "k": '
+
+
+def _fast_key(line):
+    """The key of a line as this tool writes it (``{"path": "...", ["k": K, ]...``) without
+    decoding it; None when the path holds an escape (then decode the line)."""
+    if not line.startswith(_PATH_PREFIX):
+        return None
+    end = line.find(b'"', len(_PATH_PREFIX))
+    path = line[len(_PATH_PREFIX):end]
+    if end < 0 or b"\\" in path:
+        return None
+    path = path.decode("utf-8")
+    if line.startswith(_K_PREFIX, end + 1):
+        stop = line.find(b",", end + 1 + len(_K_PREFIX))
+        return path, int(line[end + 1 + len(_K_PREFIX):stop if stop > 0 else None].rstrip(b"}\n "))
+    return path
+
+
+def _decoded_key(line, path, number):
+    try:
+        return record_key(json.loads(line))
+    except ValueError:
+        raise UserError(f"{path}:{number} is not a JSON record; delete the line (that image is then described "
+                        f"again) and rerun") from None
+
+
+def _marks(line):
+    """Which of the top-level fields ``error`` and ``retry`` a record line has. Inside a JSON string
+    a quote is escaped, so ``"error": `` can only be a key."""
+    return tuple(name for name, token in (("error", b'"error": '), ("retry", b'"retry": ')) if token in line)
+
+
+def record_key(record):
+    """A record's task: its image path, or ``(path, k)`` for description k of several."""
+    return (record["path"], record["k"]) if "k" in record else record["path"]
+
+
+def task_key(item):
+    k = getattr(item, "k", None)
+    return item.path if k is None else (item.path, k)
+
+
+def _wins(record, best):
+    """Which of two records of one task counts: a retry over what it retried, else a description
+    over an error, else the first (records, or the field names they have)."""
+    if "retry" in record:
+        return True
+    return "error" in best and "error" not in record and "retry" not in best

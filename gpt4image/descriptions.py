@@ -11,6 +11,7 @@ order with ``--data``.
 """
 import json
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -35,7 +36,9 @@ def list_image_folder(root):
         samples = make_dataset(root, class_to_idx, extensions=IMG_EXTENSIONS)
     except (FileNotFoundError, RuntimeError) as e:
         raise UserError(f"{root!r} is not an ImageFolder: {e}") from None
-    return [os.path.relpath(path, root).replace(os.sep, "/") for path, _ in samples]
+    prefix = os.path.join(root, "")  # make_dataset joins root and the path: cut it off (10x faster than relpath)
+    return [(path[len(prefix):] if path.startswith(prefix) else os.path.relpath(path, root)).replace(os.sep, "/")
+            for path, _ in samples]
 
 
 def text_lines(text):
@@ -81,8 +84,17 @@ def _load_raw(path):
                     f"use .pth, .txt, .json or .jsonl")
 
 
+class _Keyed(dict):
+    """image path (or ``(path, k)`` for description k of several) -> description; ``flagged``: the
+    keys whose record carries quality ``"flags"`` (generate_descriptions.py's gate)."""
+
+    def __init__(self):
+        super().__init__()
+        self.flagged = set()
+
+
 def _parse_jsonl(path, lines):
-    ordered, keyed, keyed_lines = [], {}, {}
+    ordered, keyed, keyed_lines = [], _Keyed(), {}
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -103,6 +115,13 @@ def _parse_jsonl(path, lines):
             if key is not None and not isinstance(key, str):
                 raise UserError(f"{path}:{number}: the image path is a {type(key).__name__}, not a string")
             if key is not None:
+                if "k" in value:
+                    if not isinstance(value["k"], int) or isinstance(value["k"], bool) or value["k"] < 0:
+                        raise UserError(f"{path}:{number}: \"k\" is {value['k']!r}; it must be the description's "
+                                        f"index 0, 1, ... as generate_descriptions.py --num-descriptions writes it")
+                    key = (key, value["k"])
+                if value.get("flags"):
+                    keyed.flagged.add(key)
                 if key in keyed:
                     raise UserError(f"{path}:{number}: image {key!r} is described a second time (first at line "
                                     f"{keyed_lines[key]}); keep one description per image")
@@ -163,6 +182,20 @@ def _listed_files(data):
     return list_image_folder(data), data
 
 
+@dataclass
+class DescriptionSet:
+    """What read_description_set returns: ``texts`` in ImageFolder order (one str per image, or a
+    list of K per image), ``files`` (relative paths of the images kept, or None), ``per_image`` (K),
+    ``flagged`` (records with quality flags), ``left_out`` (images dropped: every description
+    flagged), ``replaced`` (flagged descriptions replaced by another of the same image)."""
+    texts: list
+    files: list
+    per_image: int = 1
+    flagged: int = 0
+    left_out: int = 0
+    replaced: int = 0
+
+
 def read_descriptions(path, image_folder=None):
     """Return ``(descriptions, file_list)``.
 
@@ -170,13 +203,52 @@ def read_descriptions(path, image_folder=None):
     relative image paths when ``image_folder`` is given (None otherwise); a path-keyed input is
     reordered to it, and a path missing on either side is an error.
     """
+    found = read_description_set(path, image_folder)
+    return found.texts, found.files
+
+
+def _group_by_image(path, keyed):
+    """``{path: [description k for k = 0..K-1]}`` of a keyed input whose records carry ``"k"``, and
+    ``{path: [flagged k]}``; every image needs every k."""
+    if not all(isinstance(key, tuple) for key in keyed):
+        raise UserError(f"{path}: some records carry a description index \"k\" and some do not; use one form")
+    per_image = max(k for _, k in keyed) + 1
+    grouped, flagged = {}, {}
+    for (image, k), text in keyed.items():
+        grouped.setdefault(image, [None] * per_image)[k] = text
+        if (image, k) in keyed.flagged:
+            flagged.setdefault(image, []).append(k)
+    incomplete = next((image for image, texts in grouped.items() if None in texts), None)
+    if incomplete is not None:
+        have = [k for k, t in enumerate(grouped[incomplete]) if t is not None]
+        raise UserError(f"{path}: image {incomplete!r} has descriptions k = {have} of {per_image}; every image needs "
+                        f"all {per_image} (run generate_descriptions.py again to finish them)")
+    return grouped, flagged, per_image
+
+
+def read_description_set(path, image_folder=None, drop_flagged=False):
+    """The descriptions of ``path`` as a DescriptionSet (see there). A path-keyed input is put
+    into the order of ``image_folder``; records with ``"k"`` give K descriptions per image.
+    ``drop_flagged``: records with quality flags are left out: a flagged description of several
+    is replaced by the next unflagged one of its image, an image without any is left out (and so
+    are flagged single descriptions), counted in the result."""
     raw = _load_raw(path)
     files, base = _listed_files(image_folder)
     if isinstance(raw, dict):
+        flagged_keys = getattr(raw, "flagged", set())
+        per_image, flagged = 1, {}
+        if any(isinstance(k, tuple) for k in raw):
+            raw, flagged, per_image = _group_by_image(path, raw)
+        else:
+            flagged = {key: [0] for key in flagged_keys}
         keys = list(raw)
         if any(not isinstance(k, str) for k in keys):
             raise UserError(f"{path}: a path-keyed input needs string keys (image paths)")
-        _check_texts(path, [raw[k] for k in keys], [repr(k) for k in keys])
+        if per_image == 1:
+            _check_texts(path, [raw[k] for k in keys], [repr(k) for k in keys])
+        else:
+            _check_texts(path, [t for k in keys for t in raw[k]],
+                         [f"{k!r} #{j}" for k in keys for j in range(per_image)])
         if files is None:
             raise UserError(f"{path} maps image paths to descriptions; pass --data <train folder> "
                             f"so that rows can be written in ImageFolder order")
@@ -199,7 +271,12 @@ def read_descriptions(path, image_folder=None):
                 parts.append(f"{len(extra)} described paths are not in {image_folder} "
                              f"(first: {', '.join(extra[:3])})")
             raise UserError(f"{path}: " + "; ".join(parts) + "; paths must be relative to the train folder")
-        return [normalised[c] for c in canonical], files
+        flagged = {canonical_path(key, base): ks for key, ks in flagged.items()}
+        found = DescriptionSet([normalised[c] for c in canonical], files, per_image,
+                               sum(len(ks) for ks in flagged.values()))
+        if drop_flagged and flagged:
+            _drop_flagged(found, {f: flagged[c] for f, c in zip(files, canonical) if c in flagged})
+        return found
     if not isinstance(raw, (list, tuple)):
         raise UserError(f"{path} holds a {type(raw).__name__}, not a list of description strings")
     raw = list(raw)
@@ -209,4 +286,24 @@ def read_descriptions(path, image_folder=None):
     if files is not None and len(files) != len(raw):
         raise UserError(f"{path} has {len(raw)} descriptions but {image_folder} has {len(files)} "
                         f"images; entry k must describe image k of the train folder")
-    return raw, files
+    return DescriptionSet(raw, files)
+
+
+def _drop_flagged(found, flagged):
+    """--drop-flagged on a DescriptionSet, in place (see read_description_set)."""
+    texts, files = [], []
+    for text, file in zip(found.texts, found.files):
+        bad = flagged.get(file)
+        if not bad:
+            texts.append(text)
+            files.append(file)
+            continue
+        good = [j for j in range(found.per_image) if j not in bad]
+        if not good:
+            found.left_out += 1
+            continue
+        texts.append([text[j] if j in good else text[next((g for g in good if g > j), good[0])]
+                      for j in range(found.per_image)])
+        found.replaced += len(bad)
+        files.append(file)
+    found.texts, found.files = texts, files

@@ -186,3 +186,8 @@ def ensure_writable_dir(path, what="output directory"):
     except OSError as e:
         raise UserError(f"cannot write to the {what} {path!r} ({e.strerror}); "
                         f"choose a directory you can write to") from None
+
+
+def atomic_write_lines(path, lines):
+    """Write an iterable of bytes (each line with its newline) atomically, without holding them all."""
+    _atomic_write(path, lambda f: f.writelines(lines))

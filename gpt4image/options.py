@@ -8,6 +8,7 @@ from .eval_sets import add_eval_set_args
 from .losses import Alignment, AlignmentState, needs_state
 from .run_record import require_wandb
 from .text_weight import add_alignment_args, check_alignment_args
+from .text_per_step import add_text_per_step_args
 from .training import RunOptions
 
 
@@ -27,6 +28,7 @@ def add_common_args(p):
                    help="embeddings of the validation images' descriptions (generate_descriptions.py and "
                         "description2embedding.py on val/): each evaluation adds image->text and text->image "
                         "recall@1/@5 and the mean image-description cosine")
+    add_text_per_step_args(p)
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--skip-corrupt-images", action="store_true",
                    help="replace a training image that cannot be decoded by the next one (warned and counted in "

@@ -77,6 +77,8 @@ class SeededSamples(torch.utils.data.Dataset):
     def __getitem__(self, key):
         epoch, position, index = key
         seed_all(mix_seed(self.seed, epoch, position))
+        if hasattr(self.dataset, "set_epoch"):  # e.g. --text-per-step sample: a draw per epoch
+            self.dataset.set_epoch(epoch)
         return self.dataset[index]
 
 

@@ -53,6 +53,10 @@ class TextEmbeddings:
 
 
 def _validate(table, path, chunk_rows=65536):
+    if table.dim() == 3:
+        raise UserError(f"text embeddings {path!r} hold {table.shape[1]} descriptions per image ({list(table.shape)}); "
+                        f"only training reads such a table (--text_emb with --text-per-step mean|sample); here an "
+                        f"[N, D] table is needed: make one from one description per image")
     if table.dim() != 2:
         raise UserError(f"text embeddings {path!r} have shape {tuple(table.shape)}; expected [N, D] "
                         f"as written by description2embedding.py")
@@ -163,6 +167,10 @@ class WithTextEmbeddings(torch.utils.data.Dataset):
 
     def __len__(self):
         return len(self.dataset)
+
+    def set_epoch(self, epoch):  # a table of several descriptions per image draws per epoch
+        if hasattr(self.embeddings, "set_epoch"):
+            self.embeddings.set_epoch(epoch)
 
     def __getitem__(self, index):
         image, target = self.dataset[index]

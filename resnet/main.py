@@ -120,7 +120,8 @@ def build_data(args, dist_info):
     else:
         train_set, val_set = build_image_folders(args.data, train_tf, val_tf)
         num_classes = len(train_set.classes)
-    train_set, embeddings = attach_text_embeddings(train_set, None if args.evaluate else args.text_emb, generated)
+    train_set, embeddings = attach_text_embeddings(train_set, None if args.evaluate else args.text_emb, generated,
+                                                   args.text_per_step, args.seed)
     val_set = attach_val_text_embeddings(val_set, args.val_text_emb, embeddings)
     if args.skip_corrupt_images:
         train_set = SkipCorrupt(train_set)
