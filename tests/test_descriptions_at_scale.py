@@ -155,7 +155,7 @@ def test_max_pixels_sets_the_number_of_vision_tokens_and_other_values_are_not_mi
     before = part.read_bytes()
     capsys.readouterr()
     err = _fail(gd_main, [*common, "--max-pixels=50176", "--shard=1/2"], capsys)
-    assert "max_pixels: 12544 before, 50176 now" in err and part.read_bytes() == before
+    assert "max_pixels: 12544 in the parts, 50176 now" in err and part.read_bytes() == before
     err = _fail(gd_main, [*common, "--shard=1/2"], capsys)  # the model's default is another value too
     assert "max_pixels" in err
     gd_main([*common, "--max-pixels=12544", "--shard=1/2"])
