@@ -4,6 +4,7 @@ import torch
 from .distributed import logger
 from .errors import UserError, at_least
 from .losses import Alignment
+from .run_checks import FINGERPRINT_KEY, cap_workers, table_fingerprint
 from .run_record import require_wandb
 from .training import RunOptions
 
@@ -56,11 +57,14 @@ def start_run(args, dist_info):
         raise UserError("--local-loss needs --gather-with-grad")
     require_wandb(args)
     args.world_size = dist_info.world_size
+    cap_workers(args, "--workers" if hasattr(args, "workers") else "--num_workers")
     return getattr(torch, args.amp_dtype) if args.amp_dtype else None
 
 
 def alignment_from_args(args, embeddings, world_size):
-    """The run's Alignment (None: the baseline), logged with its effective weight."""
+    """The run's Alignment (None: the baseline), logged with its effective weight; the table's
+    fingerprint joins the run's arguments (a resume checks it)."""
+    setattr(args, FINGERPRINT_KEY, table_fingerprint(embeddings))
     if embeddings is None:
         logger.info("text alignment: off (baseline)")
         return None
@@ -69,11 +73,11 @@ def alignment_from_args(args, embeddings, world_size):
     return alignment
 
 
-def run_options(args, output_dir, start_epoch, batch_size, amp_dtype, alignment):
+def run_options(args, output_dir, start_epoch, batch_size, amp_dtype, alignment, lr_note=""):
     """The loop's settings from a recipe's parsed arguments (the recipes name a few flags differently)."""
     return RunOptions(args=args, output_dir=output_dir, epochs=args.epochs, batch_size=batch_size, seed=args.seed,
                       print_freq=args.print_freq, resume=args.resume, start_epoch=start_epoch,
                       stop_after=args.stop_after,
                       checkpoint_every_minutes=args.checkpoint_every_minutes, requeue=args.requeue,
                       stall_timeout=args.stall_timeout, accum_iter=args.accum_iter,
-                      amp_dtype=amp_dtype, alignment=alignment, compile=args.compile)
+                      amp_dtype=amp_dtype, alignment=alignment, compile=args.compile, lr_note=lr_note)
