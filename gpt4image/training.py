@@ -102,7 +102,7 @@ def fit(recipe, data, opts, dist_info):
         if progress.epoch >= opts.epochs and progress.unevaluated is None:
             return _already_finished(recipe, opts, progress)
         accum_note = _check_batches(data, opts, dist_info)
-        record = RunRecord(opts.output_dir, opts.args, dist_info.is_main)  # every check has passed
+        record = RunRecord(opts.output_dir, opts.args, dist_info.is_main, recipe.name)  # every check has passed
         if progress.epoch or progress.step:
             record.truncate_after(progress.epoch)
         start_watchdog(dist_info.rank, dist_info.world_size, opts.stall_timeout)
