@@ -16,9 +16,11 @@ from hypothesis import strategies as st
 from conftest import REPO
 from test_hardening import DEIT, RESNET, ran, refused
 
-SMALL = {RESNET: ["-a", "resnet18", "-b", "4", "--input-size", "32", "-j", "0", "--seed", "0", "-p", "50"],
-         DEIT: ["--model", "deit_tiny_patch16_224", "--input-size", "32", "--batch-size", "4", "--num_workers", "0",
-                "--seed", "0", "-p", "50", "--no-model-ema"]}
+WORKERS = {RESNET: "-j", DEIT: "--num_workers"}
+TINY = {RESNET: ["-a", "resnet18", "-b", "4", "--input-size", "32", "--seed", "0", "-p", "50"],
+        DEIT: ["--model", "deit_tiny_patch16_224", "--input-size", "32", "--batch-size", "4", "--seed", "0", "-p", "50",
+               "--no-model-ema"]}
+SMALL = {recipe: [*tiny, WORKERS[recipe], "0"] for recipe, tiny in TINY.items()}
 DATA = {RESNET: "--data", DEIT: "--data-path"}
 OUT = {RESNET: "--save_dir", DEIT: "--output_dir"}
 CLASSES = {RESNET: "--num-classes", DEIT: "--nb-classes"}
@@ -246,12 +248,9 @@ def test_val_text_emb_errors_name_the_validation_set_and_its_flag(recipe, image_
 def test_the_start_line_says_scaled_only_when_scaling_and_workers_fit_the_cores(recipe, scaled, image_folder, tmp_path,
                                                                                 recwarn):
     from gpt4image.run_checks import available_cores
-    small = [a for a in SMALL[recipe] if a not in ("-j", "--num_workers")]
-    small = [a for i, a in enumerate(small) if i == 0 or small[i - 1] not in ("-j", "--num_workers")]
     flag = {RESNET: "--no_scale_lr", DEIT: "--unscale-lr"}[recipe]
     many = available_cores() + 3
-    cmd = [recipe, f"{DATA[recipe]}={image_folder}", "--text_emb=none", *small, "-p", "50",
-           "-j" if recipe == RESNET else "--num_workers", str(many), f"{OUT[recipe]}={tmp_path / 'out'}",
+    cmd = [recipe, f"{DATA[recipe]}={image_folder}", "--text_emb=none", *TINY[recipe], WORKERS[recipe], str(many), f"{OUT[recipe]}={tmp_path / 'out'}",
            "--epochs=1", *([] if scaled else [flag])]
     out = ran(cmd).stdout
     start = next(line for line in out.splitlines() if "process(es):" in line)
