@@ -185,7 +185,7 @@ def build_teacher(args, num_classes, device):
     if not args.teacher_path:
         raise UserError("distillation needs --teacher-path (a local checkpoint of --teacher-model)")
     teacher = timm.create_model(args.teacher_model, pretrained=False, num_classes=num_classes, global_pool="avg")
-    load_classifier_weights(teacher, load_checkpoint(args.teacher_path), args.teacher_path)
+    load_classifier_weights(teacher, load_checkpoint(args.teacher_path), args.teacher_path, flag="--teacher-path")
     return teacher.to(device).eval()
 
 

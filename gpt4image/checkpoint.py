@@ -169,7 +169,7 @@ def load_pretrained(backbone, path):
     classifier = check_fits(backbone, state, path, "--pretrained", recorded_arch)
     if classifier:
         logger.info(f"pretrained: {path} classifies {state[classifier[0]].shape[0]} classes, this model "
-                    f"{own[classifier[0]].shape[0]}: its classifier ({', '.join(classifier)}) is not used")
+                    f"{own[classifier[0]].shape[0]}: dropping its classifier ({', '.join(classifier)})")
         for key in classifier:
             del state[key]
     if "pos_embed" in state and "pos_embed" in own and state["pos_embed"].shape != own["pos_embed"].shape:
@@ -209,15 +209,16 @@ def cached_timm_weights(backbone, name):
                     f"(timm.create_model({name!r}, pretrained=True)) or pass --pretrained PATH")
 
 
-def load_classifier_weights(backbone, state, path, recipe=None):
-    """Load a plain torchvision/timm state dict, or our checkpoint's ``model`` entry, into ``backbone``."""
+def load_classifier_weights(backbone, state, path, recipe=None, flag="--resume"):
+    """Load a plain torchvision/timm state dict, or our checkpoint's ``model`` entry, into ``backbone``
+    (``flag``: the option that named the file, for messages)."""
     if recipe and isinstance(state, dict) and state.get("recipe") not in (None, recipe):
         raise UserError(f"{path!r} is a checkpoint of the {state['recipe']} recipe ({state.get('arch')}), not of "
                         f"{recipe}; evaluate it with {state['recipe']}/main.py")
     recorded_arch = state.get("arch") if isinstance(state, dict) else None
-    state = state_dict_of(state, path, "--resume")
-    if check_fits(backbone, state, path, "--resume", recorded_arch):
-        raise class_count_error(backbone, state, path, "--resume", "the classes of the validation folder, or "
+    state = state_dict_of(state, path, flag)
+    if check_fits(backbone, state, path, flag, recorded_arch):
+        raise class_count_error(backbone, state, path, flag, "the classes of the validation folder, or "
                                 "--num-classes / --nb-classes; evaluate it on data with the classes it was trained on")
     try:
         backbone.load_state_dict(state)

@@ -67,7 +67,7 @@ def test_resuming_with_another_table_of_the_same_width_is_refused_and_an_older_c
     torch.save(checkpoint, run / "checkpoint.pth")
     out = ran(_cmd(recipe, image_folder, embeddings, run, "--epochs=2")).stdout
     assert out.count("before runs recorded their --text_emb table's fingerprint") == 1, out[-3000:]
-    assert [json.loads(line)["epoch"] for line in open(run / "log.txt")] == [0, 1]
+    assert [json.loads(line)["epoch"] for line in (run / "log.txt").read_text().splitlines()] == [0, 1]
 
 
 def test_the_fingerprint_reads_two_mib_of_a_large_table_and_tells_tables_apart(tmp_path, monkeypatch):
@@ -186,7 +186,7 @@ def test_a_table_given_as_pretrained_weights_is_named(recipe, image_folder, embe
 @RECIPES
 def test_resuming_a_checkpoint_of_another_class_count_names_both_counts(recipe, runs, embeddings, tmp_path):
     cmd = [recipe, f"--text_emb={embeddings}", *SMALL[recipe], f"{OUT[recipe]}={tmp_path / 'out'}", "--epochs=2",
-           "--generated-size", "48", "16", f"{CLASSES[recipe]}=5", f"--resume={runs[recipe] / 'checkpoint.pth'}"]
+           "--generated-size", "48", "16", f"{CLASSES[recipe]}=5", f"--resume={runs[recipe]}"]  # a run folder: its checkpoint.pth
     refused(cmd, "classifies 4 classes", "this run has 5")
 
 
