@@ -109,17 +109,32 @@ CONFIG_CASES = [('{switch}: "false"', "is not a boolean"), ("{switch}: 1", "is n
 
 @RECIPES
 @pytest.mark.parametrize("text,expected", CONFIG_CASES, ids=[c for c, _ in CONFIG_CASES])
-def test_a_config_value_passes_the_checks_of_its_flag(recipe, text, expected, tmp_path):
-    config = tmp_path / "run.yaml"
-    config.write_text(text.format(switch="no_scale_lr" if recipe == RESNET else "unscale_lr") + "\n")
-    line = refused([recipe, "-c", str(config), f"{OUT[recipe]}={tmp_path / 'out'}"], "run.yaml", expected)
-    assert not (tmp_path / "out").exists(), line
+def test_a_config_value_passes_the_checks_of_its_flag(recipe, text, expected):
+    # refused while the arguments are parsed, so before anything is written
+    switch = "no_scale_lr" if recipe == RESNET else "unscale_lr"
+    line = _refused_config(_parser(recipe), text.format(switch=switch) + "\n")
+    assert ".yaml" in line and expected in line, line
+
+
+def _parser(recipe):
+    import importlib
+    return importlib.import_module("resnet_main" if recipe == RESNET else "deit_main").get_args_parser()
+
+
+def _refused_config(parser, text):
+    """The one line with which parsing ``-c`` of a file holding ``text`` exits 2."""
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), pytest.raises(SystemExit) as e:
+        args = _parse(parser, text)
+        print(f"accepted: {vars(args)}")  # shown by the failure below
+    line = err.getvalue().strip()
+    assert e.value.code == 2 and len(line.splitlines()) == 1 and line.startswith("error: "), line
+    return line
 
 
 @RECIPES
 def test_config_switches_take_yaml_booleans_and_null_keeps_a_none_default(recipe):
-    import importlib
-    parser = importlib.import_module("resnet_main" if recipe == RESNET else "deit_main").get_args_parser()
+    parser = _parser(recipe)
     switch = "no_scale_lr" if recipe == RESNET else "unscale_lr"
     args = _parse(parser, f"{switch}: true\nlr: 1e-3\namp_dtype:\n")
     assert (getattr(args, switch), args.lr, args.amp_dtype) == (True, 1e-3, None)
@@ -152,8 +167,7 @@ YAML_TEXT = st.one_of(
 @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
 @given(text=YAML_TEXT)
 def test_any_config_file_gives_arguments_or_one_line(recipe, text):
-    import importlib
-    parser = importlib.import_module("resnet_main" if recipe == RESNET else "deit_main").get_args_parser()
+    parser = _parser(recipe)
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
         try:
