@@ -338,13 +338,20 @@ def test_a_folder_of_runs_is_reported_run_by_run_and_another_tools_folder_is_ski
     assert report.main([str(tmp_path / "all" / "other")]) == 2
 
 
-def test_the_curves_have_whole_epochs_a_chance_line_and_no_empty_retrieval_panel(tmp_path):
-    import matplotlib
-    matplotlib.use("Agg")
+def _drawn(run, tmp_path, monkeypatch):
+    """The figure ``python -m gpt4image.report RUN --plot`` draws."""
+    from matplotlib.figure import Figure
     from gpt4image import report
+    drawn, save = [], Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: (drawn.append(self), save(self, *a, **k))[1])
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert report.main([str(run), "--plot", str(tmp_path / "c.png")]) == 0
+    return drawn[0]
+
+
+def test_the_curves_have_whole_epochs_a_chance_line_and_no_empty_retrieval_panel(tmp_path, monkeypatch):
     _fake_run(tmp_path / "a", ARGS, ROWS)
-    runs = report.collect([str(tmp_path / "a")])
-    fig = report.curves_figure(runs)
+    fig = _drawn(tmp_path / "a", tmp_path, monkeypatch)
     assert len(fig.axes) == 3  # no run measured retrieval
     for ax in fig.axes:
         ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
@@ -354,7 +361,7 @@ def test_the_curves_have_whole_epochs_a_chance_line_and_no_empty_retrieval_panel
     assert "log(64)" in chance[0].get_label() and "global batch" in chance[0].get_label()
     retrieval = [dict(r, test_i2t_r1=5.0, test_t2i_r1=6.0) for r in ROWS]
     _fake_run(tmp_path / "b", ARGS, retrieval)
-    assert len(report.curves_figure(report.collect([str(tmp_path / "b")])).axes) == 4
+    assert len(_drawn(tmp_path / "b", tmp_path, monkeypatch).axes) == 4
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
