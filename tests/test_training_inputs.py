@@ -364,7 +364,7 @@ def test_the_curves_have_whole_epochs_a_chance_line_and_no_empty_retrieval_panel
     assert len(_drawn(tmp_path / "b", tmp_path, monkeypatch).axes) == 4
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
 @given(log=st.one_of(st.binary(max_size=300),
                      st.lists(st.dictionaries(st.sampled_from(["epoch", "test_acc1", "ema_test_acc1", "images_per_s",
                                                                "test_i2t_r1", "test_t2i_r1", "train_text_loss"]),
