@@ -7,9 +7,7 @@ from .distributed import logger
 from .errors import UserError
 from .io import atomic_torch_save, load_error
 from .run_checks import note_unfingerprinted
-from .weights import check_fits, checkpoint_file, class_count_error, state_dict_of, what_it_holds
-
-CHECKPOINT = "checkpoint.pth"
+from .weights import CHECKPOINT, check_fits, checkpoint_file, class_count_error, state_dict_of, what_it_holds
 
 
 def save_checkpoint(state, path, is_main=True):
