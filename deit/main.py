@@ -28,6 +28,7 @@ from gpt4image.losses import LOSS_TYPES
 from gpt4image.options import (add_common_args, alignment_from_args, alignment_state_for, prepare_alignment_state,
                                run_options, start_run)
 from gpt4image.resumable import seed_all
+from gpt4image.run_checks import scaled_lr, warn_if_all_warmup
 from gpt4image.training import (Data, Recipe, adopt_checkpoint_settings, evaluate_checkpoint, fit, run_recipe,
                                 script_exit)
 
@@ -188,7 +189,7 @@ def build_teacher(args, num_classes, device):
     if not args.teacher_path:
         raise UserError("distillation needs --teacher-path (a local checkpoint of --teacher-model)")
     teacher = timm.create_model(args.teacher_model, pretrained=False, num_classes=num_classes, global_pool="avg")
-    load_classifier_weights(teacher, load_checkpoint(args.teacher_path), args.teacher_path)
+    load_classifier_weights(teacher, load_checkpoint(args.teacher_path), args.teacher_path, flag="--teacher-path")
     return teacher.to(device).eval()
 
 
@@ -261,10 +262,13 @@ def _run(args, dist_info, device):
         return evaluate_checkpoint(model, state, args.resume, val_loader, device, amp_dtype, prepare=DeviceAugment(),
                                    recipe=RECIPE, eval_sets=eval_sets)
 
-    lr = args.lr if args.unscale_lr else args.lr * args.batch_size * dist_info.world_size * args.accum_iter / 512.0
+    lr, lr_note = scaled_lr(args.lr, args.batch_size * dist_info.world_size * args.accum_iter, 512, args.unscale_lr,
+                            "--unscale-lr")
     optimizer = build_optimizer(args, model, lr, device)
     scheduler = CosineLRScheduler(optimizer, t_initial=args.epochs, lr_min=args.min_lr, warmup_lr_init=args.warmup_lr,
                                   warmup_t=args.warmup_epochs, cycle_limit=1, t_in_epochs=True)
+    warn_if_all_warmup(args.epochs, args.warmup_epochs, lr, args.warmup_lr,
+                       [schedule_position(e, args.sched_no_lag) for e in range(args.epochs)], "--sched-no-lag")
     criterion, mix_fn = build_criterion(args, num_classes, device)
     recipe = Recipe(RECIPE, args.model, model, optimizer, scheduler,
                     step_scheduler=lambda done: scheduler.step(schedule_position(done, args.sched_no_lag)),
@@ -280,7 +284,7 @@ def _run(args, dist_info, device):
     train_loader, sampler = build_train_loader(train_set, build_sampler(args, train_set, dist_info), args.batch_size,
                                                args.num_workers, pin, args.seed + 1000 * dist_info.rank)
     alignment = alignment_from_args(args, embeddings, dist_info.world_size)
-    opts = run_options(args, args.output_dir, args.start_epoch, args.batch_size, amp_dtype, alignment)
+    opts = run_options(args, args.output_dir, args.start_epoch, args.batch_size, amp_dtype, alignment, lr_note)
     return fit(recipe, Data(train_set, train_loader, sampler, val_loader, eval_sets), opts, dist_info)
 
 

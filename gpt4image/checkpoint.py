@@ -6,8 +6,8 @@ import torch
 from .distributed import logger
 from .errors import UserError
 from .io import atomic_torch_save, load_error
-
-CHECKPOINT = "checkpoint.pth"
+from .run_checks import note_unfingerprinted
+from .state_dicts import CHECKPOINT, check_fits, checkpoint_file, class_count_error, state_dict_of, what_it_holds
 
 
 def save_checkpoint(state, path, is_main=True):
@@ -18,7 +18,9 @@ def save_checkpoint(state, path, is_main=True):
 
 
 def load_checkpoint(path):
-    """Read a checkpoint written by ``save_checkpoint`` (or a plain state dict) onto the CPU."""
+    """Read a checkpoint written by ``save_checkpoint`` (or a plain state dict) onto the CPU; a run
+    folder stands for its checkpoint.pth."""
+    path = checkpoint_file(path)
     if not os.path.isfile(path):
         raise UserError(f"checkpoint {path!r} does not exist")
     try:
@@ -80,7 +82,10 @@ def resume_position(checkpoint):
 
 def _check_resumable(checkpoint, path, epochs):
     """A training checkpoint of a run with the same number of epochs (the schedule depends on it)."""
-    if not isinstance(checkpoint, dict) or not {"model", "optimizer", "epoch"} <= set(checkpoint):
+    if not isinstance(checkpoint, dict) or not any(isinstance(v, (dict, torch.Tensor)) for v in checkpoint.values()):
+        raise UserError(f"{path!r} holds {what_it_holds(checkpoint)}, not a training checkpoint; resume from a run's "
+                        f"{CHECKPOINT} (or its output folder)")
+    if not {"model", "optimizer", "epoch"} <= set(checkpoint):
         raise UserError(f"{path!r} is not a training checkpoint: it holds only weights (like classifier.pth), not "
                         f"the optimizer state and position a run continues from; evaluate it with -e/--eval "
                         f"--resume, or resume from the run's {CHECKPOINT}")
@@ -130,7 +135,11 @@ def restore(recipe, path, epochs, args=None, explicit=False):
     check_compatible(checkpoint, path, recipe.name, recipe.arch, recipe.text_dim)
     if args is not None:
         check_same_run(checkpoint, path, args, explicit)
+        note_unfingerprinted(checkpoint.get("args"), path, args)
     model = recipe.model
+    if check_fits(model.backbone, checkpoint["model"], path, "--resume", checkpoint.get("arch")):
+        raise class_count_error(model.backbone, checkpoint["model"], path, "--resume",
+                                "the classes of the train folder, or --num-classes / --nb-classes")
     model.backbone.load_state_dict(checkpoint["model"])
     if model.projection_head is not None and checkpoint.get("projection_head"):
         model.projection_head.load_state_dict(checkpoint["projection_head"])
@@ -165,16 +174,19 @@ def load_pretrained(backbone, path):
             raise UserError(f"cannot read {path!r} ({type(e).__name__}: {e})") from None
     else:
         state = load_checkpoint(path)
-    state = dict(state["model"] if isinstance(state.get("model"), dict) else state)
+    recorded_arch = state.get("arch") if isinstance(state, dict) else None
+    state = state_dict_of(state, path, "--pretrained")
     own = backbone.state_dict()
-    for key in [k for k in state if k in own and state[k].shape != own[k].shape]:
-        if key == "pos_embed" and hasattr(backbone, "patch_embed"):
-            from timm.layers import resample_abs_pos_embed
-            state[key] = resample_abs_pos_embed(state[key], list(backbone.patch_embed.grid_size),
-                                                num_prefix_tokens=backbone.num_prefix_tokens)
-        else:
-            logger.info(f"pretrained: dropping {key} of shape {tuple(state[key].shape)} (this model: {tuple(own[key].shape)})")
+    classifier = check_fits(backbone, state, path, "--pretrained", recorded_arch)
+    if classifier:
+        logger.info(f"pretrained: {path} classifies {state[classifier[0]].shape[0]} classes, this model "
+                    f"{own[classifier[0]].shape[0]}: dropping its classifier ({', '.join(classifier)})")
+        for key in classifier:
             del state[key]
+    if "pos_embed" in state and "pos_embed" in own and state["pos_embed"].shape != own["pos_embed"].shape:
+        from timm.layers import resample_abs_pos_embed
+        state["pos_embed"] = resample_abs_pos_embed(state["pos_embed"], list(backbone.patch_embed.grid_size),
+                                                    num_prefix_tokens=backbone.num_prefix_tokens)
     missing, unexpected = backbone.load_state_dict(state, strict=False)
     if len(missing) > len(own) // 2:
         raise UserError(f"{path!r} initialises only {len(own) - len(missing)} of {len(own)} tensors of this model "
@@ -208,19 +220,17 @@ def cached_timm_weights(backbone, name):
                     f"(timm.create_model({name!r}, pretrained=True)) or pass --pretrained PATH")
 
 
-def load_classifier_weights(backbone, state, path, recipe=None):
-    """Load a plain torchvision/timm state dict, or our checkpoint's ``model`` entry, into ``backbone``."""
+def load_classifier_weights(backbone, state, path, recipe=None, flag="--resume"):
+    """Load a plain torchvision/timm state dict, or our checkpoint's ``model`` entry, into ``backbone``
+    (``flag``: the option that named the file, for messages)."""
     if recipe and isinstance(state, dict) and state.get("recipe") not in (None, recipe):
         raise UserError(f"{path!r} is a checkpoint of the {state['recipe']} recipe ({state.get('arch')}), not of "
                         f"{recipe}; evaluate it with {state['recipe']}/main.py")
-    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-        state = state["model"]
-    own = backbone.state_dict()
-    for key in ("fc.weight", "head.weight"):
-        if key in state and key in own and state[key].shape[0] != own[key].shape[0]:
-            raise UserError(f"{path!r} classifies {state[key].shape[0]} classes but this model has {own[key].shape[0]} "
-                            f"(the classes of the validation folder, or --num-classes / --nb-classes); evaluate it on "
-                            f"data with the classes it was trained on")
+    recorded_arch = state.get("arch") if isinstance(state, dict) else None
+    state = state_dict_of(state, path, flag)
+    if check_fits(backbone, state, path, flag, recorded_arch):
+        raise class_count_error(backbone, state, path, flag, "the classes of the validation folder, or "
+                                "--num-classes / --nb-classes; evaluate it on data with the classes it was trained on")
     try:
         backbone.load_state_dict(state)
     except RuntimeError as e:

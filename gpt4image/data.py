@@ -135,11 +135,11 @@ def attach_val_text_embeddings(val, path, train_embeddings):
     if train_embeddings is None:
         raise UserError("--val-text-emb measures the text alignment, so it needs a training run with --text_emb "
                         "(not a baseline or an evaluation)")
-    embeddings = load_text_embeddings(path)
+    embeddings = load_text_embeddings(path, flag="--val-text-emb")
     if embeddings.dim != train_embeddings.dim:
         raise UserError(f"--val-text-emb {path!r} has {embeddings.dim}-d rows but --text_emb has {train_embeddings.dim}-d; "
                         f"make both with the same encoder")
-    return WithTextEmbeddings(val, embeddings)
+    return WithTextEmbeddings(val, embeddings, flag="--val-text-emb", split="val")
 
 
 def attach_text_embeddings(train, text_emb, generated, text_per_step=None, seed=0):

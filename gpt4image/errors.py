@@ -68,7 +68,14 @@ def check_device(device):
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """--help keeps the description's layout and shows every flag's default."""
+    """--help keeps the description's layout and shows each flag's default once: not where the help
+    text already speaks of its default, and not for a default that says nothing (None, an off switch)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text.lower() or action.default is None or action.nargs == 0:
+            return text
+        return super()._get_help_string(action)
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -105,28 +112,50 @@ class ArgumentParser(argparse.ArgumentParser):
         try:
             with open(path, encoding="utf-8") as f:
                 values = yaml.safe_load(f) or {}
-        except (OSError, yaml.YAMLError) as e:
+        except (OSError, UnicodeDecodeError, yaml.YAMLError, RecursionError) as e:
             self.error(f"cannot read the config file {path!r} ({type(e).__name__}: {e})")
         if not isinstance(values, dict):
             self.error(f"the config file {path!r} holds a {type(values).__name__}; it must map flag names to values")
         defaults = {}
         for key, value in values.items():
-            action = self._option_string_actions.get("--" + str(key).lstrip("-"))
+            action = self._option_string_actions.get("--" + str(key).lstrip("-")) if isinstance(key, str) else None
             if action is None or action.dest in ("help", "config"):
-                self.error(f"{path}: {key!r} is not a flag of {self.prog}")
+                self.error(f"{path}: {str(key)[:80]!r} is not a flag of {self.prog}")
             defaults[action.dest] = self._config_value(path, key, action, value)
         return defaults
 
     def _config_value(self, path, key, action, value):
-        """A config value checked like the same value on the command line (types and ranges)."""
+        """A config value through the flag's own conversion and checks (``type``, ``choices``, the
+        number of values), as if it had been typed on the command line; what a command line cannot
+        say (a YAML string or number for a switch, null, a list for one value) is refused by name."""
+        where = f"{path}: {key}:"
+        if action.nargs == 0:  # a switch (store_true / store_false): only YAML's true or false
+            if not isinstance(value, bool):
+                self.error(f"{where} {_shown(value)} is not a boolean; write true or false (unquoted)")
+            return action.const if value else (not action.const)
+        if value is None:
+            if action.default is None:
+                return None  # the flag's own default
+            self.error(f"{where} is empty (YAML null); give a value, or remove the line to keep the default "
+                       f"{action.default!r}")
+        many = action.nargs not in (None, "?")
+        if isinstance(value, list) and not many:
+            self.error(f"{where} a list ({_shown(value)}) where one value belongs")
+        values = value if isinstance(value, list) else [value]
+        if many and isinstance(action.nargs, int) and len(values) != action.nargs:
+            self.error(f"{where} needs {action.nargs} values, got {len(values)} ({_shown(value)})")
+        if many and not values:
+            self.error(f"{where} an empty list; give at least one value")
+        for v in values:
+            if isinstance(v, (bool, list, dict)) or v is None:
+                self.error(f"{where} {_shown(v)} is not a {_kind(action)}")
         try:
-            if value is not None and action.type is not None and not isinstance(value, bool):
-                value = [action.type(str(v)) for v in value] if isinstance(value, list) else action.type(str(value))
-        except (argparse.ArgumentTypeError, ValueError) as e:
-            self.error(f"{path}: {key}: {e}")
-        if action.choices is not None and value not in action.choices:
-            self.error(f"{path}: {key}: {value!r} is not one of {list(action.choices)}")
-        return value
+            converted = [self._get_value(action, str(v)) for v in values]
+            for v in converted:
+                self._check_value(action, v)
+        except argparse.ArgumentError as e:
+            self.error(f"{where} {e.message}")
+        return converted if many else converted[0]
 
     def format_help(self):
         # one spelling per flag in --help (the other is accepted all the same)
@@ -143,6 +172,17 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
+def _shown(value):
+    """A YAML value as the user wrote it, short."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _kind(action):
+    kind = getattr(action.type, "__name__", None)
+    return {"int": "whole number", "float": "number"}.get(kind, "value") if action.type else "string"
 
 
 def _alternate(option, options):

@@ -6,6 +6,7 @@ from .errors import UserError, at_least
 from .checkpoint import find_resume
 from .eval_sets import add_eval_set_args
 from .losses import Alignment, AlignmentState, needs_state
+from .run_checks import FINGERPRINT_KEY, cap_workers, table_fingerprint
 from .run_record import require_wandb
 from .text_weight import add_alignment_args, check_alignment_args
 from .text_per_step import add_text_per_step_args
@@ -63,11 +64,14 @@ def start_run(args, dist_info):
     check_alignment_args(args)
     require_wandb(args)
     args.world_size = dist_info.world_size
+    cap_workers(args, "--workers" if hasattr(args, "workers") else "--num_workers")
     return getattr(torch, args.amp_dtype) if args.amp_dtype else None
 
 
 def alignment_from_args(args, embeddings, world_size):
-    """The run's Alignment (None: the baseline), logged with its effective weight."""
+    """The run's Alignment (None: the baseline), logged with its effective weight; the table's
+    fingerprint joins the run's arguments (a resume checks it)."""
+    setattr(args, FINGERPRINT_KEY, table_fingerprint(embeddings))
     if embeddings is None:
         logger.info("text alignment: off (baseline)")
         return None
@@ -77,33 +81,14 @@ def alignment_from_args(args, embeddings, world_size):
     return alignment
 
 
-def alignment_state_for(args, text_dim):
-    """The ``AlignmentState`` a model with a projection head keeps (None when its loss needs none)."""
-    if text_dim is None or not needs_state(args.loss_type, args.text_emb_standardize):
-        return None
-    return AlignmentState(args.loss_type, text_dim, args.text_emb_standardize)
-
-
-def prepare_alignment_state(model, args, embeddings, output_dir):
-    """--text-emb-standardize: the training table's statistics, computed once at the start of a run
-    (a resumed run takes those of its checkpoint). Call before the optimizer and EMA are built."""
-    state = getattr(model, "alignment_state", None)
-    if state is None or not state.standardize:
-        return
-    if find_resume(args.resume, output_dir):
-        logger.info("--text-emb-standardize: the text statistics come from the checkpoint")
-        return
-    state.set_text_statistics(embeddings.table)
-    logger.info(f"--text-emb-standardize: per-dimension mean and std of {len(embeddings)} text rows computed "
-                f"(mean |mean| {state.text_mean.abs().mean().item():.3g}, "
-                f"mean std {state.text_std.mean().item():.3g}); kept in the checkpoint")
-
-
-def run_options(args, output_dir, start_epoch, batch_size, amp_dtype, alignment):
+from .checkpoint import find_resume
+from .eval_sets import add_eval_set_args
+from .losses import Alignment, AlignmentState, needs_state
+from .run_checks import FINGERPRINT_KEY, cap_workers, table_fingerprint
     """The loop's settings from a recipe's parsed arguments (the recipes name a few flags differently)."""
     return RunOptions(args=args, output_dir=output_dir, epochs=args.epochs, batch_size=batch_size, seed=args.seed,
                       print_freq=args.print_freq, resume=args.resume, start_epoch=start_epoch,
                       stop_after=args.stop_after,
                       checkpoint_every_minutes=args.checkpoint_every_minutes, requeue=args.requeue,
                       stall_timeout=args.stall_timeout, accum_iter=args.accum_iter,
-                      amp_dtype=amp_dtype, alignment=alignment, compile=args.compile)
+                      amp_dtype=amp_dtype, alignment=alignment, compile=args.compile, lr_note=lr_note)

@@ -3,7 +3,8 @@
     python -m gpt4image.report RUN_DIR [RUN_DIR ...] [--plot curves.png]
 
 Reads each run's ``args.json`` and ``log.txt``; a run that is still going, or that stopped, is
-reported with the epochs it has.
+reported with the epochs it has. A folder of runs is reported run by run; a folder whose args.json
+is another tool's is skipped with a note.
 """
 import json
 import math
@@ -16,8 +17,31 @@ from .losses import effective_text_weight
 from .run_record import read_log
 
 
+RECIPES = ("resnet", "deit")
+SKIPPED_DIRS = ("tensorboard", "wandb")
+
+
 def _warn(message):
     print(f"warning: {message}", file=sys.stderr)
+
+
+def find_runs(path):
+    """The run folders at or below ``path``: ``path`` itself when it holds an args.json, else every
+    folder below it that does (not looking inside a run); a UserError when there is none."""
+    if not os.path.isdir(path):
+        raise UserError(f"{path}: no such folder; pass run folders (--save_dir / --output_dir of a recipe) or a "
+                        f"folder holding them")
+    if os.path.isfile(os.path.join(path, "args.json")):
+        return [path]
+    found = []
+    for root, dirs, files in os.walk(path):
+        dirs[:] = sorted(d for d in dirs if d not in SKIPPED_DIRS and not d.startswith("."))
+        if "args.json" in files:
+            found.append(root)
+            dirs[:] = []
+    if not found:
+        raise UserError(f"{path}: no args.json in it or in any folder below it (is it a run directory?)")
+    return found
 
 
 def read_run(run_dir, warn=None):
@@ -28,7 +52,7 @@ def read_run(run_dir, warn=None):
     try:
         with open(args_path, encoding="utf-8") as f:
             args = json.load(f)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:
         raise UserError(f"cannot read {args_path} ({e})") from None
     if not isinstance(args, dict):
         raise UserError(f"{args_path} holds a JSON {type(args).__name__}, not the arguments of a run")
@@ -36,39 +60,66 @@ def read_run(run_dir, warn=None):
     return args, rows
 
 
+def recipe_of(args):
+    """'resnet' or 'deit' for the args.json of one of our runs (recorded since it was added, else
+    recognised by the flags only our recipes have); None for another tool's args.json."""
+    if args.get("recipe") in RECIPES:
+        return args["recipe"]
+    if "recipe" in args or not {"epochs", "text_emb"} <= set(args):
+        return None
+    if "model" in args and "output_dir" in args or "model" in args and "nb_classes" in args:
+        return "deit"
+    if "arch" in args:
+        return "resnet"
+    return "deit" if "model" in args else None
 
-def summarise(run_dir):
-    args, rows = read_run(run_dir, _warn)
-    recipe = "deit" if "model" in args else "resnet"
+
+def _number(value):
+    """A finite number read from a log row or args.json, else None (a row may hold anything)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def summarise(run_dir, run=None, label=None):
+    """One table row for a run; ``run`` is its (args, rows) when already read."""
+    args, rows = run if run is not None else read_run(run_dir, _warn)
+    recipe = recipe_of(args) or ("deit" if "model" in args else "resnet")
     model = args.get("model") or args.get("arch")
     text = args.get("text_emb")
     aligned = text is not None and str(text).lower() != "none"
-    world = args.get("world_size", 1)
+    world = _number(args.get("world_size")) or 1
     if aligned and not {"lamb", "loss_type", "tau"} <= set(args):
         raise UserError(f"{os.path.join(run_dir, 'args.json')}: no lamb, loss_type or tau; is it a run of this repo?")
     if aligned:
         gather = ("gather+grad" + (" local" if args.get("local_loss") else "")) if args.get("gather_with_grad") else "released"
-        weight = effective_text_weight(args["lamb"], args["loss_type"], args.get("gather_with_grad"), world)
-        alignment = f"{args['loss_type']} lamb={args['lamb']} tau={args['tau']} {gather} (eff. {weight:g})"
+        try:
+            weight = f"{effective_text_weight(args['lamb'], args['loss_type'], args.get('gather_with_grad'), world):g}"
+        except (TypeError, ValueError):
+            weight = "?"
+        alignment = f"{args['loss_type']} lamb={args['lamb']} tau={args['tau']} {gather} (eff. {weight})"
     else:
         alignment = "off"
-    top1 = [r.get("test_acc1") for r in rows]
-    ema = [r.get("ema_test_acc1") for r in rows if r.get("ema_test_acc1") is not None]
-    state = "done" if rows and rows[-1]["epoch"] + 1 >= args.get("epochs", 0) else "incomplete"
+    top1 = [_number(r.get("test_acc1")) for r in rows]
+    top1 = [v for v in top1 if v is not None]
+    ema = [v for v in (_number(r.get("ema_test_acc1")) for r in rows) if v is not None]
+    epochs = _number(args.get("epochs"))
+    state = "done" if rows and epochs is not None and rows[-1]["epoch"] + 1 >= epochs else "incomplete"
+    size = _number(args.get("input_size")) or 224
     if recipe == "deit":
         protocol = f"crop {args.get('eval_crop_ratio', 1.0)}"
     else:
-        protocol = f"resize {int(args.get('input_size', 224) / 0.875)} crop {args.get('input_size', 224)}"
-    fmt = lambda v: "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.2f}"  # noqa: E731
+        protocol = f"resize {int(size / 0.875)} crop {size}"
+    fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+    last = rows[-1] if rows else {}
+    i2t, t2i, rate = _number(last.get("test_i2t_r1")), _number(last.get("test_t2i_r1")), _number(last.get("images_per_s"))
     return {
-        "run": os.path.basename(os.path.normpath(run_dir)), "recipe": recipe, "model": model, "alignment": alignment,
-        "epochs": f"{len(rows)}/{args.get('epochs', '?')} ({state})",
+        "run": label or os.path.basename(os.path.normpath(run_dir)), "recipe": recipe, "model": model,
+        "alignment": alignment, "epochs": f"{len(rows)}/{args.get('epochs', '?')} ({state})",
         "final top-1": fmt(top1[-1] if top1 else None), "best top-1": fmt(max(top1) if top1 else None),
         "final EMA": fmt(ema[-1] if ema else None), "best EMA": fmt(max(ema) if ema else None),
-        "R@1 i2t/t2i": (f"{rows[-1]['test_i2t_r1']:.1f}/{rows[-1]['test_t2i_r1']:.1f}"
-                        if rows and "test_i2t_r1" in rows[-1] else "-"),
-        "eval sets (last)": _eval_sets(rows), "eval": protocol, "img/s": f"{rows[-1]['images_per_s']:.0f}" if rows and isinstance(rows[-1].get("images_per_s"), (int, float))
-        else "-",
+        "R@1 i2t/t2i": f"{i2t:.1f}/{t2i:.1f}" if i2t is not None and t2i is not None else "-",
+        "eval sets (last)": _eval_sets(rows), "eval": protocol, "img/s": f"{rate:.0f}" if rate is not None else "-",
     }
 
 
@@ -91,44 +142,89 @@ def markdown_table(summaries):
     return "\n".join(lines)
 
 
-def plot(run_dirs, path):
+def chance_text_loss(args):
+    """(loss of an alignment that has learnt nothing, the global batch it assumes) for the clip and
+    ctr losses: log(N) over the N = batch x processes images a loss compares at a time; None for
+    byol, a baseline, or an args.json without the batch size."""
+    batch, world = _number(args.get("batch_size")), _number(args.get("world_size")) or 1
+    if args.get("loss_type") not in ("clip", "ctr") or str(args.get("text_emb")).lower() == "none" or not batch:
+        return None
+    global_batch = int(batch * world)
+    return (math.log(global_batch), global_batch) if global_batch > 1 else None
+
+
+def plot(runs, path):
+    """Draw ``curves_figure(runs)`` into ``path``."""
+    import matplotlib.pyplot as plt
+    fig = curves_figure(runs)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def curves_figure(runs):
+    """``runs``: [(label, folder, args, rows)]. Test top-1, the two training losses (the text loss with its
+    chance level) and, when any run measured it, retrieval on val; whole epochs on the x axes."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    with_sets = any(any(k.startswith(EVAL_SET_KEY) for r in read_run(d)[1] for k in r) for d in run_dirs)
-    fig, axes = plt.subplots(1, 5 if with_sets else 4, figsize=(25 if with_sets else 20, 4.2))
-    for run_dir in run_dirs:
-        run_args, rows = read_run(run_dir)
+    from matplotlib.ticker import MaxNLocator
+    retrieval = any("test_i2t_r1" in r for _, _, _, rows in runs for r in rows)
+    with_sets = any(k.startswith(EVAL_SET_KEY) for _, _, _, rows in runs for r in rows for k in r)
+    titles = ["test top-1 (%)", "train classification loss", "train text-alignment loss"]
+    titles += ["val retrieval R@1 (%, --val-text-emb)"] * retrieval + ["eval sets top-1 (%, --eval-set)"] * with_sets
+    fig, axes = plt.subplots(1, len(titles), figsize=(5 * len(titles), 4.2))
+    series = lambda rows, key: [_number(r.get(key)) for r in rows]  # noqa: E731  (None: a gap)
+    for label, _, run_args, rows in runs:
         if not rows:
             continue
-        label = os.path.basename(os.path.normpath(run_dir))
         epochs = [r["epoch"] for r in rows]
-        line, = axes[0].plot(epochs, [r.get("test_acc1") for r in rows], marker="o", label=label)
+        line, = axes[0].plot(epochs, series(rows, "test_acc1"), marker="o", label=label)
+        color = line.get_color()
         if any("ema_test_acc1" in r for r in rows):
-            axes[0].plot(epochs, [r.get("ema_test_acc1") for r in rows], ls="--", color=line.get_color(),
-                         label=label + " (EMA)")
-        axes[1].plot(epochs, [r.get("train_ce_loss") for r in rows], marker="o", color=line.get_color(), label=label)
+            axes[0].plot(epochs, series(rows, "ema_test_acc1"), ls="--", color=color, label=label + " (EMA)")
+        axes[1].plot(epochs, series(rows, "train_ce_loss"), marker="o", color=color, label=label)
         if str(run_args.get("text_emb")).lower() != "none":
-            axes[2].plot(epochs, [r.get("train_text_loss") for r in rows], marker="o", color=line.get_color(), label=label)
-        if any("test_i2t_r1" in r for r in rows):
-            axes[3].plot(epochs, [r.get("test_i2t_r1") for r in rows], marker="o", color=line.get_color(),
-                         label=label + " image->text")
-            axes[3].plot(epochs, [r.get("test_t2i_r1") for r in rows], ls="--", color=line.get_color(),
-                         label=label + " text->image")
+            axes[2].plot(epochs, series(rows, "train_text_loss"), marker="o", color=color, label=label)
+            chance = chance_text_loss(run_args)
+            if chance:
+                axes[2].axhline(chance[0], ls=":", color=color,
+                                label=f"{label}: chance, log({chance[1]}) = {chance[0]:.2f} (global batch of args.json)")
+        if retrieval and any("test_i2t_r1" in r for r in rows):
+            axes[3].plot(epochs, series(rows, "test_i2t_r1"), marker="o", color=color, label=label + " image->text")
+            axes[3].plot(epochs, series(rows, "test_t2i_r1"), ls="--", color=color, label=label + " text->image")
         if with_sets:
-            _plot_eval_sets(axes[4], rows, label)
-    titles = ["test top-1 (%)", "train classification loss", "train text-alignment loss",
-              "val retrieval R@1 (%, --val-text-emb)", "eval sets top-1 (%, --eval-set)"]
+            _plot_eval_sets(axes[-1], rows, label)
     for ax, title in zip(axes, titles):
         ax.set_title(title)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    if with_sets:
-        axes[4].legend(fontsize=8)
+    for ax in [axes[0], *axes[2:]]:
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
+
+
+def collect(paths, warn=_warn):
+    """[(label, folder, args, rows)] of every run at or below ``paths``; a folder holding another tool's
+    args.json is skipped with a note."""
+    runs = []
+    for given in paths:
+        found = find_runs(given)
+        for run_dir in found:
+            args, rows = read_run(run_dir, warn)
+            if recipe_of(args) is None:
+                warn(f"skipped {run_dir}: its args.json is not one of a run of resnet/main.py or deit/main.py (no "
+                     f"'recipe' in it, and not their flags)")
+                continue
+            label = os.path.basename(os.path.normpath(run_dir))
+            if len(found) > 1 or os.path.normpath(run_dir) != os.path.normpath(given):
+                label = os.path.join(os.path.basename(os.path.normpath(given)), os.path.relpath(run_dir, given))
+            runs.append((label, run_dir, args, rows))
+    if not runs:
+        raise UserError(f"no run of resnet/main.py or deit/main.py in {', '.join(paths)}")
+    return runs
 
 
 def _plot_eval_sets(ax, rows, label):
@@ -144,11 +240,13 @@ def _plot_eval_sets(ax, rows, label):
 
 def main(argv=None):
     p = ArgumentParser("gpt4image.report", description=__doc__)
-    p.add_argument("runs", nargs="+", help="run directories (--save_dir / --output_dir of a recipe)")
+    p.add_argument("runs", nargs="+", help="run directories (--save_dir / --output_dir of a recipe), or folders "
+                                            "holding them (each run below is reported)")
     p.add_argument("--plot", default=None, metavar="FILE.png", help="draw test top-1, ce and text loss per epoch")
     args = p.parse_args(argv)
     try:
-        summaries = [summarise(r) for r in args.runs]
+        runs = collect(args.runs)
+        summaries = [summarise(run_dir, (run_args, rows), label) for label, run_dir, run_args, rows in runs]
     except UserError as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
@@ -157,7 +255,7 @@ def main(argv=None):
         folder = os.path.dirname(os.path.abspath(args.plot))
         try:
             os.makedirs(folder, exist_ok=True)
-            plot(args.runs, args.plot)
+            plot(runs, args.plot)
         except OSError as e:
             print(f"error: cannot write the plot {args.plot!r} ({e.strerror or e}); choose another --plot path",
                   file=sys.stderr)

@@ -24,12 +24,13 @@ def epoch_row(epoch, train_stats, test_stats, ema_stats=None, **extra):
 class RunRecord:
     """args.json, log.txt (one JSON object per epoch) and TensorBoard scalars, on the main rank."""
 
-    def __init__(self, output_dir, args, is_main):
+    def __init__(self, output_dir, args, is_main, recipe=None):
         self.output_dir, self.is_main = output_dir, is_main
         self.writer = self.wandb = None
         if is_main:
             ensure_writable_dir(output_dir)
-            atomic_write_json(os.path.join(output_dir, "args.json"), vars(args))
+            # the recipe's name first: the report tells our runs from another tool's args.json by it
+            atomic_write_json(os.path.join(output_dir, "args.json"), {"recipe": recipe, **vars(args)})
             try:
                 from torch.utils.tensorboard import SummaryWriter
                 self.writer = SummaryWriter(os.path.join(output_dir, "tensorboard"))
@@ -118,9 +119,9 @@ def read_log(path, warn=None):
                 continue
             try:
                 row = json.loads(line)
-            except ValueError:
+            except (ValueError, RecursionError):  # RecursionError: thousands of nested brackets
                 row = None
-            if isinstance(row, dict) and isinstance(row.get("epoch"), int):
+            if isinstance(row, dict) and isinstance(row.get("epoch"), int) and not isinstance(row["epoch"], bool):
                 rows.append(row)
             elif warn is not None:
                 warn(f"{path}:{number}: skipped a line that is not a log row ({line.strip()[:60]!r})")

@@ -77,15 +77,17 @@ def _validate(table, path, chunk_rows=65536):
                             f"not 1; rows must be L2-normalised (description2embedding.py writes them so)")
 
 
-def load_text_embeddings(path, validate=True):
+def load_text_embeddings(path, validate=True, flag="--text_emb"):
     """Memory-map the table at ``path`` (and read ``<path>.json`` when present); validate it.
+    ``flag``: the option that named it (--text_emb, or --val-text-emb for the validation set's).
 
     Raises UserError naming the file and the bad row for a table that is not 2-D, not finite or
     not unit-norm.
     """
     if not os.path.isfile(path):
-        raise UserError(f"text embeddings {path!r} do not exist; make them with description2embedding.py "
-                        f"or pass --text_emb none for the baseline")
+        fix = "pass --text_emb none for the baseline" if flag == "--text_emb" else f"leave {flag} out"
+        raise UserError(f"text embeddings {path!r} ({flag}) do not exist; make them with description2embedding.py "
+                        f"or {fix}")
     try:
         table = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except Exception as e:
@@ -137,16 +139,18 @@ def dataset_file_list(dataset):
 
 class WithTextEmbeddings(torch.utils.data.Dataset):
     """Wrap a map-style dataset of ``(image, target)`` into one of ``(image, target, text_embedding)``,
-    where the embedding is row ``index`` of the table (the same index as the image)."""
+    where the embedding is row ``index`` of the table (the same index as the image). ``flag`` and
+    ``split`` name the table's option and the image folder in messages."""
 
-    def __init__(self, dataset, embeddings, check_files=True):
+    def __init__(self, dataset, embeddings, check_files=True, flag="--text_emb", split="train"):
         self.dataset = dataset
         self.embeddings = embeddings
+        self.flag, self.split = flag, split
         n, m = len(dataset), len(embeddings)
         if n != m:
             raise UserError(
-                f"text embeddings {embeddings.path!r} have {m} rows but the training set has {n} samples; "
-                f"row k must describe sample k, so the table was probably made for another train folder "
+                f"{flag} {embeddings.path!r} has {m} rows but the {split} set has {n} samples; "
+                f"row k must describe sample k, so the table was probably made for another {split} folder "
                 f"(images added or removed, or a subset) - regenerate it with description2embedding.py --data")
         if check_files:
             self._check_file_list()
@@ -162,8 +166,9 @@ class WithTextEmbeddings(torch.utils.data.Dataset):
             k = next((i for i, (a, b) in enumerate(zip(recorded, files)) if a != b), min(len(recorded), len(files)))
             where = (f" first difference at sample {k}: table has "
                      f"{recorded[k] if k < len(recorded) else '(end)'!r}, folder has {files[k] if k < len(files) else '(end)'!r};")
-        raise UserError(f"the train folder's files differ from those {self.embeddings.path!r} was made for;"
-                        f"{where} regenerate the table with description2embedding.py --data <train folder>")
+        raise UserError(f"the {self.split} folder's files differ from those {self.flag} {self.embeddings.path!r} was "
+                        f"made for;{where} regenerate the table with description2embedding.py --data <{self.split} "
+                        f"folder>")
 
     def __len__(self):
         return len(self.dataset)

@@ -21,6 +21,7 @@ from .eval_sets import sets_in, summary as eval_sets_summary
 from .io import atomic_torch_save
 from .losses import Alignment
 from .resumable import PREEMPTED_EXIT_CODE, RunControl
+from .run_checks import check_accumulation
 from .run_record import RunLock, RunRecord, epoch_row, read_log
 
 
@@ -82,6 +83,7 @@ class RunOptions:
     amp_dtype: Optional[torch.dtype] = None
     alignment: Optional[Alignment] = None
     compile: bool = False
+    lr_note: str = ""  # how the lr came about (scaled or as given), for the start line
 
 
 @dataclass
@@ -102,19 +104,19 @@ def fit(recipe, data, opts, dist_info):
         progress = _resume(recipe, opts)
         if progress.epoch >= opts.epochs and progress.unevaluated is None:
             return _already_finished(recipe, opts, progress)
-        _check_batches(data, opts, dist_info)
-        record = RunRecord(opts.output_dir, opts.args, dist_info.is_main)  # every check has passed
+        accum_note = _check_batches(data, opts, dist_info)
+        record = RunRecord(opts.output_dir, opts.args, dist_info.is_main, recipe.name)  # every check has passed
         if progress.epoch or progress.step:
             record.truncate_after(progress.epoch)
         start_watchdog(dist_info.rank, dist_info.world_size, opts.stall_timeout)
         try:
-            return _fit(recipe, data, opts, dist_info, progress, record)
+            return _fit(recipe, data, opts, dist_info, progress, record, accum_note)
         finally:
             stop_watchdog()
             record.close()
 
 
-def _fit(recipe, data, opts, dist_info, progress, record):
+def _fit(recipe, data, opts, dist_info, progress, record, accum_note=""):
     recipe.step_scheduler(progress.epoch)
     train_model, recipe.model = wrap_distributed(recipe.model, dist_info, recipe.sync_bn)
     step = TrainStep(torch.compile(train_model) if opts.compile else train_model, recipe.optimizer, recipe.criterion,
@@ -127,7 +129,7 @@ def _fit(recipe, data, opts, dist_info, progress, record):
     aligned_at_once = opts.batch_size * world * (accum if step.exact_accumulation else 1)
     logger.info(f"training {recipe.arch} for {opts.epochs} epochs on {world} process(es): {len(data.train_set)} train / "
                 f"{len(data.val_loader.dataset)} val images, {per_step} = {opts.batch_size * world * accum} per "
-                f"step, lr {recipe.optimizer.param_groups[0]['lr']:g} (scaled to it), "
+                f"step{accum_note}, peak lr {_peak_lr(recipe.optimizer):g}{f' ({opts.lr_note})' if opts.lr_note else ''}, "
                 f"{f'alignment {opts.alignment.loss_type} over {aligned_at_once} images at a time' if opts.alignment else 'baseline'}; every argument is in "
                 f"{os.path.join(opts.output_dir, 'args.json')}")
     evals = {}
@@ -148,6 +150,12 @@ def _fit(recipe, data, opts, dist_info, progress, record):
     finally:
         control.restore()
     return _finish(recipe, opts, dist_info, progress, evals)
+
+
+def _peak_lr(optimizer):
+    """The lr the schedule starts from (before any warm-up or decay)."""
+    group = optimizer.param_groups[0]
+    return group.get("initial_lr", group["lr"])
 
 
 def _resume(recipe, opts):
@@ -171,12 +179,14 @@ def _save_before_evaluation(recipe, opts, dist_info, progress, epoch, train_stat
 
 
 def _check_batches(data, opts, dist_info):
-    """Refuse a training set too small for one step (drop_last keeps only full batches)."""
+    """Refuse a training set too small for one step (drop_last keeps only full batches), or for one
+    step of --accum-iter batches; returns the start line's remark on accumulation."""
     per_rank = len(data.sampler.sampler)
     if per_rank < opts.batch_size:
         raise UserError(f"the training set has {len(data.train_set)} images, {per_rank} per process over "
                         f"{dist_info.world_size} process(es): fewer than one batch of {opts.batch_size}, so no step "
                         f"would be trained; lower --batch-size to at most {max(per_rank, 1)} or use more images")
+    return check_accumulation(opts.accum_iter, per_rank // opts.batch_size, opts.batch_size, dist_info.world_size)
 
 
 def _train_epoch(recipe, data, opts, dist_info, loop, progress, epoch):

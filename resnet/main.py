@@ -25,6 +25,7 @@ from gpt4image.losses import LOSS_TYPES
 from gpt4image.options import (add_common_args, alignment_from_args, alignment_state_for, prepare_alignment_state,
                                run_options, start_run)
 from gpt4image.resumable import seed_all
+from gpt4image.run_checks import scaled_lr
 from gpt4image.training import (Data, Recipe, adopt_checkpoint_settings, evaluate_checkpoint, fit, run_recipe,
                                 script_exit)
 
@@ -151,7 +152,8 @@ def _run(args, dist_info, device):
         return evaluate_checkpoint(model, state, args.resume, val_loader, device, amp_dtype, args.channels_last,
                                    NORMALIZE, RECIPE, eval_sets)
 
-    lr = args.lr if args.no_scale_lr else args.lr * dist_info.world_size * args.batch_size * args.accum_iter / 256
+    lr, lr_note = scaled_lr(args.lr, dist_info.world_size * args.batch_size * args.accum_iter, 256, args.no_scale_lr,
+                            "--no_scale_lr")
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=args.momentum, weight_decay=args.wd)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs, eta_min=args.min_lr)
 
@@ -173,7 +175,7 @@ def _run(args, dist_info, device):
     train_loader, resumable = build_train_loader(train_set, sampler, args.batch_size, args.workers, pin,
                                                  args.seed + 1000 * dist_info.rank)
     alignment = alignment_from_args(args, embeddings, dist_info.world_size)
-    opts = run_options(args, args.save_dir, args.start_epoch, args.batch_size, amp_dtype, alignment)
+    opts = run_options(args, args.save_dir, args.start_epoch, args.batch_size, amp_dtype, alignment, lr_note)
     return fit(recipe, Data(train_set, train_loader, resumable, val_loader, eval_sets), opts, dist_info)
 
 

@@ -147,7 +147,7 @@ def test_pretrained_weights_initialise_the_backbone_and_a_head_of_another_class_
     proc = ran([RESNET, f"--data={image_folder}", "--text_emb=none", "--epochs=1", *SMALL, "--lr=1e-12",
                        "--no_scale_lr", "--momentum=0", "--wd=0", f"--pretrained={tmp_path}/r18.pth",
                        f"--save_dir={run}"])
-    assert "dropping fc.weight" in proc.stdout
+    assert "dropping its classifier (fc.weight, fc.bias)" in proc.stdout
     trained = torch.load(run / "classifier.pth")
     torch.testing.assert_close(trained["conv1.weight"], source.state_dict()["conv1.weight"])  # lr ~ 0: unchanged
     assert trained["fc.weight"].shape == (4, 512)
