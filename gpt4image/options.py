@@ -81,10 +81,29 @@ def alignment_from_args(args, embeddings, world_size):
     return alignment
 
 
-from .checkpoint import find_resume
-from .eval_sets import add_eval_set_args
-from .losses import Alignment, AlignmentState, needs_state
-from .run_checks import FINGERPRINT_KEY, cap_workers, table_fingerprint
+def alignment_state_for(args, text_dim):
+    """The ``AlignmentState`` a model with a projection head keeps (None when its loss needs none)."""
+    if text_dim is None or not needs_state(args.loss_type, args.text_emb_standardize):
+        return None
+    return AlignmentState(args.loss_type, text_dim, args.text_emb_standardize)
+
+
+def prepare_alignment_state(model, args, embeddings, output_dir):
+    """--text-emb-standardize: the training table's statistics, computed once at the start of a run
+    (a resumed run takes those of its checkpoint). Call before the optimizer and EMA are built."""
+    state = getattr(model, "alignment_state", None)
+    if state is None or not state.standardize:
+        return
+    if find_resume(args.resume, output_dir):
+        logger.info("--text-emb-standardize: the text statistics come from the checkpoint")
+        return
+    state.set_text_statistics(embeddings.table)
+    logger.info(f"--text-emb-standardize: per-dimension mean and std of {len(embeddings)} text rows computed "
+                f"(mean |mean| {state.text_mean.abs().mean().item():.3g}, "
+                f"mean std {state.text_std.mean().item():.3g}); kept in the checkpoint")
+
+
+def run_options(args, output_dir, start_epoch, batch_size, amp_dtype, alignment, lr_note=""):
     """The loop's settings from a recipe's parsed arguments (the recipes name a few flags differently)."""
     return RunOptions(args=args, output_dir=output_dir, epochs=args.epochs, batch_size=batch_size, seed=args.seed,
                       print_freq=args.print_freq, resume=args.resume, start_epoch=start_epoch,
