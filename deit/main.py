@@ -25,6 +25,7 @@ from gpt4image.distributed import logger
 from gpt4image.errors import ArgumentParser, UserError, at_least, in_range
 from gpt4image.options import add_common_args, alignment_from_args, run_options, start_run
 from gpt4image.resumable import seed_all
+from gpt4image.text_targets import TrainingTargets
 from gpt4image.training import (Data, Recipe, adopt_checkpoint_settings, evaluate_checkpoint, fit, run_recipe,
                                 script_exit)
 
@@ -238,7 +239,8 @@ def _run(args, dist_info, device):
     amp_dtype = start_run(args, dist_info)
     train_set, val_set, num_classes = build_datasets(args)
     train_set, embeddings = attach_text_embeddings(train_set, None if args.eval else args.text_emb,
-                                                   args.data_path is None)
+                                                   args.data_path is None,
+                                                   None if args.eval else TrainingTargets.from_args(args, num_classes))
     val_set = attach_val_text_embeddings(val_set, args.val_text_emb, embeddings)
     if args.skip_corrupt_images:
         train_set = SkipCorrupt(train_set)

@@ -6,6 +6,7 @@ import torch
 from .distributed import logger
 from .errors import UserError
 from .io import atomic_torch_save, load_error
+from .text_targets import FIXED_ON_RESUME
 
 CHECKPOINT = "checkpoint.pth"
 
@@ -106,6 +107,11 @@ def check_same_run(checkpoint, path, args, explicit):
     changed = run_differences(checkpoint.get("args") or {}, args)
     if not changed:
         return
+    fixed = [(k, old, new) for k, old, new in changed if k in FIXED_ON_RESUME]
+    if fixed:
+        k, old, new = fixed[0]
+        raise UserError(f"{path!r} was trained with --{k.replace('_', '-')} {old!r}, not {new!r}: the labels and text "
+                        f"targets of a run never change; pass {old!r} to continue it, or use another output folder")
     listed = ", ".join(f"{k} {old!r} -> {new!r}" for k, old, new in changed[:8])
     if explicit:
         logger.warning(f"--resume {path}: continuing although arguments differ from the checkpoint's: {listed}")

@@ -9,6 +9,7 @@ from .errors import UserError
 from .io import refuse_repeated_dirs
 from .resumable import ResumableSampler, SeededSamples, ignore_stop_signals
 from .samplers import ExactDistributedSampler
+from .text_targets import attach_training_targets
 from .text_embeddings import SyntheticTextEmbeddings, WithTextEmbeddings, load_text_embeddings
 
 
@@ -139,8 +140,13 @@ def attach_val_text_embeddings(val, path, train_embeddings):
     return WithTextEmbeddings(val, embeddings)
 
 
-def attach_text_embeddings(train, text_emb, generated):
-    """Return (dataset yielding (image, target, embedding), TextEmbeddings) or (train, None)."""
+def attach_text_embeddings(train, text_emb, generated, targets=None):
+    """Return (dataset yielding (image, target, embedding), TextEmbeddings) or (train, None).
+
+    ``targets`` (text_targets.TrainingTargets): another text target, noisy or fewer labels; the
+    paper's choices keep this function's own path unchanged."""
+    if targets is not None and not targets.released:
+        return attach_training_targets(train, text_emb, generated, targets)
     if text_emb is None or str(text_emb).lower() == "none":
         return train, None
     if generated and not os.path.isfile(text_emb):

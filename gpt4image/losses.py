@@ -61,8 +61,24 @@ def _arange(n, device, offset=0):
     return _label_cache[key]
 
 
+def identical_rows(rows, columns):
+    """[R, C] bool: row i of ``rows`` equals row j of ``columns`` exactly ([R, D] and [C, D], any float dtype)."""
+    both = torch.cat([rows, columns])
+    ids = torch.unique(both, dim=0, return_inverse=True)[1]
+    return ids[:len(rows), None] == ids[None, len(rows):]
+
+
+def contrastive_cross_entropy(logits, labels, positives=None):
+    """Mean over rows of the InfoNCE cross-entropy of ``logits`` [R, C] with target column ``labels[r]``;
+    with ``positives`` ([R, C] bool, shared targets), the mean over each row's positive columns of
+    -log softmax (SupCon's L_out): the target distribution is uniform over the positives."""
+    if positives is None:
+        return F.cross_entropy(logits, labels)
+    return F.cross_entropy(logits, positives.float() / positives.sum(dim=1, keepdim=True))
+
+
 def alignment_loss(image_features, text_embeddings, loss_type="clip", tau=0.2, gather_with_grad=False,
-                   local_loss=False):
+                   local_loss=False, shared_targets=False):
     """Scalar alignment loss.
 
     Args:
@@ -76,6 +92,9 @@ def alignment_loss(image_features, text_embeddings, loss_type="clip", tau=0.2, g
             it is 1/W of that (the released semantics).
         local_loss: (clip, with gather_with_grad) compute only this rank's rows and columns: the same
             gradient in O(B x W*B) memory instead of O((W*B)^2).
+        shared_targets: (clip, ctr; class-level text targets) pairs whose text rows are identical are
+            positives of each other (multi-positive cross-entropy), not negatives. Off (the paper),
+            only the diagonal is positive, also for repeated-augmentation copies with identical rows.
     Logits and softmax are computed in float32, also under autocast.
     """
     if loss_type not in LOSS_TYPES:
@@ -88,17 +107,21 @@ def alignment_loss(image_features, text_embeddings, loss_type="clip", tau=0.2, g
         if loss_type == "byol":
             return (2 - 2 * (z * t).sum(dim=-1)).mean()
         if loss_type == "ctr":
-            return F.cross_entropy(z @ t.t() / tau, _arange(len(z), z.device))
+            positives = identical_rows(t, t) if shared_targets else None
+            return contrastive_cross_entropy(z @ t.t() / tau, _arange(len(z), z.device), positives)
         rank = _world()[0]
         z_all, t_all = gather_features(z, gather_with_grad), gather_features(t)  # [W*B, D]; alone: z, t
         if local_loss:  # this rank's rows of both directions
             image_to_text, text_to_image = z @ t_all.t() / tau, t @ z_all.t() / tau
             labels = _arange(len(z), z.device, offset=rank * len(z))
+            positives = identical_rows(t, t_all) if shared_targets else None
         else:
             image_to_text = z_all @ t_all.t() / tau
             text_to_image = image_to_text.t()
             labels = _arange(len(z_all), z.device)
-        return (F.cross_entropy(image_to_text, labels) + F.cross_entropy(text_to_image, labels)) / 2
+            positives = identical_rows(t_all, t_all) if shared_targets else None
+        return (contrastive_cross_entropy(image_to_text, labels, positives)
+                + contrastive_cross_entropy(text_to_image, labels, positives)) / 2
 
 
 @dataclass(frozen=True)
@@ -109,10 +132,11 @@ class Alignment:
     lamb: float = 0.3
     gather_with_grad: bool = False
     local_loss: bool = False
+    shared_targets: bool = False
 
     def loss(self, image_features, text_embeddings):
         return alignment_loss(image_features, text_embeddings, self.loss_type, self.tau, self.gather_with_grad,
-                              self.local_loss)
+                              self.local_loss, self.shared_targets)
 
     def describe(self, world_size):
         return describe_alignment(self.loss_type, self.tau, self.lamb, self.gather_with_grad, self.local_loss,

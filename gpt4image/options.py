@@ -5,6 +5,7 @@ from .distributed import logger
 from .errors import UserError, at_least
 from .losses import Alignment
 from .run_record import require_wandb
+from .text_targets import CLASS_LEVEL, add_text_target_args
 from .training import RunOptions
 
 
@@ -47,6 +48,7 @@ def add_common_args(p):
                    help="SLURM: after SIGUSR1 (#SBATCH --signal=USR1@120) save and 'scontrol requeue' the job")
     p.add_argument("--local-rank", "--local_rank", type=int, default=None, dest="local_rank",
                    help="set by the legacy torch.distributed.launch without --use_env")
+    add_text_target_args(p)
     return p
 
 
@@ -64,8 +66,9 @@ def alignment_from_args(args, embeddings, world_size):
     if embeddings is None:
         logger.info("text alignment: off (baseline)")
         return None
-    alignment = Alignment(args.loss_type, args.tau, args.lamb, args.gather_with_grad, args.local_loss)
-    logger.info(alignment.describe(world_size))
+    alignment = Alignment(args.loss_type, args.tau, args.lamb, args.gather_with_grad, args.local_loss,
+                          shared_targets=args.text_target in CLASS_LEVEL)
+    logger.info(f"{alignment.describe(world_size)} text_target={args.text_target}")
     return alignment
 
 

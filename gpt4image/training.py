@@ -21,6 +21,7 @@ from .io import atomic_torch_save
 from .losses import Alignment
 from .resumable import PREEMPTED_EXIT_CODE, RunControl
 from .run_record import RunLock, RunRecord, epoch_row, read_log
+from .text_targets import write_train_labels
 
 
 @dataclass
@@ -101,6 +102,7 @@ def fit(recipe, data, opts, dist_info):
             return _already_finished(recipe, opts, progress)
         _check_batches(data, opts, dist_info)
         record = RunRecord(opts.output_dir, opts.args, dist_info.is_main)  # every check has passed
+        write_train_labels(data.train_set, opts.output_dir, dist_info.is_main)
         if progress.epoch or progress.step:
             record.truncate_after(progress.epoch)
         start_watchdog(dist_info.rank, dist_info.world_size, opts.stall_timeout)

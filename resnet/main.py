@@ -22,6 +22,7 @@ from gpt4image.distributed import logger
 from gpt4image.errors import ArgumentParser, UserError, at_least, in_range
 from gpt4image.options import add_common_args, alignment_from_args, run_options, start_run
 from gpt4image.resumable import seed_all
+from gpt4image.text_targets import TrainingTargets
 from gpt4image.training import (Data, Recipe, adopt_checkpoint_settings, evaluate_checkpoint, fit, run_recipe,
                                 script_exit)
 
@@ -116,7 +117,8 @@ def build_data(args, dist_info):
     else:
         train_set, val_set = build_image_folders(args.data, train_tf, val_tf)
         num_classes = len(train_set.classes)
-    train_set, embeddings = attach_text_embeddings(train_set, None if args.evaluate else args.text_emb, generated)
+    train_set, embeddings = attach_text_embeddings(train_set, None if args.evaluate else args.text_emb, generated,
+                                                   None if args.evaluate else TrainingTargets.from_args(args, num_classes))
     val_set = attach_val_text_embeddings(val_set, args.val_text_emb, embeddings)
     if args.skip_corrupt_images:
         train_set = SkipCorrupt(train_set)
