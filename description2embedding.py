@@ -19,6 +19,7 @@ from gpt4image import __version__
 from gpt4image.text_encoders import encode_texts, load_text_encoder
 from gpt4image.descriptions import read_descriptions
 from gpt4image.errors import ArgumentParser, UserError, check_device, at_least, exit_on_user_error
+from gpt4image.text_targets import per_class_rows, read_class_descriptions
 from gpt4image.io import atomic_torch_save, atomic_write_json, atomic_write_text, sha256_file, sha256_lines
 
 RELEASED_INPUT, RELEASED_OUTPUT = "minigpt4_caption_imagenet_train_0_1281166.pth", "imagenet_clip_text_emb_0_1281166.pth"
@@ -73,6 +74,10 @@ def get_args_parser():
     p.add_argument("--data", default=None,
                    help="train folder (ImageFolder): orders a path-keyed input and records the file list "
                         "so that training can verify the pairing")
+    p.add_argument("--per-class", action="store_true",
+                   help="--caption maps class folder name -> description(s) (JSON, or JSONL of such objects): "
+                        "write a [C, D] table, row c the renormalised mean of class c's encoded descriptions, for "
+                        "--text-target class-text (needs --data, whose class folders order the rows)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output file")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
@@ -113,7 +118,11 @@ def main(argv=None):
         args.output = default_output(args.caption)
     check_output(args)
     started = time.time()
-    texts, files = read_descriptions(args.caption, args.data)
+    if args.per_class:
+        texts, owners, classes = read_class_descriptions(args.caption, args.data)
+        files = None
+    else:
+        texts, files = read_descriptions(args.caption, args.data)
     print(f"read {len(texts)} descriptions from {args.caption}", flush=True)
     encoder = load_text_encoder(args.model, args.device, args.download_root, allow_download=not args.no_download,
                                 allow_hub_download=args.allow_download, pooling=args.pooling)
@@ -126,6 +135,8 @@ def main(argv=None):
         bad = (~torch.isfinite(embeddings)).any(dim=1).nonzero()[0].item()
         raise UserError(f"the encoder produced non-finite values (first at row {bad}); "
                         f"try --dtype float32 or check the model {args.model!r}")
+    if args.per_class:
+        embeddings = per_class_rows(embeddings, owners, len(classes)).to(dtype)
     metadata = {
         "encoder": args.model,
         "family": encoder.family,
@@ -144,6 +155,8 @@ def main(argv=None):
     }
     if args.long_text == "chunks":
         metadata["pieces_per_description"] = {"mean": sum(pieces) / len(pieces), "max": max(pieces)}
+    if args.per_class:
+        metadata.update(per_class=True, classes=classes, descriptions_per_class=len(texts) / len(classes))
     if files is not None:
         metadata["file_list_sha256"] = sha256_lines(files)
         metadata["file_list"] = os.path.basename(file_list_path(args.output))
