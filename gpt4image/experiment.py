@@ -151,9 +151,9 @@ def run_argv(run, paths, settings):
 def _worker(runs, paths, settings, log_path, queue):
     """Train ``runs`` one after another in this process (one thread), reporting each result."""
     torch.set_num_threads(1)
-    log = open(log_path, "a")
-    os.dup2(log.fileno(), 1)
-    os.dup2(log.fileno(), 2)
+    with open(log_path, "a") as log:  # this process's output goes to its log from here on
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
     mains = {}
     try:
         for run in runs:
@@ -186,6 +186,8 @@ def train_all(runs, paths, settings, jobs, out, on_result=None):
     shares = [runs[i::jobs] for i in range(jobs)]
     workers = [ctx.Process(target=_worker, args=(share, paths, settings, os.path.join(out, f"worker{i}.log"), queue))
                for i, share in enumerate(shares) if share]
+    for w in workers:
+        w.daemon = True  # ended with this process
     for w in workers:
         w.start()
     done, finished, started = [], 0, time.time()
@@ -306,7 +308,8 @@ def main(argv=None):
     if args.table_only:
         if not os.path.isfile(results_path):
             raise UserError(f"--table-only: no {results_path}; run the experiment with --out {args.out} first")
-        saved = json.load(open(results_path, encoding="utf-8"))
+        with open(results_path, encoding="utf-8") as f:
+            saved = json.load(f)
         for key in ("recipes", "conditions", "noise", "epochs", "val_per_class"):
             setattr(args, key, saved["settings"][key])
         return report(saved["runs"], args, out, f" ({len(saved['runs'])} of {saved['planned']} runs)")
@@ -322,8 +325,8 @@ def main(argv=None):
     settings = {"epochs": args.epochs, "size": args.size, "resnet_size": args.resnet_size, "lamb": args.lamb}
     runs = [{"recipe": recipe, "condition": condition, "noise": noise, "seed": seed,
              "dir": os.path.join(out, "runs", f"{recipe}_{condition}_noise{noise:g}_seed{seed}")}
-            for seed in range(args.seeds) for noise in args.noise for recipe in args.recipes
-            for condition in args.conditions]
+            for seed in range(args.seeds) for noise in sorted(args.noise, reverse=True) for recipe in args.recipes
+            for condition in args.conditions]  # seed by seed, noisiest first: an interrupted run keeps whole rows
     def save(done):  # after every run, so that an interrupted experiment keeps what it measured
         atomic_write_json(results_path, {"settings": vars(args), "planned": len(runs), "runs": done})
 

@@ -70,11 +70,13 @@ def identical_rows(rows, columns):
 
 def contrastive_cross_entropy(logits, labels, positives=None):
     """Mean over rows of the InfoNCE cross-entropy of ``logits`` [R, C] with target column ``labels[r]``;
-    with ``positives`` ([R, C] bool, shared targets), the mean over each row's positive columns of
-    -log softmax (SupCon's L_out): the target distribution is uniform over the positives."""
+    with ``positives`` ([R, C] bool, shared targets), of -log of the softmax mass on the row's positive
+    columns (SupCon's L_in): any positive may take it. (SupCon's L_out, the mean of -log softmax over
+    the positives, equals the plain cross-entropy summed over a group of identical rows: no change.)"""
     if positives is None:
         return F.cross_entropy(logits, labels)
-    return F.cross_entropy(logits, positives.float() / positives.sum(dim=1, keepdim=True))
+    on_positives = torch.logsumexp(logits.masked_fill(~positives, float("-inf")), dim=1)
+    return (torch.logsumexp(logits, dim=1) - on_positives).mean()
 
 
 def alignment_loss(image_features, text_embeddings, loss_type="clip", tau=0.2, gather_with_grad=False,

@@ -95,28 +95,23 @@ def test_per_class_rows_are_the_renormalised_mean_of_the_descriptions():
     assert torch.allclose(rows, torch.tensor([[1 / math.sqrt(2), 1 / math.sqrt(2)], [0.0, 1.0]]))
 
 
-def _hand_loss(shared):
-    """Three images, t0 = t1 = e1, t2 = e2; z0 = e1, z1 = e2, z2 = e1; tau 1."""
-    e = math.e
-    if shared:  # rows 0 and 1 are positives of each other (and of themselves)
-        image_to_text = (math.log((2 * e + 1) / e) + math.log(2 + e) + math.log(2 * e + 1)) / 3
-        text_to_image = (2 * (math.log(2 * e + 1) - 0.5) + math.log(2 + e)) / 3
-    else:  # only the diagonal: image 0 must pick text 0 over its identical twin text 1
-        image_to_text = (math.log((2 * e + 1) / e) + math.log(2 + e) + math.log(2 * e + 1)) / 3
-        text_to_image = (math.log((2 * e + 1) / e) + math.log(2 * e + 1) + math.log(2 + e)) / 3
-    return (image_to_text + text_to_image) / 2
+E = math.e
+# Three images, t0 = t1 = e1, t2 = e2; z0 = e1, z1 = e2, z2 = e1; tau 1. Image-to-text logits: z0 [1, 1, 0],
+# z1 [0, 0, 1], z2 [1, 1, 0]; text-to-image: t0 and t1 [1, 0, 1], t2 [0, 1, 0].
+SHARED_I2T = (math.log((2 * E + 1) / (2 * E)) + math.log((2 + E) / 2) + math.log(2 * E + 1)) / 3  # -log mass on {t0, t1}
+SHARED_T2I = (2 * math.log((2 * E + 1) / (E + 1)) + math.log(2 + E)) / 3  # t0, t1: -log mass on {z0, z1}
+PAPER_I2T = (math.log((2 * E + 1) / E) + math.log(2 + E) + math.log(2 * E + 1)) / 3  # only the diagonal
+PAPER_T2I = (math.log((2 * E + 1) / E) + math.log(2 * E + 1) + math.log(2 + E)) / 3
 
 
 @pytest.mark.parametrize("shared", [True, False])
 def test_contrastive_loss_treats_identical_targets_as_positives_only_when_targets_are_shared(shared):
     t = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
     z = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
+    i2t, t2i = (SHARED_I2T, SHARED_T2I) if shared else (PAPER_I2T, PAPER_T2I)
     loss = alignment_loss(z, t, "clip", tau=1.0, shared_targets=shared)
-    assert loss.item() == pytest.approx(_hand_loss(shared), rel=1e-6)
-    # ctr (image to text over the local batch) is the first half of the same sum
-    ctr = alignment_loss(z, t, "ctr", tau=1.0, shared_targets=shared)
-    e = math.e
-    assert ctr.item() == pytest.approx((math.log((2 * e + 1) / e) + math.log(2 + e) + math.log(2 * e + 1)) / 3)
+    assert loss.item() == pytest.approx((i2t + t2i) / 2, rel=1e-6)
+    assert alignment_loss(z, t, "ctr", tau=1.0, shared_targets=shared).item() == pytest.approx(i2t, rel=1e-6)
     # with distinct rows the shared treatment is the paper's loss exactly
     distinct = F.normalize(torch.randn(6, 4, generator=torch.Generator().manual_seed(0)), dim=1)
     feats = torch.randn(6, 4, generator=torch.Generator().manual_seed(1))
