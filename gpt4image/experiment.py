@@ -281,7 +281,7 @@ def get_args_parser():
     p = ArgumentParser("gpt4image.experiment", description=__doc__)
     p.add_argument("--out", default="gpt4image_experiment", help="folder for the data, the tables and the runs")
     p.add_argument("--quick", action="store_true",
-                   help="a smoke test: 1 seed, noise 0.6, 1 epoch, 4 images per class (seconds, not minutes)")
+                   help="a smoke test: 1 seed, noise 0.6, 1 epoch, 3 training images per class (seconds, not minutes)")
     p.add_argument("--recipes", nargs="+", choices=["resnet", "deit"], default=["resnet", "deit"])
     p.add_argument("--conditions", nargs="+", choices=CONDITIONS, default=list(CONDITIONS))
     p.add_argument("--noise", nargs="+", type=in_range(minimum=0, below=1), default=[0.0, 0.4, 0.6])
@@ -302,7 +302,7 @@ def get_args_parser():
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
     if args.quick:
-        args.seeds, args.noise, args.epochs, args.train_per_class, args.val_per_class = 1, [0.6], 1, 6, 4
+        args.seeds, args.noise, args.epochs, args.train_per_class, args.val_per_class = 1, [0.6], 1, 3, 2
     out = os.path.abspath(args.out)
     results_path = os.path.join(out, "results.json")
     if args.table_only:

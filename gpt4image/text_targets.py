@@ -256,6 +256,9 @@ def attach_training_targets(train, text_emb, generated, targets):
     subset is drawn, the labels are noised, and each kept image gets its text target. The dataset
     carries ``train_labels`` (what ``write_train_labels`` saves)."""
     none = text_emb is None or str(text_emb).lower() == "none"
+    if targets.shots is not None and targets.train_fraction < 1:
+        raise UserError(f"--shots {targets.shots} and --train-fraction {targets.train_fraction:g} both choose the "
+                        f"images to train on; pass one of them")
     if none and targets.text_target != "image":
         raise UserError(f"--text-target {targets.text_target} needs a text table: pass --text_emb (or leave "
                         f"--text-target out for the baseline with --text_emb none)")

@@ -194,6 +194,7 @@ def test_deit_trains_with_a_per_class_table_and_noisy_labels(image_folder, tiny_
 BAD = [(["--label-noise=1"], "--label-noise"), (["--label-noise=-0.1"], "--label-noise"),
        (["--train-fraction=0"], "--train-fraction"), (["--train-fraction=1.5"], "--train-fraction"),
        (["--shots=0"], "--shots"), (["--shots=13"], "--shots 13 is more than the 12"),
+       (["--shots=2", "--train-fraction=0.5"], "pass one of them"),
        (["--text-target=random", "--text_emb=none"], "--text-target random needs a text table"),
        (["--text-target=class-text"], "has 48 rows but the training set has 4 classes")]
 
