@@ -20,6 +20,7 @@ from gpt4image import __version__
 from gpt4image.text_encoders import encode_texts, load_text_encoder
 from gpt4image.descriptions import read_description_set
 from gpt4image.errors import ArgumentParser, UserError, check_device, at_least, exit_on_user_error
+from gpt4image.text_targets import per_class_rows, read_class_descriptions
 from gpt4image.io import atomic_torch_save, atomic_write_json, atomic_write_text, sha256_file, sha256_lines
 
 RELEASED_INPUT, RELEASED_OUTPUT = "minigpt4_caption_imagenet_train_0_1281166.pth", "imagenet_clip_text_emb_0_1281166.pth"
@@ -78,6 +79,10 @@ def get_args_parser():
                    help="leave out descriptions that generate_descriptions.py's quality gate flagged: an image whose "
                         "only (or every) description is flagged loses its row (training then uses only the images "
                         "the table lists); a flagged one of several is replaced by another of its image")
+    p.add_argument("--per-class", action="store_true",
+                   help="--caption maps class folder name -> description(s) (JSON, or JSONL of such objects): "
+                        "write a [C, D] table, row c the renormalised mean of class c's encoded descriptions, for "
+                        "--text-target class-text (needs --data, whose class folders order the rows)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output file")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
@@ -118,20 +123,26 @@ def main(argv=None):
         args.output = default_output(args.caption)
     check_output(args)
     started = time.time()
-    found = read_description_set(args.caption, args.data, args.drop_flagged)
-    texts, files, per_image = found.texts, found.files, found.per_image
-    if args.drop_flagged and (found.left_out or found.replaced):
-        print(f"--drop-flagged: {found.left_out} images left out, {found.replaced} flagged descriptions replaced by "
-              f"another of their image ({found.flagged} flagged in all)", flush=True)
-    elif args.drop_flagged and found.flagged == 0:
-        print(f"--drop-flagged: no record of {args.caption} carries quality flags", flush=True)
-    if not texts:
-        raise UserError(f"--drop-flagged leaves no image of {args.caption}: every description is flagged; look at the "
-                        f"samples in its .json, then describe again (generate_descriptions.py --retry-degenerate)")
-    if per_image > 1:
-        texts = [t for image in texts for t in image]  # encoded flat, stored as [N, K, D]
-    print(f"read {len(texts)} descriptions from {args.caption}"
-          + (f" ({per_image} per image)" if per_image > 1 else ""), flush=True)
+    if args.per_class:
+        texts, owners, classes = read_class_descriptions(args.caption, args.data)
+        files, per_image = None, 1
+        found = None
+        print(f"read {len(texts)} descriptions of {len(classes)} classes from {args.caption}", flush=True)
+    else:
+        found = read_description_set(args.caption, args.data, args.drop_flagged)
+        texts, files, per_image = found.texts, found.files, found.per_image
+        if args.drop_flagged and (found.left_out or found.replaced):
+            print(f"--drop-flagged: {found.left_out} images left out, {found.replaced} flagged descriptions replaced by "
+                  f"another of their image ({found.flagged} flagged in all)", flush=True)
+        elif args.drop_flagged and found.flagged == 0:
+            print(f"--drop-flagged: no record of {args.caption} carries quality flags", flush=True)
+        if not texts:
+            raise UserError(f"--drop-flagged leaves no image of {args.caption}: every description is flagged; look at the "
+                            f"samples in its .json, then describe again (generate_descriptions.py --retry-degenerate)")
+        if per_image > 1:
+            texts = [t for image in texts for t in image]  # encoded flat, stored as [N, K, D]
+        print(f"read {len(texts)} descriptions from {args.caption}"
+              + (f" ({per_image} per image)" if per_image > 1 else ""), flush=True)
     encoder = load_text_encoder(args.model, args.device, args.download_root, allow_download=not args.no_download,
                                 allow_hub_download=args.allow_download, pooling=args.pooling)
     dtype = getattr(torch, args.dtype)
@@ -145,6 +156,8 @@ def main(argv=None):
                         f"try --dtype float32 or check the model {args.model!r}")
     if per_image > 1:
         embeddings = embeddings.view(-1, per_image, embeddings.shape[1])
+    if args.per_class:
+        embeddings = per_class_rows(embeddings, owners, len(classes)).to(dtype)
     metadata = {
         "encoder": args.model,
         "family": encoder.family,
@@ -163,13 +176,15 @@ def main(argv=None):
     }
     if per_image > 1:
         metadata["descriptions_per_image"] = per_image
-    if found.flagged:
+    if found is not None and found.flagged:
         metadata["flagged"] = found.flagged
-    if args.drop_flagged:
+    if args.drop_flagged and found is not None:
         metadata["drop_flagged"] = {"images_left_out": found.left_out, "descriptions_replaced": found.replaced,
                                     "images_in_folder": len(files) + found.left_out}
     if args.long_text == "chunks":
         metadata["pieces_per_description"] = {"mean": sum(pieces) / len(pieces), "max": max(pieces)}
+    if args.per_class:
+        metadata.update(per_class=True, classes=classes, descriptions_per_class=len(texts) / len(classes))
     if files is not None:
         metadata["file_list_sha256"] = sha256_lines(files)
         metadata["file_list"] = os.path.basename(file_list_path(args.output))

@@ -29,6 +29,7 @@ from gpt4image.options import (add_common_args, alignment_from_args, alignment_s
                                run_options, start_run)
 from gpt4image.resumable import seed_all
 from gpt4image.run_checks import scaled_lr, warn_if_all_warmup
+from gpt4image.text_targets import TrainingTargets
 from gpt4image.training import (Data, Recipe, adopt_checkpoint_settings, evaluate_checkpoint, fit, run_recipe,
                                 script_exit)
 
@@ -243,7 +244,8 @@ def _run(args, dist_info, device):
     amp_dtype = start_run(args, dist_info)
     train_set, val_set, num_classes = build_datasets(args)
     train_set, embeddings = attach_text_embeddings(train_set, None if args.eval else args.text_emb,
-                                                   args.data_path is None, args.text_per_step, args.seed)
+                                                   args.data_path is None, args.text_per_step, args.seed,
+                                                   None if args.eval else TrainingTargets.from_args(args, num_classes))
     val_set = attach_val_text_embeddings(val_set, args.val_text_emb, embeddings)
     eval_sets = build_eval_sets(args, run_classes(train_set, state), val_set, dist_info, int(1.5 * args.batch_size),
                                 args.num_workers, args.pin_mem and device.type == "cuda")

@@ -11,6 +11,7 @@ from .resumable import ResumableSampler, SeededSamples, ignore_stop_signals
 from .samplers import ExactDistributedSampler
 from .text_embeddings import SyntheticTextEmbeddings, WithTextEmbeddings, load_text_embeddings
 from .text_per_step import keep_described, load_training_table
+from .text_targets import attach_training_targets
 
 
 class DeviceNormalize:
@@ -142,9 +143,18 @@ def attach_val_text_embeddings(val, path, train_embeddings):
     return WithTextEmbeddings(val, embeddings, flag="--val-text-emb", split="val")
 
 
-def attach_text_embeddings(train, text_emb, generated, text_per_step=None, seed=0):
-    """Return (dataset yielding (image, target, embedding), TextEmbeddings) or (train, None);
-    ``text_per_step``: how an [N, K, D] table's K descriptions become one (gpt4image.text_per_step)."""
+def attach_text_embeddings(train, text_emb, generated, text_per_step=None, seed=0, targets=None):
+    """Return (dataset yielding (image, target, embedding), TextEmbeddings) or (train, None).
+
+    ``text_per_step``: how an [N, K, D] table's K descriptions become one (gpt4image.text_per_step).
+    ``targets`` (text_targets.TrainingTargets): another text target, noisy or fewer labels; the
+    paper's choices keep this function's own path unchanged."""
+    if targets is not None and not targets.released:
+        if text_per_step is not None:
+            raise UserError(f"--text-per-step {text_per_step} (an [N, K, D] table) cannot be combined with "
+                            f"--text-target, --label-noise, --train-fraction or --shots yet; average the K "
+                            f"descriptions into an [N, D] table, or train without those flags")
+        return attach_training_targets(train, text_emb, generated, targets)
     if text_emb is None or str(text_emb).lower() == "none":
         return train, None
     if generated and not os.path.isfile(text_emb):

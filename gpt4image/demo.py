@@ -144,7 +144,9 @@ def explain(runs, nproc):
         print(f"  {os.path.basename(run)}: text loss {rows[0]['train_text_loss']:.2f} -> {rows[-1]['train_text_loss']:.2f} "
               f"(chance: ln({batch}) = {math.log(batch):.2f}, the loss of embeddings unrelated to the images)")
     print("A tiny random text encoder cannot show the method's benefit (the baselines learn this task as well);\n"
-          "the demo shows that every stage works. The paper's gains need a real VLM, CLIP and ImageNet (README).")
+          "the demo shows that every stage works. The paper's gains need a real VLM, CLIP and ImageNet (README).\n"
+          "Whether, which and when text helps (noisy labels, controls): python -m gpt4image.experiment\n"
+          "(README, \"Does the text help?\").")
 
 
 def clean_up(out, runs):

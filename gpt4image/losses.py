@@ -62,30 +62,53 @@ def _arange(n, device, offset=0):
     return _label_cache[key]
 
 
+def identical_rows(rows, columns):
+    """[R, C] bool: row i of ``rows`` equals row j of ``columns`` exactly ([R, D] and [C, D], any float dtype)."""
+    both = torch.cat([rows, columns])
+    ids = torch.unique(both, dim=0, return_inverse=True)[1]
+    return ids[:len(rows), None] == ids[None, len(rows):]
+
+
+def contrastive_cross_entropy(logits, labels, positives=None):
+    """Mean over rows of the InfoNCE cross-entropy of ``logits`` [R, C] with target column ``labels[r]``;
+    with ``positives`` ([R, C] bool, shared targets), of -log of the softmax mass on the row's positive
+    columns (SupCon's L_in): any positive may take it. (SupCon's L_out, the mean of -log softmax over
+    the positives, equals the plain cross-entropy summed over a group of identical rows: no change.)"""
+    if positives is None:
+        return F.cross_entropy(logits, labels)
+    on_positives = torch.logsumexp(logits.masked_fill(~positives, float("-inf")), dim=1)
+    return (torch.logsumexp(logits, dim=1) - on_positives).mean()
+
+
 # Each loss takes z [B, D] (the projection head's output, float32, any scale) and t [B, D] (the
 # text rows of the same images, float32), both already gathered across ranks for a loss with
 # negatives, plus what it needs by keyword; it returns a scalar.
 
-def clip_loss(z, t, *, tau, gather_with_grad=False, local_loss=False, **_):
+def clip_loss(z, t, *, tau, gather_with_grad=False, local_loss=False, shared_targets=False, **_):
     """Symmetric InfoNCE over the global batch (CLIP, Radford et al. 2021; GPT4Image's default).
-    Gathers its own features, so that ``local_loss`` can compute only this rank's rows."""
+    Gathers its own features, so that ``local_loss`` can compute only this rank's rows.
+    ``shared_targets``: pairs with identical text rows are positives (``contrastive_cross_entropy``)."""
     z = F.normalize(z, dim=-1)
     rank = _world()[0]
     z_all, t_all = gather_features(z, gather_with_grad), gather_features(t)  # [W*B, D]; alone: z, t
     if local_loss:  # this rank's rows of both directions
         image_to_text, text_to_image = z @ t_all.t() / tau, t @ z_all.t() / tau
         labels = _arange(len(z), z.device, offset=rank * len(z))
+        positives = identical_rows(t, t_all) if shared_targets else None
     else:
         image_to_text = z_all @ t_all.t() / tau
         text_to_image = image_to_text.t()
         labels = _arange(len(z_all), z.device)
-    return (F.cross_entropy(image_to_text, labels) + F.cross_entropy(text_to_image, labels)) / 2
+        positives = identical_rows(t_all, t_all) if shared_targets else None
+    return (contrastive_cross_entropy(image_to_text, labels, positives)
+            + contrastive_cross_entropy(text_to_image, labels, positives)) / 2
 
 
-def ctr_loss(z, t, *, tau, **_):
+def ctr_loss(z, t, *, tau, shared_targets=False, **_):
     """Image-to-text InfoNCE over the local batch (van den Oord et al. 2018, CPC; GPT4Image's ``ctr``)."""
     z = F.normalize(z, dim=-1)
-    return F.cross_entropy(z @ t.t() / tau, _arange(len(z), z.device))
+    positives = identical_rows(t, t) if shared_targets else None
+    return contrastive_cross_entropy(z @ t.t() / tau, _arange(len(z), z.device), positives)
 
 
 def byol_loss(z, t, **_):
@@ -190,7 +213,7 @@ LOSS_TYPES = tuple(LOSSES)
 
 
 def alignment_loss(image_features, text_embeddings, loss_type="clip", tau=0.2, gather_with_grad=False,
-                   local_loss=False, labels=None, log_scale=None, bias=None):
+                   local_loss=False, labels=None, log_scale=None, bias=None, shared_targets=False):
     """Scalar alignment loss of the registered ``loss_type`` (``LOSSES``).
 
     Args:
@@ -204,6 +227,9 @@ def alignment_loss(image_features, text_embeddings, loss_type="clip", tau=0.2, g
             gradient in O(B x W*B) memory instead of O((W*B)^2).
         labels: [B] class labels (supcon), gathered with the features.
         log_scale, bias: SigLIP's learned scalars (sigmoid).
+        shared_targets: (clip, ctr; class-level text targets) pairs whose text rows are identical are
+            positives of each other (multi-positive cross-entropy), not negatives. Off (the paper),
+            only the diagonal is positive, also for repeated-augmentation copies with identical rows.
     Computed in float32, also under autocast.
     """
     if loss_type not in LOSSES:
@@ -219,7 +245,7 @@ def alignment_loss(image_features, text_embeddings, loss_type="clip", tau=0.2, g
             z, t = gather_features(z, gather_with_grad), gather_features(t)
             labels = gather_features(labels) if labels is not None and spec.needs_labels else labels
         return spec.fn(z, t, tau=tau, gather_with_grad=gather_with_grad, local_loss=local_loss, labels=labels,
-                       log_scale=log_scale, bias=bias)
+                       log_scale=log_scale, bias=bias, shared_targets=shared_targets)
 
 
 class AlignmentState(nn.Module):
@@ -282,6 +308,7 @@ class Alignment:
     local_loss: bool = False
     schedule: object = None
     exact_accumulation: bool = True
+    shared_targets: bool = False
 
     @property
     def negatives(self):
@@ -295,7 +322,7 @@ class Alignment:
                 text_embeddings = state.standardized(text_embeddings, LOSSES[self.loss_type].unit_text)
             extra = state.loss_parameters(live_parameters)
         return alignment_loss(image_features, text_embeddings, self.loss_type, self.tau, self.gather_with_grad,
-                              self.local_loss, labels=labels, **extra)
+                              self.local_loss, labels=labels, shared_targets=self.shared_targets, **extra)
 
     def weight(self, epoch, step=0, steps=1):
         """The weight of the text loss at ``step`` of ``steps`` in ``epoch``."""

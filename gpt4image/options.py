@@ -10,6 +10,7 @@ from .run_checks import FINGERPRINT_KEY, cap_workers, table_fingerprint
 from .run_record import require_wandb
 from .text_weight import add_alignment_args, check_alignment_args
 from .text_per_step import add_text_per_step_args
+from .text_targets import CLASS_LEVEL, add_text_target_args
 from .training import RunOptions
 
 
@@ -54,6 +55,7 @@ def add_common_args(p):
     p.add_argument("--local-rank", "--local_rank", type=int, default=None, dest="local_rank",
                    help="set by the legacy torch.distributed.launch without --use_env")
     add_eval_set_args(p)
+    add_text_target_args(p)
     return add_alignment_args(p)
 
 
@@ -76,8 +78,9 @@ def alignment_from_args(args, embeddings, world_size):
         logger.info("text alignment: off (baseline)")
         return None
     alignment = Alignment(args.loss_type, args.tau, args.lamb, args.gather_with_grad, args.local_loss,
-                          check_alignment_args(args), args.accum_alignment == "exact")
-    logger.info(alignment.describe(world_size))
+                          check_alignment_args(args), args.accum_alignment == "exact",
+                          shared_targets=args.text_target in CLASS_LEVEL)
+    logger.info(f"{alignment.describe(world_size)} text_target={args.text_target}")
     return alignment
 
 

@@ -23,6 +23,7 @@ from .losses import Alignment
 from .resumable import PREEMPTED_EXIT_CODE, RunControl
 from .run_checks import check_accumulation
 from .run_record import RunLock, RunRecord, epoch_row, read_log
+from .text_targets import write_train_labels
 
 
 @dataclass
@@ -106,6 +107,7 @@ def fit(recipe, data, opts, dist_info):
             return _already_finished(recipe, opts, progress)
         accum_note = _check_batches(data, opts, dist_info)
         record = RunRecord(opts.output_dir, opts.args, dist_info.is_main, recipe.name)  # every check has passed
+        write_train_labels(data.train_set, opts.output_dir, dist_info.is_main)
         if progress.epoch or progress.step:
             record.truncate_after(progress.epoch)
         start_watchdog(dist_info.rank, dist_info.world_size, opts.stall_timeout)

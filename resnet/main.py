@@ -26,6 +26,7 @@ from gpt4image.options import (add_common_args, alignment_from_args, alignment_s
                                run_options, start_run)
 from gpt4image.resumable import seed_all
 from gpt4image.run_checks import scaled_lr
+from gpt4image.text_targets import TrainingTargets
 from gpt4image.training import (Data, Recipe, adopt_checkpoint_settings, evaluate_checkpoint, fit, run_recipe,
                                 script_exit)
 
@@ -122,7 +123,8 @@ def build_data(args, dist_info):
         train_set, val_set = build_image_folders(args.data, train_tf, val_tf)
         num_classes = len(train_set.classes)
     train_set, embeddings = attach_text_embeddings(train_set, None if args.evaluate else args.text_emb, generated,
-                                                   args.text_per_step, args.seed)
+                                                   args.text_per_step, args.seed,
+                                                   None if args.evaluate else TrainingTargets.from_args(args, num_classes))
     val_set = attach_val_text_embeddings(val_set, args.val_text_emb, embeddings)
     if args.skip_corrupt_images:
         train_set = SkipCorrupt(train_set)
