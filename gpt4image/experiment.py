@@ -299,6 +299,35 @@ def get_args_parser():
     return p
 
 
+RESULT_SETTINGS = ("recipes", "conditions", "noise", "seeds", "epochs", "train_per_class", "val_per_class", "size",
+                   "resnet_size", "lamb")
+
+
+def run_key(run):
+    return run["recipe"], run["condition"], float(run["noise"]), int(run["seed"])
+
+
+def previous_runs(results_path, args):
+    """{run key: result} of an earlier invocation into the same --out (an interrupted experiment
+    continues where it stopped); {} without one. Results measured with other settings are refused."""
+    if not os.path.isfile(results_path):
+        return {}
+    try:
+        with open(results_path, encoding="utf-8") as f:
+            saved = json.load(f)
+        before, runs = saved["settings"], saved["runs"]
+        measured = {run_key(r): r for r in runs}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{results_path} cannot be read as an experiment's results ({type(e).__name__}: {e}); "
+                        f"delete it, or use another --out") from None
+    differ = [k for k in RESULT_SETTINGS if before.get(k) != vars(args).get(k)]
+    if differ:
+        shown = "; ".join(f"--{k.replace('_', '-')}: {before.get(k)!r} there, {vars(args).get(k)!r} now" for k in differ)
+        raise UserError(f"{results_path} holds runs measured with other settings ({shown}); use another --out, or "
+                        f"delete it to start again")
+    return measured
+
+
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
     if args.quick:
@@ -315,6 +344,7 @@ def main(argv=None):
         return report(saved["runs"], args, out, f" ({len(saved['runs'])} of {saved['planned']} runs)")
     os.makedirs(out, exist_ok=True)
     started = time.time()
+    measured = previous_runs(results_path, args)
     data = os.path.join(out, "data")
     shutil.rmtree(data, ignore_errors=True)
     texts, files = make_data(data, args.train_per_class, args.val_per_class, args.size)
@@ -327,10 +357,16 @@ def main(argv=None):
              "dir": os.path.join(out, "runs", f"{recipe}_{condition}_noise{noise:g}_seed{seed}")}
             for seed in range(args.seeds) for noise in sorted(args.noise, reverse=True) for recipe in args.recipes
             for condition in args.conditions]  # seed by seed, noisiest first: an interrupted run keeps whole rows
-    def save(done):  # after every run, so that an interrupted experiment keeps what it measured
-        atomic_write_json(results_path, {"settings": vars(args), "planned": len(runs), "runs": done})
+    kept = [measured[run_key(r)] for r in runs if run_key(r) in measured]
+    todo = [r for r in runs if run_key(r) not in measured]
+    if kept:
+        print(f"continuing {results_path}: {len(kept)} of {len(runs)} runs already measured, {len(todo)} to train "
+              f"(delete it to measure every run again)", flush=True)
 
-    results = train_all(runs, paths, settings, args.jobs, out, save)
+    def save(done):  # after every run, so that an interrupted experiment keeps what it measured
+        atomic_write_json(results_path, {"settings": vars(args), "planned": len(runs), "runs": kept + done})
+
+    results = kept + train_all(todo, paths, settings, args.jobs, out, save)
     table = report(results, args, out)
     print(f"\nexperiment finished in {(time.time() - started) / 60:.1f} min; outputs in {out}: results.json, table.md, "
           f"plot.png, runs/ (log.txt, args.json, train_labels.json of every run), worker*.log", flush=True)

@@ -217,3 +217,12 @@ def test_the_quick_experiment_prints_a_table_of_every_condition_and_draws_the_pl
     results = json.load(open(tmp_path / "results.json"))["runs"]
     assert len(results) == 10 and all(0 <= r["acc1"] <= 100 for r in results)
     assert f"outputs in {tmp_path}" in proc.stdout.splitlines()[-1]
+    # the same command again continues: nothing left to train, the same table
+    again = run_script(["-m", "gpt4image.experiment", "--quick", f"--out={tmp_path}", "--jobs=1"], timeout=600)
+    assert "10 of 10 runs already measured, 0 to train" in again.stdout
+    assert again.stdout.split("mean ± std")[1].split("experiment finished")[0] == table.split("experiment finished")[0]
+    # other settings into the same folder: refused, the results untouched
+    before = (tmp_path / "results.json").read_bytes()
+    refused = run_script(["-m", "gpt4image.experiment", "--quick", "--lamb=0.5", f"--out={tmp_path}"], check=False)
+    assert refused.returncode == 2 and "--lamb: None there, 0.5 now" in refused.stderr
+    assert (tmp_path / "results.json").read_bytes() == before
