@@ -265,14 +265,19 @@ class AlignmentState(nn.Module):
 
     def set_text_statistics(self, table, chunk_rows=65536):
         """Per-dimension mean and (unbiased) std of the [N, D] ``table``, in float64 by chunks."""
-        total = torch.zeros(table.shape[1], dtype=torch.float64)
+        self.set_statistics_of_blocks(table[start:start + chunk_rows] for start in range(0, table.shape[0], chunk_rows))
+
+    def set_statistics_of_blocks(self, blocks):
+        """Per-dimension mean and (unbiased) std of the rows of ``blocks`` ([n_i, D] tensors), in float64."""
+        total = torch.zeros(self.text_mean.shape[0], dtype=torch.float64)
         squares = torch.zeros_like(total)
-        for start in range(0, table.shape[0], chunk_rows):
-            rows = table[start:start + chunk_rows].to(torch.float64)
+        n = 0
+        for rows in blocks:
+            rows = rows.to(torch.float64)
             total += rows.sum(dim=0)
             squares += (rows * rows).sum(dim=0)
-        n = table.shape[0]
-        mean = total / n
+            n += rows.shape[0]
+        mean = total / max(n, 1)
         var = (squares - n * mean * mean).clamp(min=0) / max(n - 1, 1)
         self.text_mean.copy_(mean)
         self.text_std.copy_(var.sqrt().clamp(min=1e-6))

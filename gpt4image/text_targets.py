@@ -176,12 +176,28 @@ def class_mean_table(table, labels, num_classes, chunk=65536):
 
 
 def _block(rows, start, end):
-    """Rows start..end of a TextEmbeddings or an IndexedRows over one, read with one indexing call."""
-    if isinstance(rows, IndexedRows) and hasattr(rows.source, "table"):
+    """Rows start..end of a TextEmbeddings, an IndexedRows over one or ClassRows, read with one
+    indexing call (other row sources row by row)."""
+    if isinstance(rows, IndexedRows) and hasattr(rows.source, "table") and rows.source.table.dim() == 2:
         return rows.source.table[rows.index[start:end]]
-    if hasattr(rows, "table"):
+    if isinstance(rows, ClassRows):
+        return rows.class_table[rows.labels[start:end]]
+    if hasattr(rows, "table") and rows.table.dim() == 2:
         return rows.table[start:end]
     return torch.stack([rows[k] for k in range(start, min(end, len(rows)))])
+
+
+def row_blocks(rows, chunk=65536):
+    """The rows a run trains towards, ``chunk`` at a time ([n, D] tensors): of a TextEmbeddings, of
+    the row sources above (the kept images, their class rows), or of an [N, K, D] table (all N x K
+    descriptions, any of which --text-per-step may serve)."""
+    table = getattr(rows, "table", None)
+    if table is not None and table.dim() == 3:
+        for start in range(0, table.shape[0], chunk):
+            yield table[start:start + chunk].reshape(-1, table.shape[2])
+        return
+    for start in range(0, len(rows), chunk):
+        yield _block(rows, start, min(start + chunk, len(rows)))
 
 
 def per_class_rows(embeddings, owners, num_classes):

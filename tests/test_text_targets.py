@@ -10,8 +10,10 @@ import torch.nn.functional as F
 from conftest import REPO, run_script
 from gpt4image.errors import UserError
 from gpt4image.losses import alignment_loss
-from gpt4image.text_targets import (RandomRows, balanced_subset, class_mean_table, per_class_rows, shuffled_index,
-                                    symmetric_label_noise)
+from gpt4image.losses import AlignmentState
+from gpt4image.text_embeddings import TextEmbeddings
+from gpt4image.text_targets import (ClassRows, IndexedRows, RandomRows, balanced_subset, class_mean_table,
+                                    per_class_rows, row_blocks, shuffled_index, symmetric_label_noise)
 from test_hardening import refused, snapshot
 
 RESNET = os.path.join(REPO, "resnet", "main.py")
@@ -126,6 +128,33 @@ def _labels(run):
 
 def _losses(run):
     return [json.loads(line)["train_loss"] for line in open(os.path.join(run, "log.txt"))]
+
+
+def _statistics(rows):
+    state = AlignmentState("clip", 3, standardize=True)
+    state.set_statistics_of_blocks(row_blocks(rows, chunk=2))
+    return state.text_mean.double(), state.text_std.double()
+
+
+def test_standardisation_statistics_are_those_of_the_rows_trained_towards():
+    g = torch.Generator().manual_seed(0)
+    table = TextEmbeddings(torch.randn(7, 3, generator=g), "t.pth")
+    kept = torch.tensor([0, 2, 3, 6])  # --shots / --train-fraction: the kept images' rows only
+    mean, std = _statistics(IndexedRows(table, kept))
+    torch.testing.assert_close(mean, table.table[kept].double().mean(0), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(std, table.table[kept].double().std(0), rtol=1e-5, atol=1e-6)
+    labels = torch.tensor([1, 0, 1, 1])  # class-level targets: each image's class row
+    mean, std = _statistics(ClassRows(table.table[:2], labels, "t.pth"))
+    torch.testing.assert_close(mean, table.table[labels].double().mean(0), rtol=1e-5, atol=1e-6)
+    many = TextEmbeddings(torch.randn(5, 2, 3, generator=g), "m.pth")  # [N, K, D]: all N x K descriptions
+    torch.testing.assert_close(_statistics(many)[0], many.table.reshape(10, 3).double().mean(0), rtol=1e-5, atol=1e-6)
+
+
+def test_standardised_run_trains_on_few_shots_with_class_targets(image_folder, embeddings, tmp_path):
+    import resnet_main
+    resnet_main.main([f"--data={image_folder}", f"--text_emb={embeddings}", *SMALL, "--shots=4", "--epochs=1",
+                      "--text-target=class-mean", "--text-emb-standardize", f"--save_dir={tmp_path}"])
+    assert math.isfinite(_losses(tmp_path)[0])
 
 
 def test_noisy_random_run_resumed_equals_the_straight_run_and_records_its_labels(image_folder, embeddings, tmp_path):
