@@ -18,6 +18,7 @@ from .distributed import logger
 from .errors import UserError, at_least, in_range
 from .io import atomic_write_json
 from .text_embeddings import SyntheticTextEmbeddings, WithTextEmbeddings, load_text_embeddings
+from .text_per_step import keep_described
 
 TEXT_TARGETS = ("image", "class-mean", "class-text", "shuffled", "random")
 CLASS_LEVEL = ("class-mean", "class-text")  # several images of a batch share one row: positives of each other
@@ -281,6 +282,7 @@ def attach_training_targets(train, text_emb, generated, targets):
     table = None
     if not none and targets.text_target != "class-text":
         table = _load_table(text_emb, generated, len(train))
+        train = keep_described(train, table)  # a --drop-flagged table leaves images out
         WithTextEmbeddings(train, table)  # row count and file list of the full set
     original = dataset_labels(train)
     num_classes = targets.num_classes
