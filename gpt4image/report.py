@@ -143,14 +143,19 @@ def markdown_table(summaries):
 
 
 def chance_text_loss(args):
-    """(loss of an alignment that has learnt nothing, the global batch it assumes) for the clip and
-    ctr losses: log(N) over the N = batch x processes images a loss compares at a time; None for
-    byol, a baseline, or an args.json without the batch size."""
+    """(loss of an alignment that has learnt nothing, the images it assumes) for the clip and ctr
+    losses: log(N) over the N images a loss compares at a time: clip the global batch (batch x
+    processes, x --accum-iter under exact accumulation), ctr the local batch; None for byol and the
+    other losses, a baseline, or an args.json without the batch size."""
     batch, world = _number(args.get("batch_size")), _number(args.get("world_size")) or 1
     if args.get("loss_type") not in ("clip", "ctr") or str(args.get("text_emb")).lower() == "none" or not batch:
         return None
-    global_batch = int(batch * world)
-    return (math.log(global_batch), global_batch) if global_batch > 1 else None
+    compared = batch
+    if args["loss_type"] == "clip":
+        exact = args.get("accum_alignment") == "exact"  # absent before exact accumulation: per batch
+        compared *= world * ((_number(args.get("accum_iter")) or 1) if exact else 1)
+    compared = int(compared)
+    return (math.log(compared), compared) if compared > 1 else None
 
 
 def plot(runs, path):
@@ -188,7 +193,8 @@ def curves_figure(runs):
             chance = chance_text_loss(run_args)
             if chance:
                 axes[2].axhline(chance[0], ls=":", color=color,
-                                label=f"{label}: chance, log({chance[1]}) = {chance[0]:.2f} (global batch of args.json)")
+                                label=f"{label}: chance, log({chance[1]}) = {chance[0]:.2f} "
+                                      f"({'global' if run_args['loss_type'] == 'clip' else 'local'} batch of args.json)")
         if retrieval and any("test_i2t_r1" in r for r in rows):
             axes[3].plot(epochs, series(rows, "test_i2t_r1"), marker="o", color=color, label=label + " image->text")
             axes[3].plot(epochs, series(rows, "test_t2i_r1"), ls="--", color=color, label=label + " text->image")

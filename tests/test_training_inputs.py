@@ -349,6 +349,16 @@ def _drawn(run, tmp_path, monkeypatch):
     return drawn[0]
 
 
+def test_the_chance_level_counts_the_images_each_loss_compares():
+    from gpt4image.report import chance_text_loss
+    assert chance_text_loss(ARGS)[1] == 64  # clip: the global batch, 32 x 2 processes
+    assert chance_text_loss(dict(ARGS, loss_type="ctr"))[1] == 32  # ctr: the local batch only
+    exact = dict(ARGS, accum_iter=4, accum_alignment="exact")  # clip over the 4 batches of each step
+    assert chance_text_loss(exact)[1] == 256
+    assert chance_text_loss(dict(exact, accum_alignment="per-batch"))[1] == 64
+    assert chance_text_loss(dict(exact, loss_type="ctr"))[1] == 32
+
+
 def test_the_curves_have_whole_epochs_a_chance_line_and_no_empty_retrieval_panel(tmp_path, monkeypatch):
     _fake_run(tmp_path / "a", ARGS, ROWS)
     fig = _drawn(tmp_path / "a", tmp_path, monkeypatch)
