@@ -120,6 +120,17 @@ def test_contrastive_loss_treats_identical_targets_as_positives_only_when_target
     assert torch.allclose(alignment_loss(feats, distinct, shared_targets=shared), alignment_loss(feats, distinct))
 
 
+@pytest.mark.parametrize("shared", [True, False])
+def test_sigmoid_loss_makes_identical_targets_positive_pairs_only_when_targets_are_shared(shared):
+    t = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    z = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
+    logits = [[1, 1, 0], [0, 0, 1], [1, 1, 0]]  # <z_i, t_j> at scale e^0 = 1, bias 0
+    signs = [[1, 1, -1], [1, 1, -1], [-1, -1, 1]] if shared else [[1, -1, -1], [-1, 1, -1], [-1, -1, 1]]
+    expected = sum(math.log(1 + math.exp(-signs[i][j] * logits[i][j])) for i in range(3) for j in range(3)) / 3
+    loss = alignment_loss(z, t, "sigmoid", log_scale=torch.tensor(0.0), bias=torch.tensor(0.0), shared_targets=shared)
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+
+
 # ------------------------------------------------------------------------------------------ the recipes
 
 def _labels(run):
