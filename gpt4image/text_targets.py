@@ -64,6 +64,14 @@ class TrainingTargets:
         return (self.text_target, self.label_noise, self.train_fraction, self.shots) == ("image", 0.0, 1.0, None)
 
 
+def fixed_on_resume(saved_args):
+    """The arguments a resume of the run of ``saved_args`` never changes: the four above, and --seed
+    when it drew the run's images, labels or text targets."""
+    chose = (saved_args.get("text_target", "image"), saved_args.get("label_noise", 0.0),
+             saved_args.get("train_fraction", 1.0), saved_args.get("shots")) != ("image", 0.0, 1.0, None)
+    return FIXED_ON_RESUME + (("seed",) if chose else ())
+
+
 def _generator(seed, salt):
     return torch.Generator().manual_seed(seed * 1000 + salt)
 

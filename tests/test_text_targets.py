@@ -186,6 +186,16 @@ def test_noisy_random_run_resumed_equals_the_straight_run_and_records_its_labels
              f"--resume={tmp_path}/resumed/checkpoint.pth"], "--text-target 'random'")
 
 
+def test_an_explicit_resume_with_another_seed_is_refused_only_when_the_seed_drew_the_labels():
+    from argparse import Namespace
+    from gpt4image.checkpoint import check_same_run
+    saved = {"seed": 0, "text_target": "image", "label_noise": 0.4, "train_fraction": 1.0, "shots": None}
+    with pytest.raises(UserError, match="--seed 0"):
+        check_same_run({"args": saved}, "c.pth", Namespace(**dict(saved, seed=1)), explicit=True)
+    paper = dict(saved, label_noise=0.0)  # the seed drew nothing: a warning, as before
+    check_same_run({"args": paper}, "c.pth", Namespace(**dict(paper, seed=1)), explicit=True)
+
+
 def test_two_ranks_train_on_the_labels_of_one_process(image_folder, embeddings, tmp_path):
     common = [f"--data={image_folder}", f"--text_emb={embeddings}", "-a", "resnet18", "-b", "4", "--input-size", "16",
               "-j", "0", "--epochs=1", "--label-noise=0.4", "--train-fraction=0.75", "--text-target=class-mean"]
