@@ -239,6 +239,10 @@ def test_deit_trains_with_a_per_class_table_and_noisy_labels(image_folder, tiny_
     refused([D2E, f"--caption={tmp_path}/three.json", "--per-class", f"--data={image_folder}/train",
              f"--model={tiny_clip}", f"--output={tmp_path}/three_emb.pth", "--workers=0"], classes[3], "no description")
     assert snapshot(tmp_path) == before
+    with pytest.raises(UserError, match="--drop-flagged"):  # a per-class file carries no quality flags
+        description2embedding.main([f"--caption={tmp_path}/classes.json", "--per-class", "--drop-flagged",
+                                    f"--data={image_folder}/train", f"--output={tmp_path}/x.pth"])
+    assert snapshot(tmp_path) == before
 
 
 BAD = [(["--label-noise=1"], "--label-noise"), (["--label-noise=-0.1"], "--label-noise"),
