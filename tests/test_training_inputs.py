@@ -141,6 +141,14 @@ def test_config_switches_take_yaml_booleans_and_null_keeps_a_none_default(recipe
     assert getattr(_parse(parser, f"{switch}: false\n"), switch) is False
 
 
+@RECIPES
+def test_a_repeatable_flag_takes_one_value_or_a_list_from_a_config(recipe):
+    # as on the command line: a list of the values, whether the file gives one or several
+    command_line = _parser(recipe).parse_args(["--eval-set=v2=a", "--eval-set=r=b"]).eval_set
+    assert _parse(_parser(recipe), "eval_set: v2=a\n").eval_set == command_line[:1]
+    assert _parse(_parser(recipe), "eval_set: [v2=a, r=b]\n").eval_set == command_line
+
+
 def _parse(parser, text, path=None):
     import tempfile
     with tempfile.NamedTemporaryFile("wb", suffix=".yaml", delete=False) as f:
