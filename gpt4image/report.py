@@ -95,11 +95,14 @@ def summarise(run_dir, run=None, label=None):
         gather = ("gather+grad" + (" local" if args.get("local_loss") else "")) if args.get("gather_with_grad") else "released"
         try:
             weight = f"{effective_text_weight(args['lamb'], args['loss_type'], args.get('gather_with_grad'), world):g}"
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, KeyError):
             weight = "?"
         alignment = f"{args['loss_type']} lamb={args['lamb']} tau={args['tau']} {gather} (eff. {weight})"
+        if args.get("text_target", "image") != "image":
+            alignment += f" target={args['text_target']}"
     else:
         alignment = "off"
+    alignment += _labels(args)
     top1 = [_number(r.get("test_acc1")) for r in rows]
     top1 = [v for v in top1 if v is not None]
     ema = [v for v in (_number(r.get("ema_test_acc1")) for r in rows) if v is not None]
@@ -121,6 +124,16 @@ def summarise(run_dir, run=None, label=None):
         "R@1 i2t/t2i": f"{i2t:.1f}/{t2i:.1f}" if i2t is not None and t2i is not None else "-",
         "eval sets (last)": _eval_sets(rows), "eval": protocol, "img/s": f"{rate:.0f}" if rate is not None else "-",
     }
+
+
+def _labels(args):
+    """'; labels: noise 0.4, 10 shots' when the run chose its labels (--label-noise, --shots,
+    --train-fraction); '' for the paper's."""
+    chosen = [f"noise {args['label_noise']:g}" if _number(args.get("label_noise")) else "",
+              f"{args['shots']} shots" if args.get("shots") else "",
+              f"fraction {args['train_fraction']:g}" if (_number(args.get("train_fraction")) or 1) < 1 else ""]
+    chosen = [c for c in chosen if c]
+    return f"; labels: {', '.join(chosen)}" if chosen else ""
 
 
 def _eval_sets(rows):

@@ -357,6 +357,16 @@ def _drawn(run, tmp_path, monkeypatch):
     return drawn[0]
 
 
+def test_the_report_tells_runs_of_other_text_targets_and_labels_apart(tmp_path):
+    from gpt4image.report import summarise
+    paper = summarise(tmp_path, (ARGS, ROWS))["alignment"]
+    assert "target" not in paper and "labels" not in paper
+    noisy = summarise(tmp_path, (dict(ARGS, text_target="shuffled", label_noise=0.4, shots=10), ROWS))["alignment"]
+    assert noisy.endswith("target=shuffled; labels: noise 0.4, 10 shots")
+    baseline = summarise(tmp_path, (dict(ARGS, text_emb="none", train_fraction=0.5), ROWS))["alignment"]
+    assert baseline == "off; labels: fraction 0.5"
+
+
 def test_the_chance_level_counts_the_images_each_loss_compares():
     from gpt4image.report import chance_text_loss
     assert chance_text_loss(ARGS)[1] == 64  # clip: the global batch, 32 x 2 processes
