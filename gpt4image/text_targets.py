@@ -198,12 +198,16 @@ def _block(rows, start, end):
 
 def row_blocks(rows, chunk=65536):
     """The rows a run trains towards, ``chunk`` at a time ([n, D] tensors): of a TextEmbeddings, of
-    the row sources above (the kept images, their class rows), or of an [N, K, D] table (all N x K
-    descriptions, any of which --text-per-step may serve)."""
+    the row sources above (the kept images, their class rows), or of an [N, K, D] table (under
+    --text-per-step mean the renormalised means, under sample all N x K descriptions it may draw)."""
     table = getattr(rows, "table", None)
     if table is not None and table.dim() == 3:
         for start in range(0, table.shape[0], chunk):
-            yield table[start:start + chunk].reshape(-1, table.shape[2])
+            block = table[start:start + chunk].float()
+            if getattr(rows, "mode", None) == "mean":
+                yield F.normalize(block.mean(dim=1), dim=1)
+            else:
+                yield block.reshape(-1, table.shape[2])
         return
     for start in range(0, len(rows), chunk):
         yield _block(rows, start, min(start + chunk, len(rows)))

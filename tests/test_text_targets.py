@@ -157,8 +157,13 @@ def test_standardisation_statistics_are_those_of_the_rows_trained_towards():
     labels = torch.tensor([1, 0, 1, 1])  # class-level targets: each image's class row
     mean, std = _statistics(ClassRows(table.table[:2], labels, "t.pth"))
     torch.testing.assert_close(mean, table.table[labels].double().mean(0), rtol=1e-5, atol=1e-6)
-    many = TextEmbeddings(torch.randn(5, 2, 3, generator=g), "m.pth")  # [N, K, D]: all N x K descriptions
-    torch.testing.assert_close(_statistics(many)[0], many.table.reshape(10, 3).double().mean(0), rtol=1e-5, atol=1e-6)
+    from gpt4image.text_per_step import MultiTextEmbeddings
+    many = torch.randn(5, 2, 3, generator=g)
+    sampled = MultiTextEmbeddings(many, "m.pth", {}, "sample", 0)  # all N x K descriptions it may draw
+    torch.testing.assert_close(_statistics(sampled)[0], many.reshape(10, 3).double().mean(0), rtol=1e-5, atol=1e-6)
+    averaged = MultiTextEmbeddings(many, "m.pth", {}, "mean", 0)  # the rows it serves
+    served = torch.stack([averaged[k] for k in range(5)]).double()
+    torch.testing.assert_close(_statistics(averaged)[0], served.mean(0), rtol=1e-5, atol=1e-6)
 
 
 def test_standardised_run_trains_on_few_shots_with_class_targets(image_folder, embeddings, tmp_path):
