@@ -324,6 +324,9 @@ def test_sample_draws_the_same_description_after_a_resume_and_on_any_number_of_r
     torch.save(table[:, 0], flat)
     with pytest.raises(UserError, match="drop --text-per-step"):
         load_training_table(flat, "mean")
+    from gpt4image.data import attach_text_embeddings
+    with pytest.raises(UserError, match="--text_emb none"):  # the baseline has no descriptions to choose among
+        attach_text_embeddings(_Indexed(n), "none", False, "mean")
 
 
 def test_both_recipes_train_on_k_descriptions_and_sample_resumes_exactly(image_folder, tmp_path):
