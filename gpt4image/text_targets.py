@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from .distributed import logger
 from .errors import UserError, at_least, in_range
 from .io import atomic_write_json
-from .text_embeddings import SyntheticTextEmbeddings, WithTextEmbeddings, load_text_embeddings
+from .text_embeddings import SyntheticTextEmbeddings, WithTextEmbeddings, _validate, load_text_embeddings
 from .text_per_step import keep_described
 
 TEXT_TARGETS = ("image", "class-mean", "class-text", "shuffled", "random")
@@ -259,7 +259,13 @@ def _load_table(text_emb, generated, rows):
     if generated and not os.path.isfile(text_emb):
         logger.info(f"generated data: random {rows} x 1024 text embeddings (no file {text_emb!r} needed)")
         return SyntheticTextEmbeddings(rows, 1024)
-    return load_text_embeddings(text_emb)
+    table = load_text_embeddings(text_emb, validate=False)
+    if table.table.dim() == 3:  # several descriptions per image (--text-per-step), not read here yet
+        raise UserError(f"text embeddings {text_emb!r} hold {table.table.shape[1]} descriptions per image "
+                        f"({list(table.table.shape)}), which --text-target, --label-noise, --train-fraction and "
+                        f"--shots cannot use yet; average them into an [N, D] table, or train without those flags")
+    _validate(table.table, text_emb)
+    return table
 
 
 def _class_table(text_emb, generated, train, num_classes):

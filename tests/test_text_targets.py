@@ -166,6 +166,13 @@ def test_standardisation_statistics_are_those_of_the_rows_trained_towards():
     torch.testing.assert_close(_statistics(averaged)[0], served.mean(0), rtol=1e-5, atol=1e-6)
 
 
+def test_a_table_of_several_descriptions_per_image_is_refused_with_the_fix_for_these_flags(tmp_path):
+    from gpt4image.text_targets import TrainingTargets, attach_training_targets
+    torch.save(F.normalize(torch.randn(4, 2, 8), dim=-1), tmp_path / "k.pth")
+    with pytest.raises(UserError, match=r"2 descriptions per image .*cannot use yet; average them"):
+        attach_training_targets(list(range(4)), str(tmp_path / "k.pth"), False, TrainingTargets(2, shots=1))
+
+
 def test_standardised_run_trains_on_few_shots_with_class_targets(image_folder, embeddings, tmp_path):
     import resnet_main
     resnet_main.main([f"--data={image_folder}", f"--text_emb={embeddings}", *SMALL, "--shots=4", "--epochs=1",
