@@ -119,6 +119,9 @@ def check_output(args):
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
+    if args.per_class and args.drop_flagged:
+        raise UserError("--drop-flagged leaves out what generate_descriptions.py's quality gate flagged in a file of "
+                        "image descriptions; a --per-class file has no such flags: drop one of the two flags")
     if args.output is None:
         args.output = default_output(args.caption)
     check_output(args)

@@ -8,7 +8,7 @@ from .errors import UserError
 from .io import atomic_torch_save, load_error
 from .run_checks import note_unfingerprinted
 from .state_dicts import CHECKPOINT, check_fits, checkpoint_file, class_count_error, state_dict_of, what_it_holds
-from .text_targets import FIXED_ON_RESUME
+from .text_targets import fixed_on_resume
 
 
 def save_checkpoint(state, path, is_main=True):
@@ -118,7 +118,7 @@ def check_same_run(checkpoint, path, args, explicit):
     changed = run_differences(checkpoint.get("args") or {}, args)
     if not changed:
         return
-    fixed = [(k, old, new) for k, old, new in changed if k in FIXED_ON_RESUME]
+    fixed = [(k, old, new) for k, old, new in changed if k in fixed_on_resume(checkpoint.get("args") or {})]
     if fixed:
         k, old, new = fixed[0]
         raise UserError(f"{path!r} was trained with --{k.replace('_', '-')} {old!r}, not {new!r}: the labels and text "

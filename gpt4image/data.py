@@ -156,6 +156,9 @@ def attach_text_embeddings(train, text_emb, generated, text_per_step=None, seed=
                             f"descriptions into an [N, D] table, or train without those flags")
         return attach_training_targets(train, text_emb, generated, targets)
     if text_emb is None or str(text_emb).lower() == "none":
+        if text_emb is not None and text_per_step is not None:
+            raise UserError(f"--text-per-step {text_per_step} chooses among the descriptions of a text table, but "
+                            f"--text_emb none trains the baseline without one; drop one of the two")
         return train, None
     if generated and not os.path.isfile(text_emb):
         embeddings = SyntheticTextEmbeddings(len(train), 1024)

@@ -18,7 +18,6 @@ Every run learns the task (>= 90 % top-1) and the alignment loss falls below its
 random text encoder cannot show the method's benefit; the demo shows that every stage works.
 """
 import json
-import math
 import os
 import shutil
 import subprocess
@@ -133,16 +132,17 @@ def main(argv=None):
 
 def explain(runs, nproc):
     """What the figures show, and what they cannot."""
+    from .report import chance_text_loss
     from .run_record import read_log
     print("\nEvery run learns the generated task; with text alignment the alignment loss falls below its chance")
     for run in runs:
         rows = read_log(os.path.join(run, "log.txt"))
         args = json.load(open(os.path.join(run, "args.json")))
-        if str(args.get("text_emb")).lower() == "none" or not rows:
+        chance = chance_text_loss(dict(args, world_size=args.get("world_size") or nproc))
+        if chance is None or not rows:
             continue
-        batch = args["batch_size"] * nproc
         print(f"  {os.path.basename(run)}: text loss {rows[0]['train_text_loss']:.2f} -> {rows[-1]['train_text_loss']:.2f} "
-              f"(chance: ln({batch}) = {math.log(batch):.2f}, the loss of embeddings unrelated to the images)")
+              f"(chance: ln({chance[1]}) = {chance[0]:.2f}, the loss of embeddings unrelated to the images)")
     print("A tiny random text encoder cannot show the method's benefit (the baselines learn this task as well);\n"
           "the demo shows that every stage works. The paper's gains need a real VLM, CLIP and ImageNet (README).\n"
           "Whether, which and when text helps (noisy labels, controls): python -m gpt4image.experiment\n"

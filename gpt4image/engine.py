@@ -305,12 +305,15 @@ def evaluate(model, loader, device, amp_dtype=None, channels_last=False, prepare
     stats = torch.zeros(4, device=device, dtype=torch.float64)  # loss, top1, top5, n
     pairs = []  # (projected image feature, its description's embedding) per batch
     with_text = getattr(model, "projection_head", None) is not None
+    state = alignment_state(model)  # --text-emb-standardize: the head was trained towards standardised rows
+    standardize = state.standardized if state is not None and state.standardize else None
     for batch in loader:
         images, targets = to_device(batch[0], device, prepare, channels_last), batch[1].to(device, non_blocking=True)
         with autocast(device, amp_dtype):
             if with_text and len(batch) > 2:
                 logits, projected = model.logits_and_projection(images)
-                pairs.append((projected.float(), batch[2].to(device).float()))
+                text = batch[2].to(device).float()
+                pairs.append((projected.float(), standardize(text, unit=True) if standardize else text))
             else:
                 logits = model(images)
         logits = logits.float()

@@ -138,7 +138,8 @@ class ArgumentParser(argparse.ArgumentParser):
                 return None  # the flag's own default
             self.error(f"{where} is empty (YAML null); give a value, or remove the line to keep the default "
                        f"{action.default!r}")
-        many = action.nargs not in (None, "?")
+        appends = isinstance(action, argparse._AppendAction)  # repeatable: one value or a list, kept as a list
+        many = action.nargs not in (None, "?") or appends
         if isinstance(value, list) and not many:
             self.error(f"{where} a list ({_shown(value)}) where one value belongs")
         values = value if isinstance(value, list) else [value]

@@ -155,15 +155,18 @@ def vl2lite_text_loss(z, t, **_):
 SIGLIP_INIT = (math.log(10.0), -10.0)  # log temperature and bias at initialisation (SigLIP, Sec. 3.2)
 
 
-def sigmoid_loss(z, t, *, log_scale, bias, **_):
+def sigmoid_loss(z, t, *, log_scale, bias, shared_targets=False, **_):
     """-1/B sum over all B x B pairs of log sigmoid(y_ij (exp(log_scale) <z_i, t_j> + bias)), y_ij
     +1 for an image and its own text, -1 otherwise (SigLIP, Zhai et al. ICCV 2023, Algorithm 1);
-    ``log_scale`` and ``bias`` are learned (``AlignmentState``); None: their initial values."""
+    ``log_scale`` and ``bias`` are learned (``AlignmentState``); None: their initial values.
+    ``shared_targets``: y_ij is +1 also where t_j is identical to t_i (class-level targets: the
+    same pair would otherwise be asked to be both a positive and a negative)."""
     z, t = F.normalize(z, dim=-1), F.normalize(t, dim=-1)
     if log_scale is None:
         log_scale, bias = (torch.tensor(v, device=z.device) for v in SIGLIP_INIT)
     logits = log_scale.exp() * (z @ t.t()) + bias
-    signs = 2 * torch.eye(len(z), device=z.device, dtype=z.dtype) - 1
+    positive = identical_rows(t, t) if shared_targets else torch.eye(len(z), device=z.device, dtype=torch.bool)
+    signs = 2 * positive.to(z.dtype) - 1
     return -F.logsigmoid(signs * logits).sum() / len(z)
 
 
@@ -227,7 +230,7 @@ def alignment_loss(image_features, text_embeddings, loss_type="clip", tau=0.2, g
             gradient in O(B x W*B) memory instead of O((W*B)^2).
         labels: [B] class labels (supcon), gathered with the features.
         log_scale, bias: SigLIP's learned scalars (sigmoid).
-        shared_targets: (clip, ctr; class-level text targets) pairs whose text rows are identical are
+        shared_targets: (clip, ctr, sigmoid; class-level text targets) pairs whose text rows are identical are
             positives of each other (multi-positive cross-entropy), not negatives. Off (the paper),
             only the diagonal is positive, also for repeated-augmentation copies with identical rows.
     Computed in float32, also under autocast.
@@ -265,14 +268,19 @@ class AlignmentState(nn.Module):
 
     def set_text_statistics(self, table, chunk_rows=65536):
         """Per-dimension mean and (unbiased) std of the [N, D] ``table``, in float64 by chunks."""
-        total = torch.zeros(table.shape[1], dtype=torch.float64)
+        self.set_statistics_of_blocks(table[start:start + chunk_rows] for start in range(0, table.shape[0], chunk_rows))
+
+    def set_statistics_of_blocks(self, blocks):
+        """Per-dimension mean and (unbiased) std of the rows of ``blocks`` ([n_i, D] tensors), in float64."""
+        total = torch.zeros(self.text_mean.shape[0], dtype=torch.float64)
         squares = torch.zeros_like(total)
-        for start in range(0, table.shape[0], chunk_rows):
-            rows = table[start:start + chunk_rows].to(torch.float64)
+        n = 0
+        for rows in blocks:
+            rows = rows.to(torch.float64)
             total += rows.sum(dim=0)
             squares += (rows * rows).sum(dim=0)
-        n = table.shape[0]
-        mean = total / n
+            n += rows.shape[0]
+        mean = total / max(n, 1)
         var = (squares - n * mean * mean).clamp(min=0) / max(n - 1, 1)
         self.text_mean.copy_(mean)
         self.text_std.copy_(var.sqrt().clamp(min=1e-6))

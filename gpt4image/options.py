@@ -10,7 +10,7 @@ from .run_checks import FINGERPRINT_KEY, cap_workers, table_fingerprint
 from .run_record import require_wandb
 from .text_weight import add_alignment_args, check_alignment_args
 from .text_per_step import add_text_per_step_args
-from .text_targets import CLASS_LEVEL, add_text_target_args
+from .text_targets import CLASS_LEVEL, add_text_target_args, row_blocks
 from .training import RunOptions
 
 
@@ -100,7 +100,7 @@ def prepare_alignment_state(model, args, embeddings, output_dir):
     if find_resume(args.resume, output_dir):
         logger.info("--text-emb-standardize: the text statistics come from the checkpoint")
         return
-    state.set_text_statistics(embeddings.table)
+    state.set_statistics_of_blocks(row_blocks(embeddings))  # the rows trained towards (kept images, class rows)
     logger.info(f"--text-emb-standardize: per-dimension mean and std of {len(embeddings)} text rows computed "
                 f"(mean |mean| {state.text_mean.abs().mean().item():.3g}, "
                 f"mean std {state.text_std.mean().item():.3g}); kept in the checkpoint")

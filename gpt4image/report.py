@@ -95,11 +95,14 @@ def summarise(run_dir, run=None, label=None):
         gather = ("gather+grad" + (" local" if args.get("local_loss") else "")) if args.get("gather_with_grad") else "released"
         try:
             weight = f"{effective_text_weight(args['lamb'], args['loss_type'], args.get('gather_with_grad'), world):g}"
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, KeyError):
             weight = "?"
         alignment = f"{args['loss_type']} lamb={args['lamb']} tau={args['tau']} {gather} (eff. {weight})"
+        if args.get("text_target", "image") != "image":
+            alignment += f" target={args['text_target']}"
     else:
         alignment = "off"
+    alignment += _labels(args)
     top1 = [_number(r.get("test_acc1")) for r in rows]
     top1 = [v for v in top1 if v is not None]
     ema = [v for v in (_number(r.get("ema_test_acc1")) for r in rows) if v is not None]
@@ -123,6 +126,16 @@ def summarise(run_dir, run=None, label=None):
     }
 
 
+def _labels(args):
+    """'; labels: noise 0.4, 10 shots' when the run chose its labels (--label-noise, --shots,
+    --train-fraction); '' for the paper's."""
+    chosen = [f"noise {args['label_noise']:g}" if _number(args.get("label_noise")) else "",
+              f"{args['shots']} shots" if args.get("shots") else "",
+              f"fraction {args['train_fraction']:g}" if (_number(args.get("train_fraction")) or 1) < 1 else ""]
+    chosen = [c for c in chosen if c]
+    return f"; labels: {', '.join(chosen)}" if chosen else ""
+
+
 def _eval_sets(rows):
     """The --eval-set top-1 of the last row that has any: 'r 36.1 (EMA 37.0), v2 ...'."""
     last = next((r for r in reversed(rows) if any(k.startswith(EVAL_SET_KEY) for k in r)), {})
@@ -143,14 +156,19 @@ def markdown_table(summaries):
 
 
 def chance_text_loss(args):
-    """(loss of an alignment that has learnt nothing, the global batch it assumes) for the clip and
-    ctr losses: log(N) over the N = batch x processes images a loss compares at a time; None for
-    byol, a baseline, or an args.json without the batch size."""
+    """(loss of an alignment that has learnt nothing, the images it assumes) for the clip and ctr
+    losses: log(N) over the N images a loss compares at a time: clip the global batch (batch x
+    processes, x --accum-iter under exact accumulation), ctr the local batch; None for byol and the
+    other losses, a baseline, or an args.json without the batch size."""
     batch, world = _number(args.get("batch_size")), _number(args.get("world_size")) or 1
     if args.get("loss_type") not in ("clip", "ctr") or str(args.get("text_emb")).lower() == "none" or not batch:
         return None
-    global_batch = int(batch * world)
-    return (math.log(global_batch), global_batch) if global_batch > 1 else None
+    compared = batch
+    if args["loss_type"] == "clip":
+        exact = args.get("accum_alignment") == "exact"  # absent before exact accumulation: per batch
+        compared *= world * ((_number(args.get("accum_iter")) or 1) if exact else 1)
+    compared = int(compared)
+    return (math.log(compared), compared) if compared > 1 else None
 
 
 def plot(runs, path):
@@ -188,7 +206,8 @@ def curves_figure(runs):
             chance = chance_text_loss(run_args)
             if chance:
                 axes[2].axhline(chance[0], ls=":", color=color,
-                                label=f"{label}: chance, log({chance[1]}) = {chance[0]:.2f} (global batch of args.json)")
+                                label=f"{label}: chance, log({chance[1]}) = {chance[0]:.2f} "
+                                      f"({'global' if run_args['loss_type'] == 'clip' else 'local'} batch of args.json)")
         if retrieval and any("test_i2t_r1" in r for r in rows):
             axes[3].plot(epochs, series(rows, "test_i2t_r1"), marker="o", color=color, label=label + " image->text")
             axes[3].plot(epochs, series(rows, "test_t2i_r1"), ls="--", color=color, label=label + " text->image")

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from .distributed import logger
 from .errors import UserError, at_least, in_range
 from .io import atomic_write_json
-from .text_embeddings import SyntheticTextEmbeddings, WithTextEmbeddings, load_text_embeddings
+from .text_embeddings import SyntheticTextEmbeddings, WithTextEmbeddings, _validate, load_text_embeddings
+from .text_per_step import keep_described
 
 TEXT_TARGETS = ("image", "class-mean", "class-text", "shuffled", "random")
 CLASS_LEVEL = ("class-mean", "class-text")  # several images of a batch share one row: positives of each other
@@ -61,6 +62,14 @@ class TrainingTargets:
     def released(self):
         """True when nothing differs from the paper's run (the released code path is used unchanged)."""
         return (self.text_target, self.label_noise, self.train_fraction, self.shots) == ("image", 0.0, 1.0, None)
+
+
+def fixed_on_resume(saved_args):
+    """The arguments a resume of the run of ``saved_args`` never changes: the four above, and --seed
+    when it drew the run's images, labels or text targets."""
+    chose = (saved_args.get("text_target", "image"), saved_args.get("label_noise", 0.0),
+             saved_args.get("train_fraction", 1.0), saved_args.get("shots")) != ("image", 0.0, 1.0, None)
+    return FIXED_ON_RESUME + (("seed",) if chose else ())
 
 
 def _generator(seed, salt):
@@ -176,12 +185,32 @@ def class_mean_table(table, labels, num_classes, chunk=65536):
 
 
 def _block(rows, start, end):
-    """Rows start..end of a TextEmbeddings or an IndexedRows over one, read with one indexing call."""
-    if isinstance(rows, IndexedRows) and hasattr(rows.source, "table"):
+    """Rows start..end of a TextEmbeddings, an IndexedRows over one or ClassRows, read with one
+    indexing call (other row sources row by row)."""
+    if isinstance(rows, IndexedRows) and hasattr(rows.source, "table") and rows.source.table.dim() == 2:
         return rows.source.table[rows.index[start:end]]
-    if hasattr(rows, "table"):
+    if isinstance(rows, ClassRows):
+        return rows.class_table[rows.labels[start:end]]
+    if hasattr(rows, "table") and rows.table.dim() == 2:
         return rows.table[start:end]
     return torch.stack([rows[k] for k in range(start, min(end, len(rows)))])
+
+
+def row_blocks(rows, chunk=65536):
+    """The rows a run trains towards, ``chunk`` at a time ([n, D] tensors): of a TextEmbeddings, of
+    the row sources above (the kept images, their class rows), or of an [N, K, D] table (under
+    --text-per-step mean the renormalised means, under sample all N x K descriptions it may draw)."""
+    table = getattr(rows, "table", None)
+    if table is not None and table.dim() == 3:
+        for start in range(0, table.shape[0], chunk):
+            block = table[start:start + chunk].float()
+            if getattr(rows, "mode", None) == "mean":
+                yield F.normalize(block.mean(dim=1), dim=1)
+            else:
+                yield block.reshape(-1, table.shape[2])
+        return
+    for start in range(0, len(rows), chunk):
+        yield _block(rows, start, min(start + chunk, len(rows)))
 
 
 def per_class_rows(embeddings, owners, num_classes):
@@ -230,7 +259,13 @@ def _load_table(text_emb, generated, rows):
     if generated and not os.path.isfile(text_emb):
         logger.info(f"generated data: random {rows} x 1024 text embeddings (no file {text_emb!r} needed)")
         return SyntheticTextEmbeddings(rows, 1024)
-    return load_text_embeddings(text_emb)
+    table = load_text_embeddings(text_emb, validate=False)
+    if table.table.dim() == 3:  # several descriptions per image (--text-per-step), not read here yet
+        raise UserError(f"text embeddings {text_emb!r} hold {table.table.shape[1]} descriptions per image "
+                        f"({list(table.table.shape)}), which --text-target, --label-noise, --train-fraction and "
+                        f"--shots cannot use yet; average them into an [N, D] table, or train without those flags")
+    _validate(table.table, text_emb)
+    return table
 
 
 def _class_table(text_emb, generated, train, num_classes):
@@ -265,6 +300,7 @@ def attach_training_targets(train, text_emb, generated, targets):
     table = None
     if not none and targets.text_target != "class-text":
         table = _load_table(text_emb, generated, len(train))
+        train = keep_described(train, table)  # a --drop-flagged table leaves images out
         WithTextEmbeddings(train, table)  # row count and file list of the full set
     original = dataset_labels(train)
     num_classes = targets.num_classes

@@ -91,6 +91,16 @@ def photos(tmp_path_factory):
     return str(root)
 
 
+def tool_main(tool):
+    """``main`` of the repository's script ``<tool>.py`` (description2embedding, generate_descriptions, ...)."""
+    sys.path.insert(0, REPO)
+    try:
+        import importlib
+        return importlib.import_module(tool).main
+    finally:
+        sys.path.remove(REPO)
+
+
 def _load_recipe(name):
     """Import ``<name>/main.py`` as ``<name>_main``, its folder on the path as when it runs as a script."""
     import importlib.util

@@ -130,6 +130,27 @@ def test_standardisation_statistics_are_the_tables_per_dimension_mean_and_std():
     assert torch.allclose(state.standardized(t, unit=True).norm(dim=1), torch.ones(4))
 
 
+def test_retrieval_compares_the_projection_with_standardised_rows_when_training_did():
+    from gpt4image.engine import evaluate
+    g = torch.Generator().manual_seed(0)
+    texts = F.normalize(torch.randn(12, 6, generator=g) + 3, dim=1)  # a large common component, as CLIP's
+    state = AlignmentState("clip", 6, standardize=True)
+    state.set_text_statistics(texts)
+
+    class Aligned(torch.nn.Module):  # a head that learnt the standardised rows exactly
+        def __init__(self):
+            super().__init__()
+            self.projection_head, self.alignment_state = torch.nn.Identity(), state
+
+        def logits_and_projection(self, x):
+            return torch.zeros(len(x), 2), state.standardized(texts[x[:, 0].long()], unit=True)
+
+    batches = [(torch.arange(k, k + 4).float()[:, None], torch.zeros(4, dtype=torch.long), texts[k:k + 4])
+               for k in range(0, 12, 4)]
+    found = evaluate(Aligned(), batches, torch.device("cpu"))
+    assert found["pair_cosine"] == pytest.approx(1.0) and found["i2t_r1"] == 100.0
+
+
 # --- the recipes: schedules in log.txt and TensorBoard, SigLIP's scalars and the statistics resumed ----
 
 SMALL = ["-a", "resnet18", "-b", "8", "--input-size", "32", "-j", "0", "--seed", "0", "-p", "1"]

@@ -244,12 +244,17 @@ def test_drop_flagged_leaves_out_what_the_gate_flagged_and_training_uses_the_res
     meta = json.load(open(f"{table}.json"))
     assert meta["num_rows"] == len(files) - 2 and meta["drop_flagged"]["images_left_out"] == 2
     train, _ = build_image_folders(image_folder, None, None)
-    with pytest.raises(UserError, match="rows but the training set has"):
+    with pytest.raises(UserError, match="rows but the train set has"):
         WithTextEmbeddings(train, load_training_table(table))
     embeddings = load_training_table(table)
     kept = keep_described(train, embeddings)
     paired = WithTextEmbeddings(kept, embeddings)  # count and file list both check out
     assert len(paired) == len(files) - 2 and files[3] not in {s[0][-len(files[3]):] for s in kept.samples}
+    from gpt4image.text_targets import TrainingTargets, attach_training_targets
+    fewer, rows = attach_training_targets(train, table, False, TrainingTargets(len(train.classes), shots=10))
+    assert len(fewer) == len(rows) == 10 * len(train.classes)  # --shots among the described images
+    chosen = [fewer.dataset.dataset.samples[int(k)][0] for k in fewer.dataset.indices]
+    assert not any(path.endswith(files[i]) for path in chosen for i in (3, 10))  # the flagged ones stay out
 
     table3 = str(tmp_path / "three.pth")
     d2e_main([f"--caption={several}", f"--data={image_folder}/train", f"--model={tiny_clip}", f"--output={table3}",
@@ -319,6 +324,9 @@ def test_sample_draws_the_same_description_after_a_resume_and_on_any_number_of_r
     torch.save(table[:, 0], flat)
     with pytest.raises(UserError, match="drop --text-per-step"):
         load_training_table(flat, "mean")
+    from gpt4image.data import attach_text_embeddings
+    with pytest.raises(UserError, match="--text_emb none"):  # the baseline has no descriptions to choose among
+        attach_text_embeddings(_Indexed(n), "none", False, "mean")
 
 
 def test_both_recipes_train_on_k_descriptions_and_sample_resumes_exactly(image_folder, tmp_path):

@@ -10,8 +10,10 @@ import torch.nn.functional as F
 from conftest import REPO, run_script
 from gpt4image.errors import UserError
 from gpt4image.losses import alignment_loss
-from gpt4image.text_targets import (RandomRows, balanced_subset, class_mean_table, per_class_rows, shuffled_index,
-                                    symmetric_label_noise)
+from gpt4image.losses import AlignmentState
+from gpt4image.text_embeddings import TextEmbeddings
+from gpt4image.text_targets import (ClassRows, IndexedRows, RandomRows, balanced_subset, class_mean_table,
+                                    per_class_rows, row_blocks, shuffled_index, symmetric_label_noise)
 from test_hardening import refused, snapshot
 
 RESNET = os.path.join(REPO, "resnet", "main.py")
@@ -118,6 +120,17 @@ def test_contrastive_loss_treats_identical_targets_as_positives_only_when_target
     assert torch.allclose(alignment_loss(feats, distinct, shared_targets=shared), alignment_loss(feats, distinct))
 
 
+@pytest.mark.parametrize("shared", [True, False])
+def test_sigmoid_loss_makes_identical_targets_positive_pairs_only_when_targets_are_shared(shared):
+    t = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    z = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
+    logits = [[1, 1, 0], [0, 0, 1], [1, 1, 0]]  # <z_i, t_j> at scale e^0 = 1, bias 0
+    signs = [[1, 1, -1], [1, 1, -1], [-1, -1, 1]] if shared else [[1, -1, -1], [-1, 1, -1], [-1, -1, 1]]
+    expected = sum(math.log(1 + math.exp(-signs[i][j] * logits[i][j])) for i in range(3) for j in range(3)) / 3
+    loss = alignment_loss(z, t, "sigmoid", log_scale=torch.tensor(0.0), bias=torch.tensor(0.0), shared_targets=shared)
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+
+
 # ------------------------------------------------------------------------------------------ the recipes
 
 def _labels(run):
@@ -126,6 +139,45 @@ def _labels(run):
 
 def _losses(run):
     return [json.loads(line)["train_loss"] for line in open(os.path.join(run, "log.txt"))]
+
+
+def _statistics(rows):
+    state = AlignmentState("clip", 3, standardize=True)
+    state.set_statistics_of_blocks(row_blocks(rows, chunk=2))
+    return state.text_mean.double(), state.text_std.double()
+
+
+def test_standardisation_statistics_are_those_of_the_rows_trained_towards():
+    g = torch.Generator().manual_seed(0)
+    table = TextEmbeddings(torch.randn(7, 3, generator=g), "t.pth")
+    kept = torch.tensor([0, 2, 3, 6])  # --shots / --train-fraction: the kept images' rows only
+    mean, std = _statistics(IndexedRows(table, kept))
+    torch.testing.assert_close(mean, table.table[kept].double().mean(0), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(std, table.table[kept].double().std(0), rtol=1e-5, atol=1e-6)
+    labels = torch.tensor([1, 0, 1, 1])  # class-level targets: each image's class row
+    mean, std = _statistics(ClassRows(table.table[:2], labels, "t.pth"))
+    torch.testing.assert_close(mean, table.table[labels].double().mean(0), rtol=1e-5, atol=1e-6)
+    from gpt4image.text_per_step import MultiTextEmbeddings
+    many = torch.randn(5, 2, 3, generator=g)
+    sampled = MultiTextEmbeddings(many, "m.pth", {}, "sample", 0)  # all N x K descriptions it may draw
+    torch.testing.assert_close(_statistics(sampled)[0], many.reshape(10, 3).double().mean(0), rtol=1e-5, atol=1e-6)
+    averaged = MultiTextEmbeddings(many, "m.pth", {}, "mean", 0)  # the rows it serves
+    served = torch.stack([averaged[k] for k in range(5)]).double()
+    torch.testing.assert_close(_statistics(averaged)[0], served.mean(0), rtol=1e-5, atol=1e-6)
+
+
+def test_a_table_of_several_descriptions_per_image_is_refused_with_the_fix_for_these_flags(tmp_path):
+    from gpt4image.text_targets import TrainingTargets, attach_training_targets
+    torch.save(F.normalize(torch.randn(4, 2, 8), dim=-1), tmp_path / "k.pth")
+    with pytest.raises(UserError, match=r"2 descriptions per image .*cannot use yet; average them"):
+        attach_training_targets(list(range(4)), str(tmp_path / "k.pth"), False, TrainingTargets(2, shots=1))
+
+
+def test_standardised_run_trains_on_few_shots_with_class_targets(image_folder, embeddings, tmp_path):
+    import resnet_main
+    resnet_main.main([f"--data={image_folder}", f"--text_emb={embeddings}", *SMALL, "--shots=4", "--epochs=1",
+                      "--text-target=class-mean", "--text-emb-standardize", f"--save_dir={tmp_path}"])
+    assert math.isfinite(_losses(tmp_path)[0])
 
 
 def test_noisy_random_run_resumed_equals_the_straight_run_and_records_its_labels(image_folder, embeddings, tmp_path):
@@ -144,6 +196,16 @@ def test_noisy_random_run_resumed_equals_the_straight_run_and_records_its_labels
     assert (args["text_target"], args["label_noise"], args["shots"]) == ("random", 0.5, 10)
     refused([RESNET, *common[:-1], "--text-target=shuffled", f"--save_dir={tmp_path}/resumed", "--epochs=2",
              f"--resume={tmp_path}/resumed/checkpoint.pth"], "--text-target 'random'")
+
+
+def test_an_explicit_resume_with_another_seed_is_refused_only_when_the_seed_drew_the_labels():
+    from argparse import Namespace
+    from gpt4image.checkpoint import check_same_run
+    saved = {"seed": 0, "text_target": "image", "label_noise": 0.4, "train_fraction": 1.0, "shots": None}
+    with pytest.raises(UserError, match="--seed 0"):
+        check_same_run({"args": saved}, "c.pth", Namespace(**dict(saved, seed=1)), explicit=True)
+    paper = dict(saved, label_noise=0.0)  # the seed drew nothing: a warning, as before
+    check_same_run({"args": paper}, "c.pth", Namespace(**dict(paper, seed=1)), explicit=True)
 
 
 def test_two_ranks_train_on_the_labels_of_one_process(image_folder, embeddings, tmp_path):
@@ -188,6 +250,10 @@ def test_deit_trains_with_a_per_class_table_and_noisy_labels(image_folder, tiny_
     before = snapshot(tmp_path)
     refused([D2E, f"--caption={tmp_path}/three.json", "--per-class", f"--data={image_folder}/train",
              f"--model={tiny_clip}", f"--output={tmp_path}/three_emb.pth", "--workers=0"], classes[3], "no description")
+    assert snapshot(tmp_path) == before
+    with pytest.raises(UserError, match="--drop-flagged"):  # a per-class file carries no quality flags
+        description2embedding.main([f"--caption={tmp_path}/classes.json", "--per-class", "--drop-flagged",
+                                    f"--data={image_folder}/train", f"--output={tmp_path}/x.pth"])
     assert snapshot(tmp_path) == before
 
 

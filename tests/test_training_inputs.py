@@ -141,6 +141,14 @@ def test_config_switches_take_yaml_booleans_and_null_keeps_a_none_default(recipe
     assert getattr(_parse(parser, f"{switch}: false\n"), switch) is False
 
 
+@RECIPES
+def test_a_repeatable_flag_takes_one_value_or_a_list_from_a_config(recipe):
+    # as on the command line: a list of the values, whether the file gives one or several
+    command_line = _parser(recipe).parse_args(["--eval-set=v2=a", "--eval-set=r=b"]).eval_set
+    assert _parse(_parser(recipe), "eval_set: v2=a\n").eval_set == command_line[:1]
+    assert _parse(_parser(recipe), "eval_set: [v2=a, r=b]\n").eval_set == command_line
+
+
 def _parse(parser, text, path=None):
     import tempfile
     with tempfile.NamedTemporaryFile("wb", suffix=".yaml", delete=False) as f:
@@ -347,6 +355,26 @@ def _drawn(run, tmp_path, monkeypatch):
     with contextlib.redirect_stdout(io.StringIO()):
         assert report.main([str(run), "--plot", str(tmp_path / "c.png")]) == 0
     return drawn[0]
+
+
+def test_the_report_tells_runs_of_other_text_targets_and_labels_apart(tmp_path):
+    from gpt4image.report import summarise
+    paper = summarise(tmp_path, (ARGS, ROWS))["alignment"]
+    assert "target" not in paper and "labels" not in paper
+    noisy = summarise(tmp_path, (dict(ARGS, text_target="shuffled", label_noise=0.4, shots=10), ROWS))["alignment"]
+    assert noisy.endswith("target=shuffled; labels: noise 0.4, 10 shots")
+    baseline = summarise(tmp_path, (dict(ARGS, text_emb="none", train_fraction=0.5), ROWS))["alignment"]
+    assert baseline == "off; labels: fraction 0.5"
+
+
+def test_the_chance_level_counts_the_images_each_loss_compares():
+    from gpt4image.report import chance_text_loss
+    assert chance_text_loss(ARGS)[1] == 64  # clip: the global batch, 32 x 2 processes
+    assert chance_text_loss(dict(ARGS, loss_type="ctr"))[1] == 32  # ctr: the local batch only
+    exact = dict(ARGS, accum_iter=4, accum_alignment="exact")  # clip over the 4 batches of each step
+    assert chance_text_loss(exact)[1] == 256
+    assert chance_text_loss(dict(exact, accum_alignment="per-batch"))[1] == 64
+    assert chance_text_loss(dict(exact, loss_type="ctr"))[1] == 32
 
 
 def test_the_curves_have_whole_epochs_a_chance_line_and_no_empty_retrieval_panel(tmp_path, monkeypatch):

@@ -2,20 +2,10 @@
 tools print run as printed on the user's own images, with no download."""
 import os
 import shlex
-import sys
 
 import torch
 
-from conftest import REPO
-
-
-def _main(tool):
-    sys.path.insert(0, REPO)
-    try:
-        import importlib
-        return importlib.import_module(tool).main
-    finally:
-        sys.path.remove(REPO)
+from conftest import tool_main
 
 
 def _next(out):
@@ -31,9 +21,9 @@ def test_the_tiny_models_command_and_the_printed_next_steps_run_offline(photos, 
     command = _next(capsys.readouterr().out)
     assert command[:2] == ["python", "generate_descriptions.py"] and "YOUR_TRAIN_FOLDER" in command
     argv = [photos if a == "YOUR_TRAIN_FOLDER" else a for a in command[2:]]
-    _main("generate_descriptions")([*argv, "--max-new-tokens=2", "--workers=0", "--quiet"])
+    tool_main("generate_descriptions")([*argv, "--max-new-tokens=2", "--workers=0", "--quiet"])
     command = _next(capsys.readouterr().out)
     assert command[:2] == ["python", "description2embedding.py"] and "--model" in command  # the tiny CLIP
-    _main("description2embedding")([*command[2:], "--workers=0", "--quiet"])
+    tool_main("description2embedding")([*command[2:], "--workers=0", "--quiet"])
     assert torch.load(tmp_path / "descriptions_text_emb.pth").shape[0] == 13
     assert os.path.isdir(tmp_path / "models" / "tiny_vlm") and os.path.isfile(tmp_path / "models" / "tiny_clip.pt")

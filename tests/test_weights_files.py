@@ -4,12 +4,11 @@ OpenAI CLIP weights files): one line naming the file and what is wrong, exit cod
 an unsafe pickle never runs."""
 import os
 import shutil
-import sys
 
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import tool_main
 from gpt4image.errors import exit_on_user_error
 from gpt4image.synthetic import save_tiny_hf_text_encoder, save_tiny_open_clip
 
@@ -22,15 +21,6 @@ class RunsCode:
 
     def __reduce__(self):
         return os.system, (f"touch {self.marker}",)
-
-
-def _main(tool):
-    sys.path.insert(0, REPO)
-    try:
-        import importlib
-        return importlib.import_module(tool).main
-    finally:
-        sys.path.remove(REPO)
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +86,7 @@ def test_bad_weights_are_one_line_naming_the_file_and_code_in_them_never_runs(en
     weights, spoiled = _spoil(entry, sources[entry], kind, tmp_path)
     tool, argv = _argv(entry, weights, tmp_path, photos)
     with pytest.raises(SystemExit) as e:
-        exit_on_user_error(_main(tool), argv)
+        exit_on_user_error(tool_main(tool), argv)
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
     assert str(spoiled) in err, err
