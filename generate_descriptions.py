@@ -23,17 +23,18 @@ import gpt4image  # noqa: F401  (makes torchvision importable first: Qwen2-VL's 
 import torch
 
 from gpt4image import __version__
-from gpt4image.describe import (DEFAULT_CLASS_PROMPT, DEFAULT_PROMPT, EMPTY, Parts, PromptBatches, VLLMEngine,
+from gpt4image.describe.core import (DEFAULT_CLASS_PROMPT, DEFAULT_PROMPT, EMPTY, Parts, PromptBatches, VLLMEngine,
                                 generate, inspect_vlm, list_images, load_vlm, loader_worker_init, parse_shard,
                                 read_class_names, resolve_dtype, task_key)
-from gpt4image.distributed import launch_environment
-from gpt4image.errors import ArgumentParser, UserError, at_least, check_device, exit_on_user_error, in_range
+from gpt4image.train.distributed import launch_environment
+from gpt4image.errors import UserError, exit_on_user_error
+from gpt4image.cli import ArgumentParser, at_least, check_device, in_range
 from gpt4image.io import append_durably, sha256_file
-from gpt4image.multi_describe import TaskPrompts, add_multi_args, resolve_descriptions, tasks_of
-from gpt4image.quality import RETRY_SETTINGS, QualityGate, add_quality_args, gate_from_args
-from gpt4image.resumable import mix_seed
+from gpt4image.describe.multi import TaskPrompts, add_multi_args, resolve_descriptions, tasks_of
+from gpt4image.describe.quality import RETRY_SETTINGS, QualityGate, add_quality_args, gate_from_args
+from gpt4image.train.resumable import mix_seed
 from gpt4image.tiny_models import TINY_MARKER
-from gpt4image.vlm_preprocess import add_preprocess_args, apply_pixel_budget
+from gpt4image.describe.preprocess import add_preprocess_args, apply_pixel_budget
 
 
 positive_int, non_negative_int, positive_float = at_least(1), at_least(0), at_least(0.0, float, strict=True)
@@ -395,7 +396,7 @@ def next_step(args):
     printed (with the tiny CLIP stand-in when the model is the tiny VLM written by ``python -m
     gpt4image.tiny_models``), and a note when OpenAI CLIP's RN50 (the default) would be downloaded."""
     import shlex
-    from gpt4image.clip_text import DEFAULT_DOWNLOAD_ROOT
+    from gpt4image.text.clip_text import DEFAULT_DOWNLOAD_ROOT
     command = (f"python description2embedding.py --caption {shlex.quote(args.output)} "
                f"--data {shlex.quote(args.data)}")
     stand_in = os.path.join(os.path.dirname(os.path.abspath(args.model or ".")), "tiny_clip.pt")

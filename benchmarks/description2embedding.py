@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from common import RESULTS, print_table, write_json
 from gpt4image._compat import import_clip
-from gpt4image.text_encoders import DescriptionBatches, OpenAIClipTokenizer, TextEncoder, encode_texts, \
+from gpt4image.text.encoders import DescriptionBatches, OpenAIClipTokenizer, TextEncoder, encode_texts, \
     load_text_encoder
 
 def _vocabulary():

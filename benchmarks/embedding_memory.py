@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import gpt4image  # noqa: E402,F401  (first: makes torchvision importable)
-from gpt4image.text_embeddings import WithTextEmbeddings, load_text_embeddings  # noqa: E402
+from gpt4image.text.tables import WithTextEmbeddings, load_text_embeddings  # noqa: E402
 
 
 class _Index(torch.utils.data.Dataset):

@@ -21,7 +21,7 @@ import time
 import torch
 
 from common import RESULTS, print_table, write_json
-from gpt4image.describe import ImageItem, PromptBatches, PromptBuilder, generate, open_rgb
+from gpt4image.describe.core import ImageItem, PromptBatches, PromptBuilder, generate, open_rgb
 
 IMAGENET_TRAIN = 1_281_167
 
@@ -67,7 +67,7 @@ def batched(model, processor, prompts, items, device, generation, batch, workers
 def vllm_run(model, processor, prompts, items, args, tmp, generation):
     """The vLLM backend over ``items`` as the tool runs it: the same model saved to ``tmp``, images
     decoded in loader workers, 256 requests in flight."""
-    from gpt4image.describe import VLLMEngine
+    from gpt4image.describe.core import VLLMEngine
     directory = os.path.join(tmp, "model")
     model.save_pretrained(directory)
     processor.save_pretrained(directory)
@@ -98,7 +98,7 @@ def main():
     p.add_argument("--vllm", action="store_true", help="also the vLLM backend (default batch for it: 256)")
     p.add_argument("--json", default=os.path.join(RESULTS, "generate_descriptions.json"))
     args = p.parse_args()
-    from gpt4image.tiny_vlm import build_tiny_vlm
+    from gpt4image.describe.tiny_vlm import build_tiny_vlm
     size = "vllm" if args.vllm and args.model == "tiny" else args.model
     model, processor = build_tiny_vlm("qwen2_vl", size=size, min_new_tokens=args.new_tokens)
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32

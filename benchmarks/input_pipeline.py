@@ -45,20 +45,14 @@ def transforms_for(recipe, released=False):
     DeiT random-erased, in the loader as the original code does)."""
     from types import SimpleNamespace
     from torchvision import transforms
-    here = os.path.dirname(os.path.abspath(__file__))
     if recipe == "resnet":
-        import importlib.util
-        spec = importlib.util.spec_from_file_location("resnet_main", os.path.join(here, "..", "resnet", "main.py"))
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+        from gpt4image.recipes import resnet as module
         ours = module.transforms_for(224)[0]
         if not released:
             return ours
         return transforms.Compose([*ours.transforms[:-1], transforms.ToTensor(),
                                    transforms.Normalize(module.MEAN, module.STD)])
-    import sys
-    sys.path.insert(0, os.path.join(here, "..", "deit"))
-    from deit_data import build_transform
+    from gpt4image.recipes.deit_data import build_transform
     args = SimpleNamespace(input_size=224, color_jitter=0.3, aa="rand-m9-mstd0.5-inc1", train_interpolation="bicubic",
                            reprob=0.25, remode="pixel", recount=1, eval_crop_ratio=1.0)
     if not released:
@@ -73,7 +67,7 @@ def rate(folder, transform, workers, passes, released=False):
     """Images/s through a DataLoader: the released one (plain ImageFolder, torchvision's image loader)
     or the recipes' own (``build_train_loader``: per-sample seeding for exact resumes, our loader)."""
     import torchvision
-    from gpt4image.data import build_train_loader, load_image
+    from gpt4image.train.data import build_train_loader, load_image
     if released:
         data = torchvision.datasets.ImageFolder(folder, transform)
         loader = torch.utils.data.DataLoader(data, batch_size=64, shuffle=True, num_workers=workers,

@@ -13,7 +13,7 @@ from common import RESULTS, print_table, write_json  # common puts the repositor
 
 
 def measure(length, seed=0):
-    from gpt4image.text_encoders import OpenAIClipTokenizer, split_description
+    from gpt4image.text.encoders import OpenAIClipTokenizer, split_description
     tokenizer = OpenAIClipTokenizer()
     tokenizer.count("warm up")
     counted = []

@@ -20,7 +20,7 @@ from common import RESULTS, print_table, write_json
 def worker(args):
     import torch
     import torch.distributed as dist
-    from gpt4image.resumable import RunControl
+    from gpt4image.train.resumable import RunControl
     dist.init_process_group("gloo")
     group = dist.new_group(backend="gloo")
 

@@ -53,8 +53,8 @@ def processor(backend, max_pixels):
 
 def measure(paths, image_processor, batch, loader_max_pixels=None, repeats=2):
     """(tokens per image, images/s decode + process, images/s process only) on this thread."""
-    from gpt4image.describe import open_rgb
-    from gpt4image.vlm_preprocess import vision_tokens
+    from gpt4image.describe.core import open_rgb
+    from gpt4image.describe.preprocess import vision_tokens
 
     def decode():
         return [open_rgb(p, loader_max_pixels)[0] for p in paths]

@@ -8,13 +8,14 @@ ensure_torchvision_importable()
 
 __version__ = "0.1.0"
 
-from .checkpoint import check_compatible, load_checkpoint, save_checkpoint  # noqa: E402
-from .distributed import DistInfo, init_distributed, reduce_sums, setup_logging  # noqa: E402
+from .train.checkpoint import check_compatible, load_checkpoint, save_checkpoint  # noqa: E402
+from .train.distributed import DistInfo, init_distributed, reduce_sums  # noqa: E402
+from .log import setup_logging  # noqa: E402
 from .errors import UserError  # noqa: E402
-from .losses import alignment_loss, describe_alignment, effective_text_weight  # noqa: E402
-from .models import TextAlignedModel, build_projection_head  # noqa: E402
-from .samplers import ExactDistributedSampler, RASampler  # noqa: E402
-from .text_embeddings import TextEmbeddings, WithTextEmbeddings, load_text_embeddings  # noqa: E402
+from .train.losses import alignment_loss, describe_alignment, effective_text_weight  # noqa: E402
+from .train.models import TextAlignedModel, build_projection_head  # noqa: E402
+from .train.samplers import ExactDistributedSampler, RASampler  # noqa: E402
+from .text.tables import TextEmbeddings, WithTextEmbeddings, load_text_embeddings  # noqa: E402
 
 __all__ = [
     "alignment_loss", "build_projection_head", "TextAlignedModel", "load_text_embeddings", "TextEmbeddings",

@@ -26,9 +26,9 @@ import time
 
 import torch
 
-from .errors import ArgumentParser, at_least
+from .cli import ArgumentParser, at_least
 from .synthetic import describe_image_folder, make_image_folder, save_tiny_clip
-from .tiny_vlm import save_tiny_vlm
+from .describe.tiny_vlm import save_tiny_vlm
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -133,7 +133,7 @@ def main(argv=None):
 def explain(runs, nproc):
     """What the figures show, and what they cannot."""
     from .report import chance_text_loss
-    from .run_record import read_log
+    from .train.run_record import read_log
     print("\nEvery run learns the generated task; with text alignment the alignment loss falls below its chance")
     for run in runs:
         rows = read_log(os.path.join(run, "log.txt"))

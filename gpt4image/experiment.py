@@ -26,10 +26,11 @@ import zlib
 import torch
 import torch.nn.functional as F
 
-from .errors import ArgumentParser, UserError, at_least, in_range
+from .cli import ArgumentParser, at_least, in_range
+
+from .errors import UserError
 from .io import atomic_write_json, atomic_write_text, sha256_lines
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COLOURS = {"red": (215, 45, 45), "green": (45, 175, 60), "blue": (50, 80, 220)}
 SHAPES = ("circle", "square")
 CONDITIONS = ("baseline", "image", "class-text", "shuffled", "random")
@@ -100,7 +101,7 @@ def bag_of_words(texts, dim=64, seed=0):
 def write_tables(out, texts, files):
     """The per-image table (row k: training image k) and the per-class table, as description2embedding.py
     would write them (a tensor and its ``.json`` metadata); returns their paths."""
-    from .text_targets import per_class_rows
+    from .train.text_targets import per_class_rows
     image_table = os.path.join(out, "text_emb.pth")
     torch.save(bag_of_words(texts), image_table)
     atomic_write_text(image_table + ".files.txt", "".join(f + "\n" for f in files))
@@ -117,15 +118,9 @@ def write_tables(out, texts, files):
 
 
 def _recipe_main(recipe):
-    """The ``main`` of resnet/main.py or deit/main.py, imported under a name of its own."""
-    import importlib.util
-    folder = os.path.join(REPO, recipe)
-    if folder not in sys.path:
-        sys.path.insert(0, folder)
-    spec = importlib.util.spec_from_file_location(f"gpt4image_{recipe}_main", os.path.join(folder, "main.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+    """The ``main`` of resnet/main.py or deit/main.py (gpt4image.recipes.resnet / .deit)."""
+    import importlib
+    return importlib.import_module(f"gpt4image.recipes.{recipe}").main
 
 
 def run_argv(run, paths, settings):

@@ -11,10 +11,12 @@ import math
 import os
 import sys
 
-from .errors import ArgumentParser, UserError, one_line
-from .eval_sets import KEY as EVAL_SET_KEY
-from .losses import effective_text_weight
-from .run_record import read_log
+from .cli import ArgumentParser
+
+from .errors import UserError, one_line
+from .train.eval_sets import KEY as EVAL_SET_KEY
+from .train.losses import effective_text_weight
+from .train.run_record import read_log
 
 
 RECIPES = ("resnet", "deit")

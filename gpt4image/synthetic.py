@@ -88,7 +88,7 @@ def make_image_folder(root, num_classes=4, train_per_class=16, val_per_class=6, 
 
 def describe_image_folder(train_root, seed=0):
     """One description per image of ``ImageFolder(train_root)``, in its order, and the file list."""
-    from .descriptions import list_image_folder
+    from .text.descriptions import list_image_folder
     rng = random.Random(seed)
     files = list_image_folder(train_root)
     classes = {name: i for i, (name, _, _) in enumerate(CLASSES)}
@@ -143,7 +143,7 @@ def save_tiny_hf_text_encoder(kind, directory, seed=0):
     ``directory``: ``kind`` "clip" (CLIPTextModelWithProjection, 40-d projection, context 77) or
     "bert" (BertModel, hidden 32, context 128). Returns the ``--model`` value ``hf:DIR``."""
     from transformers import BertConfig, BertModel, CLIPTextConfig, CLIPTextModelWithProjection
-    from .tiny_vlm import byte_level_tokenizer
+    from .describe.tiny_vlm import byte_level_tokenizer
     torch.manual_seed(seed)
     if kind == "clip":
         tok = byte_level_tokenizer([], eos="<|endoftext|>", pad="<|endoftext|>", bos="<|startoftext|>",

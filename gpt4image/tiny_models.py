@@ -13,7 +13,9 @@ every stage runs on your data, not what real models give.
 import os
 import sys
 
-from .errors import ArgumentParser, UserError, exit_on_user_error
+from .cli import ArgumentParser
+
+from .errors import UserError, exit_on_user_error
 
 TINY_MARKER = "TINY_STAND_IN.txt"  # in the VLM folder: generate_descriptions' next step uses tiny_clip.pt beside it
 
@@ -22,7 +24,7 @@ def write_tiny_models(folder, family="qwen2_vl"):
     """``folder/tiny_vlm`` and ``folder/tiny_clip.pt``; returns their paths."""
     from .io import atomic_write_text, ensure_writable_dir
     from .synthetic import save_tiny_clip
-    from .tiny_vlm import save_tiny_vlm
+    from .describe.tiny_vlm import save_tiny_vlm
     ensure_writable_dir(folder, "folder for the tiny models")
     vlm = save_tiny_vlm(family, os.path.join(folder, "tiny_vlm"))
     atomic_write_text(os.path.join(vlm, TINY_MARKER), "A randomly initialised stand-in written by "
@@ -32,7 +34,7 @@ def write_tiny_models(folder, family="qwen2_vl"):
 
 
 def main(argv=None):
-    from .tiny_vlm import FAMILIES
+    from .describe.tiny_vlm import FAMILIES
     p = ArgumentParser("python -m gpt4image.tiny_models", description=__doc__)
     p.add_argument("folder", help="where to write tiny_vlm/ and tiny_clip.pt")
     p.add_argument("--family", choices=FAMILIES, default="qwen2_vl", help="architecture of the tiny VLM")

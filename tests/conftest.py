@@ -53,7 +53,7 @@ def tiny_clip(tmp_path_factory):
 @pytest.fixture(scope="session")
 def vlm(tmp_path_factory):
     """family -> directory of its tiny random model (built once per session)."""
-    from gpt4image.tiny_vlm import FAMILIES, save_tiny_vlm
+    from gpt4image.describe.tiny_vlm import FAMILIES, save_tiny_vlm
     root = tmp_path_factory.mktemp("vlm")
     return {family: save_tiny_vlm(family, str(root / family)) for family in FAMILIES}
 
@@ -99,18 +99,3 @@ def tool_main(tool):
         return importlib.import_module(tool).main
     finally:
         sys.path.remove(REPO)
-
-
-def _load_recipe(name):
-    """Import ``<name>/main.py`` as ``<name>_main``, its folder on the path as when it runs as a script."""
-    import importlib.util
-    sys.path.insert(0, os.path.join(REPO, name))
-    spec = importlib.util.spec_from_file_location(f"{name}_main", os.path.join(REPO, name, "main.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    sys.modules[f"{name}_main"] = module
-    return module
-
-
-_load_recipe("resnet")
-_load_recipe("deit")

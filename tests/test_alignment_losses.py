@@ -13,8 +13,8 @@ import torch.nn.functional as F
 
 import alignment_references as ref
 from conftest import REPO
-from gpt4image.losses import LOSS_TYPES, LOSSES, Alignment, AlignmentState, alignment_loss
-from gpt4image.text_weight import parse_schedule
+from gpt4image.train.losses import LOSS_TYPES, LOSSES, Alignment, AlignmentState, alignment_loss
+from gpt4image.train.text_weight import parse_schedule
 from gpt4image.errors import UserError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -131,7 +131,7 @@ def test_standardisation_statistics_are_the_tables_per_dimension_mean_and_std():
 
 
 def test_retrieval_compares_the_projection_with_standardised_rows_when_training_did():
-    from gpt4image.engine import evaluate
+    from gpt4image.train.engine import evaluate
     g = torch.Generator().manual_seed(0)
     texts = F.normalize(torch.randn(12, 6, generator=g) + 3, dim=1)  # a large common component, as CLIP's
     state = AlignmentState("clip", 6, standardize=True)
@@ -172,7 +172,7 @@ def _step_scalars(folder, tag):
 
 def test_sigmoid_standardised_per_step_schedule_is_learned_kept_and_resumed_exactly(image_folder, embeddings,
                                                                                     tmp_path):
-    import resnet_main
+    from gpt4image.recipes import resnet as resnet_main
     from gpt4image import load_text_embeddings
     common = [f"--data={image_folder}", f"--text_emb={embeddings}", *SMALL, "--epochs=2", "--loss_type=sigmoid",
               "--text-emb-standardize", "--text-weight-schedule=linear", "--text-weight-every=step"]
@@ -206,9 +206,9 @@ def test_sigmoid_standardised_per_step_schedule_is_learned_kept_and_resumed_exac
 
 
 def test_supcon_under_mixup_takes_the_unmixed_labels(image_folder, embeddings, tmp_path):
-    import deit_main
-    from deit_data import DeviceAugment, TextMixup
-    from gpt4image.engine import TrainStep, train_step
+    from gpt4image.recipes import deit as deit_main
+    from gpt4image.recipes.deit_data import DeviceAugment, TextMixup
+    from gpt4image.train.engine import TrainStep, train_step
 
     seen = []
 
@@ -233,7 +233,7 @@ def test_supcon_under_mixup_takes_the_unmixed_labels(image_folder, embeddings, t
 
 @pytest.mark.parametrize("loss_type", ["clip", "supcon"])
 def test_one_process_batch_b_accumulating_2_equals_batch_2b(loss_type, image_folder, embeddings, tmp_path):
-    import deit_main
+    from gpt4image.recipes import deit as deit_main
     plain = [f"--text_emb={embeddings}", f"--data-path={image_folder}", *DEIT_PLAIN, f"--loss_type={loss_type}",
              "--warmup-epochs=0", "--unscale-lr", "--lr=1e-4",  # not the warm-up's 1e-6: the weights move
              "--opt-eps=1e-6"]  # AdamW's first steps turn gradients of rounding size into +-lr; not these
@@ -280,7 +280,7 @@ def _batches(count, size, classes=4, dim=8, seed=0):
 
 
 def _one_step(model, batches, alignment):
-    from gpt4image.engine import TrainStep, train_step
+    from gpt4image.train.engine import TrainStep, train_step
     criterion = lambda _, logits, y: F.cross_entropy(logits, y)  # noqa: E731
     step = TrainStep(model, torch.optim.SGD(model.parameters(), lr=0.1), criterion, torch.device("cpu"), alignment,
                      accum_iter=len(batches))
@@ -290,7 +290,7 @@ def _one_step(model, batches, alignment):
 
 def test_exact_accumulation_updates_batchnorm_statistics_once_per_batch_as_plain_accumulation():
     import copy
-    import resnet_main
+    from gpt4image.recipes import resnet as resnet_main
     args = resnet_main.get_args_parser().parse_args(["-a", "resnet18", "--input-size", "32"])
     torch.manual_seed(0)
     model = resnet_main.build_model(args, 4, 8)
@@ -305,7 +305,7 @@ def test_exact_accumulation_updates_batchnorm_statistics_once_per_batch_as_plain
 
 
 def test_the_recompute_draws_the_same_dropout_and_drop_path_masks_as_the_first_pass():
-    import deit_main
+    from gpt4image.recipes import deit as deit_main
     args = deit_main.get_args_parser().parse_args(["--model", "deit_tiny_patch16_224", "--input-size", "32",
                                                    "--drop-path=0.5", "--drop=0.3"])
     torch.manual_seed(0)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import gpt4image
 from gpt4image import (ExactDistributedSampler, RASampler, TextAlignedModel, UserError, WithTextEmbeddings,
                        alignment_loss, build_projection_head, load_text_embeddings)
-from gpt4image.text_embeddings import TextEmbeddings
+from gpt4image.text.tables import TextEmbeddings
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -212,7 +212,7 @@ def test_load_image_gives_the_pixels_of_torchvisions_default_loader(tmp_path):
     import numpy as np
     from PIL import Image
     from torchvision.datasets.folder import pil_loader
-    from gpt4image.data import load_image
+    from gpt4image.train.data import load_image
     pixels = np.random.default_rng(0).integers(0, 255, (30, 40, 4), dtype=np.uint8)
     for mode, name in [("RGB", "a.jpg"), ("L", "b.jpg"), ("CMYK", "c.jpg"), ("P", "d.png"), ("RGBA", "e.png")]:
         image = Image.fromarray(pixels[..., :3]).convert(mode) if mode != "RGBA" else Image.fromarray(pixels)

@@ -45,7 +45,7 @@ def test_two_epochs_with_ema_and_the_final_line(launcher, image_folder, embeddin
 
 
 def test_aligned_feature_is_the_class_token_after_the_final_norm():
-    import deit_main
+    from gpt4image.recipes import deit as deit_main
     args = deit_main.get_args_parser().parse_args([*TINY, "--drop-path=0"])
     model = deit_main.build_model(args, 5, 16).eval()
     x = torch.randn(2, 3, 32, 32)
@@ -59,7 +59,7 @@ def test_aligned_feature_is_the_class_token_after_the_final_norm():
 
 
 def test_mixup_leaves_text_unmixed_by_default_and_mix_text_mixes_with_the_same_lambda():
-    from deit_data import TextMixup
+    from gpt4image.recipes.deit_data import TextMixup
     torch.manual_seed(0)
     images = torch.zeros(4, 3, 8, 8)
     images[:, 0] = torch.arange(4.0).view(4, 1, 1)
@@ -77,7 +77,7 @@ def test_mixup_leaves_text_unmixed_by_default_and_mix_text_mixes_with_the_same_l
 
 
 def test_automatic_resume_equals_an_uninterrupted_run(image_folder, embeddings, tmp_path):
-    import deit_main
+    from gpt4image.recipes import deit as deit_main
     common = [f"--data-path={image_folder}", f"--text_emb={embeddings}", "--num_workers=0", *TINY, "--epochs=2"]
     deit_main.main([*common, f"--output_dir={tmp_path}/straight"])
     deit_main.main([*common, f"--output_dir={tmp_path}/resumed", "--stop-after=1"])
@@ -94,7 +94,7 @@ def test_automatic_resume_equals_an_uninterrupted_run(image_folder, embeddings, 
 @pytest.mark.parametrize("kind", ["soft", "hard"])
 def test_distillation_from_a_local_teacher_checkpoint(kind, image_folder, embeddings, tmp_path):
     import timm
-    import deit_main
+    from gpt4image.recipes import deit as deit_main
     teacher = timm.create_model("resnet18", num_classes=4, global_pool="avg")
     torch.save({"model": teacher.state_dict()}, tmp_path / "teacher.pth")
     out = deit_main.main([f"--data-path={image_folder}", f"--text_emb={embeddings}", "--num_workers=0",
@@ -120,7 +120,7 @@ def _write_cifar100(root, n_train=40, n_test=20):
 
 
 def test_cifar100_from_local_files_with_text_embeddings(tmp_path):
-    import deit_main
+    from gpt4image.recipes import deit as deit_main
     _write_cifar100(tmp_path / "cifar")
     torch.save(F.normalize(torch.randn(40, 32), dim=-1).half(), tmp_path / "emb.pth")
     deit_main.main(["--data-set=CIFAR", f"--data-path={tmp_path}/cifar", f"--text_emb={tmp_path}/emb.pth",
@@ -131,7 +131,7 @@ def test_cifar100_from_local_files_with_text_embeddings(tmp_path):
 
 def test_classifier_export_loads_into_plain_timm(image_folder, tmp_path):
     import timm
-    import deit_main
+    from gpt4image.recipes import deit as deit_main
     deit_main.main([f"--data-path={image_folder}", "--text_emb=none", "--num_workers=0", *TINY, "--epochs=1",
                     f"--output_dir={tmp_path}"])
     for name in ("classifier.pth", "classifier_ema.pth"):
@@ -143,7 +143,7 @@ def test_classifier_export_loads_into_plain_timm(image_folder, tmp_path):
 
 
 def test_defaults_are_the_released_deit_recipe():
-    import deit_main
+    from gpt4image.recipes import deit as deit_main
     a = deit_main.get_args_parser().parse_args([])
     assert (a.model, a.epochs, a.batch_size, a.lr, a.weight_decay, a.opt_eps) == \
         ("deit_base_patch16_224", 300, 128, 5e-4, 0.05, 1e-8)
@@ -154,15 +154,15 @@ def test_defaults_are_the_released_deit_recipe():
     assert (a.proj_type, a.loss_type, a.lamb, a.tau) == ("mlp", "clip", 0.3, 0.05)
     assert not a.sched_no_lag  # epoch e trains at lr(e - 1), as released
     assert deit_main.schedule_position(0) == deit_main.schedule_position(1) == 0 and deit_main.schedule_position(7) == 6
-    assert sys.modules["deit_main"] is deit_main
+    assert sys.modules["gpt4image.recipes.deit"] is deit_main
 
 
 def test_deit_train_transform_survives_many_draws_of_randaugment():
     # the recipe's RandAugment can posterize to 0 bits; a Pillow that refuses it would kill training
     import random
     from PIL import Image
-    import deit_main
-    from deit_data import build_transform
+    from gpt4image.recipes import deit as deit_main
+    from gpt4image.recipes.deit_data import build_transform
     args = deit_main.get_args_parser().parse_args(["--input-size", "64"])
     transform = build_transform(True, args)
     image = Image.new("RGB", (80, 60), (120, 60, 200))
@@ -178,9 +178,9 @@ def test_uint8_loader_and_device_augment_give_deits_inputs():
     each image is untouched."""
     from PIL import Image
     from timm.data import create_transform
-    from gpt4image.resumable import seed_all
-    import deit_main
-    from deit_data import DeviceAugment, build_transform
+    from gpt4image.train.resumable import seed_all
+    from gpt4image.recipes import deit as deit_main
+    from gpt4image.recipes.deit_data import DeviceAugment, build_transform
     args = deit_main.get_args_parser().parse_args(["--input-size", "64"])
     ours = build_transform(True, args)
     timm_no_erasing = create_transform(input_size=64, is_training=True, color_jitter=args.color_jitter,
@@ -208,7 +208,7 @@ def test_compiled_run_resumes_exactly_and_exports_plain_weights(image_folder, em
     """Under --compile too, drop-path and the other per-step randomness come from the step's seed:
     stopping after one epoch and continuing gives the weights of an uninterrupted run."""
     import timm
-    import deit_main
+    from gpt4image.recipes import deit as deit_main
     # a loader worker: with none, every sample would reseed the main process and hide a missing step seed
     common = [f"--data-path={image_folder}", f"--text_emb={embeddings}", "--num_workers=1", *TINY, "--epochs=2",
               "--compile"]
@@ -225,7 +225,7 @@ def test_compiled_run_resumes_exactly_and_exports_plain_weights(image_folder, em
 
 
 def test_ema_is_decay_times_ema_plus_the_rest_times_the_model_after_each_step():
-    import deit_main
+    from gpt4image.recipes import deit as deit_main
     args = deit_main.get_args_parser().parse_args(["--model-ema-decay", "0.9"])
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
     ema = deit_main.build_ema(model, args)
@@ -257,7 +257,7 @@ def _released_lrs(epochs, warmup, lr, warmup_lr, min_lr, lag=True):
 
 def test_lr_per_epoch_is_the_released_schedule_also_after_a_resume_and_no_lag_is_one_epoch_ahead(
         image_folder, embeddings, tmp_path):
-    import deit_main
+    from gpt4image.recipes import deit as deit_main
     schedule = ["--epochs=5", "--warmup-epochs=2", "--lr=1e-3", "--unscale-lr", "--warmup-lr=1e-4", "--min-lr=1e-5"]
     common = [f"--data-path={image_folder}", "--text_emb=none", "--num_workers=0", *TINY, *schedule, "--no-model-ema",
               "--mixup=0", "--cutmix=0", "--aa=none", "--reprob=0"]
@@ -276,7 +276,7 @@ def test_lr_per_epoch_is_the_released_schedule_also_after_a_resume_and_no_lag_is
 
 
 def test_released_initialisation_class_token_std_and_uniform_head_biases():
-    import deit_main
+    from gpt4image.recipes import deit as deit_main
     args = deit_main.get_args_parser().parse_args(["--model", "deit_small_patch16_224", "--input-size", "224"])
     torch.manual_seed(0)
     model = deit_main.build_model(args, 10, 512)

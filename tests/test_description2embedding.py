@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from conftest import run_script
 from gpt4image._compat import import_clip
-from gpt4image.clip_text import Tokenizer, load_clip
+from gpt4image.text.clip_text import Tokenizer, load_clip
 from gpt4image.io import sha256_file, sha256_lines
 
 clip = import_clip()

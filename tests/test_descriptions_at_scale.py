@@ -12,8 +12,8 @@ from PIL import Image
 
 from conftest import REPO
 from gpt4image.errors import UserError, exit_on_user_error
-from gpt4image.quality import QualityGate, Tally
-from gpt4image.tiny_vlm import save_tiny_vlm
+from gpt4image.describe.quality import QualityGate, Tally
+from gpt4image.describe.tiny_vlm import save_tiny_vlm
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +131,7 @@ def test_max_pixels_sets_the_number_of_vision_tokens_and_other_values_are_not_mi
                                                                                    capsys):
     from transformers import AutoProcessor
 
-    from gpt4image.vlm_preprocess import apply_pixel_budget, vision_tokens
+    from gpt4image.describe.preprocess import apply_pixel_budget, vision_tokens
     photo = Image.new("RGB", (500, 375), (120, 80, 40))
     processor = AutoProcessor.from_pretrained(qwen)
     prompt = "<|vision_start|><|image_pad|><|vision_end|>Describe."
@@ -168,7 +168,7 @@ def test_max_pixels_sets_the_number_of_vision_tokens_and_other_values_are_not_mi
 
 
 def test_the_loader_shrinks_images_before_the_processor(tmp_path):
-    from gpt4image.describe import open_rgb
+    from gpt4image.describe.core import open_rgb
     path = tmp_path / "big.jpg"
     Image.new("RGB", (1600, 1200), (10, 200, 30)).save(path, quality=90)
     image, reason = open_rgb(str(path), max_pixels=200_000)
@@ -181,8 +181,8 @@ def test_the_loader_shrinks_images_before_the_processor(tmp_path):
 def test_k_descriptions_per_image_land_in_their_rows_of_the_table(qwen, photos, tiny_clip, gd_main, d2e_main,
                                                                  tmp_path, capsys):
     from gpt4image._compat import import_clip
-    from gpt4image.clip_text import load_clip
-    from gpt4image.text_embeddings import load_text_embeddings
+    from gpt4image.text.clip_text import load_clip
+    from gpt4image.text.tables import load_text_embeddings
     from test_generate_descriptions import _own_generate
     prompts = ["Describe this image in detail.", "What does this {class_name} look like?", "Name one colour."]
     prompt_file = tmp_path / "prompts.txt"
@@ -225,10 +225,10 @@ def test_k_descriptions_per_image_land_in_their_rows_of_the_table(qwen, photos, 
 
 def test_drop_flagged_leaves_out_what_the_gate_flagged_and_training_uses_the_rest(image_folder, tiny_clip, d2e_main,
                                                                                  tmp_path, capsys):
-    from gpt4image.data import build_image_folders
-    from gpt4image.descriptions import list_image_folder
-    from gpt4image.text_embeddings import WithTextEmbeddings
-    from gpt4image.text_per_step import keep_described, load_training_table
+    from gpt4image.train.data import build_image_folders
+    from gpt4image.text.descriptions import list_image_folder
+    from gpt4image.text.tables import WithTextEmbeddings
+    from gpt4image.train.text_per_step import keep_described, load_training_table
     files = list_image_folder(f"{image_folder}/train")
     single, several = tmp_path / "one.jsonl", tmp_path / "three.jsonl"
     single.write_text("".join(json.dumps({"path": f, "description": f"photo number {i} of a thing",
@@ -250,7 +250,7 @@ def test_drop_flagged_leaves_out_what_the_gate_flagged_and_training_uses_the_res
     kept = keep_described(train, embeddings)
     paired = WithTextEmbeddings(kept, embeddings)  # count and file list both check out
     assert len(paired) == len(files) - 2 and files[3] not in {s[0][-len(files[3]):] for s in kept.samples}
-    from gpt4image.text_targets import TrainingTargets, attach_training_targets
+    from gpt4image.train.text_targets import TrainingTargets, attach_training_targets
     fewer, rows = attach_training_targets(train, table, False, TrainingTargets(len(train.classes), shots=10))
     assert len(fewer) == len(rows) == 10 * len(train.classes)  # --shots among the described images
     chosen = [fewer.dataset.dataset.samples[int(k)][0] for k in fewer.dataset.indices]
@@ -285,7 +285,7 @@ class _Indexed(torch.utils.data.Dataset):
 
 def _choices(table, dataset, world_size, epoch, start=0, workers=0):
     """{image index: k drawn} over all ranks' loaders of one epoch, from ``start`` on in each."""
-    from gpt4image.data import build_train_loader
+    from gpt4image.train.data import build_train_loader
     chosen = {}
     for rank in range(world_size):
         sampler = torch.utils.data.DistributedSampler(dataset, world_size, rank, shuffle=True, seed=0, drop_last=True)
@@ -300,8 +300,8 @@ def _choices(table, dataset, world_size, epoch, start=0, workers=0):
 
 
 def test_sample_draws_the_same_description_after_a_resume_and_on_any_number_of_ranks(tmp_path):
-    from gpt4image.text_embeddings import WithTextEmbeddings
-    from gpt4image.text_per_step import load_training_table
+    from gpt4image.text.tables import WithTextEmbeddings
+    from gpt4image.train.text_per_step import load_training_table
     n, k = 16, 4
     table = F.normalize(torch.randn(n, k, 8, generator=torch.Generator().manual_seed(0)), dim=-1)
     path = str(tmp_path / "emb.pth")
@@ -324,14 +324,14 @@ def test_sample_draws_the_same_description_after_a_resume_and_on_any_number_of_r
     torch.save(table[:, 0], flat)
     with pytest.raises(UserError, match="drop --text-per-step"):
         load_training_table(flat, "mean")
-    from gpt4image.data import attach_text_embeddings
+    from gpt4image.train.data import attach_text_embeddings
     with pytest.raises(UserError, match="--text_emb none"):  # the baseline has no descriptions to choose among
         attach_text_embeddings(_Indexed(n), "none", False, "mean")
 
 
 def test_both_recipes_train_on_k_descriptions_and_sample_resumes_exactly(image_folder, tmp_path):
-    import deit_main
-    import resnet_main
+    from gpt4image.recipes import deit as deit_main
+    from gpt4image.recipes import resnet as resnet_main
     n = 48  # the image_folder fixture's training images
     table = F.normalize(torch.randn(n, 3, 32, generator=torch.Generator().manual_seed(1)), dim=-1)
     path = str(tmp_path / "emb.pth")
@@ -354,7 +354,7 @@ def test_both_recipes_train_on_k_descriptions_and_sample_resumes_exactly(image_f
 
 
 def test_the_merge_index_finds_each_records_key_and_marks_as_decoding_would(tmp_path):
-    from gpt4image.describe import Parts, _fast_key, _marks, record_key
+    from gpt4image.describe.core import Parts, _fast_key, _marks, record_key
     records = [{"path": "a/1.jpg", "description": 'he said "error": no', "class": "a"},
                {"path": 'b/"odd\\name.jpg', "description": "x"},
                {"path": "c/3.jpg", "k": 12, "description": "y", "retry": {"first": "z"}},

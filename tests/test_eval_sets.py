@@ -139,7 +139,7 @@ def test_the_cases_that_tell_a_protocol_apart_are_in_the_data():
 
 
 def test_each_layout_scores_as_computed_by_hand_and_two_ranks_equal_one_process(sets, tmp_path):
-    import resnet_main
+    from gpt4image.recipes import resnet as resnet_main
     classes = [wnid(i) for i in IMAGENET_INDEX]
     checkpoint = fixed_resnet18(tmp_path / "fixed.pth", classes)
     stats = resnet_main.main([f"--data={sets}/data", "-e", f"--resume={checkpoint}", *SMALL, *eval_set_args(sets)])
@@ -162,7 +162,7 @@ def test_each_layout_scores_as_computed_by_hand_and_two_ranks_equal_one_process(
 
 
 def test_a_plain_state_dict_is_mapped_by_the_training_folders_classes(sets, tmp_path):
-    import resnet_main
+    from gpt4image.recipes import resnet as resnet_main
     checkpoint = fixed_resnet18(tmp_path / "plain.pth")  # a torchvision state dict: no class list in it
     stats = resnet_main.main([f"--data={sets}/data", "-e", f"--resume={checkpoint}", *SMALL,
                               f"--eval-set=v2={sets}/v2"])
@@ -173,7 +173,7 @@ def test_two_hundred_of_a_thousand_classes_is_the_imagenet_r_protocol(tmp_path):
     from timm.data import ImageNetInfo
     from torchvision import transforms
 
-    from gpt4image.eval_sets import build_eval_sets
+    from gpt4image.train.eval_sets import build_eval_sets
     classes = ImageNetInfo().label_names()
     subset = classes[::5]
     for j, name in enumerate(subset):
@@ -254,7 +254,7 @@ def test_deit_logs_raw_and_ema_per_set_to_log_tensorboard_final_line_and_report(
 
 
 def test_every_epoch_with_the_flag_and_a_resumed_run_may_change_its_sets(sets, tmp_path):
-    import resnet_main
+    from gpt4image.recipes import resnet as resnet_main
     run = tmp_path / "run"
     common = [f"--data={sets}/data", "--text_emb=none", *SMALL, f"--save_dir={run}", "--epochs=2"]
     resnet_main.main([*common, "--stop-after=1", f"--eval-set=v2={sets}/v2", "--eval-sets-every-epoch"])

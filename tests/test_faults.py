@@ -129,7 +129,7 @@ def test_a_rank_that_dies_ends_the_whole_job_quickly(image_folder, tmp_path):
 
 
 def _fails(capsys, argv, *expected):
-    import resnet_main
+    from gpt4image.recipes import resnet as resnet_main
     with pytest.raises(SystemExit) as e:
         exit_on_user_error(resnet_main.main, argv)
     assert e.value.code == 2
@@ -180,7 +180,7 @@ def test_corrupt_images_are_named_or_skipped_and_counted(capsys, folder_copy, em
     victim.write_bytes(victim.read_bytes()[:100])  # truncated JPEG
     base = [f"--data={folder_copy}", "--epochs=1", *SMALL, "-j", "1", f"--text_emb={embeddings}"]
     _fails(capsys, [*base, f"--save_dir={tmp_path}/a"], "cannot decode image", "train_0003.jpg", "--skip-corrupt-images")
-    import resnet_main
+    from gpt4image.recipes import resnet as resnet_main
     resnet_main.main([*base, f"--save_dir={tmp_path}/b", "--skip-corrupt-images"])
     assert _log(tmp_path / "b")[0]["train_corrupt_images_skipped"] >= 1
     val_victim = folder_copy / "val" / "red_circle" / "val_0001.jpg"
@@ -202,7 +202,7 @@ def test_folder_layout_errors(capsys, folder_copy, embeddings, tmp_path):
 
 def test_checkpoints_of_another_width_architecture_or_recipe_are_refused_untouched(capsys, image_folder, embeddings,
                                                                                  tmp_path):
-    import resnet_main
+    from gpt4image.recipes import resnet as resnet_main
     run = tmp_path / "run"
     common = [f"--data={image_folder}", "--epochs=2", "-b", "4", "--input-size", "32", "-j", "0"]
     resnet_main.main([*common, "-a", "resnet18", f"--text_emb={embeddings}", f"--save_dir={run}", "--stop-after=1"])
@@ -222,7 +222,7 @@ def test_checkpoints_of_another_width_architecture_or_recipe_are_refused_untouch
 
 def test_a_non_finite_loss_stops_with_epoch_step_and_term_and_keeps_the_checkpoint(capsys, image_folder, embeddings,
                                                                                   tmp_path):
-    import resnet_main
+    from gpt4image.recipes import resnet as resnet_main
     run = tmp_path / "run"
     common = [f"--data={image_folder}", f"--text_emb={embeddings}", "--epochs=2", *SMALL, "-j", "0", "-p", "1",
               f"--save_dir={run}"]

@@ -13,10 +13,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from conftest import REPO, described_paths, kill_once_written, run_script
-from gpt4image.describe import DEFAULT_CLASS_PROMPT
+from gpt4image.describe.core import DEFAULT_CLASS_PROMPT
 from gpt4image.errors import exit_on_user_error
 from gpt4image.io import sha256_file
-from gpt4image.tiny_vlm import FAMILIES
+from gpt4image.describe.tiny_vlm import FAMILIES
 
 SCRIPT = os.path.join(REPO, "generate_descriptions.py")
 
@@ -139,9 +139,9 @@ def test_a_run_killed_part_way_resumes_without_describing_an_image_twice(vlm, ph
 def test_generated_descriptions_become_the_embedding_row_of_their_own_image(vlm, photos, single_run, tiny_clip,
                                                                           tmp_path):
     from gpt4image._compat import import_clip
-    from gpt4image.clip_text import load_clip
-    from gpt4image.data import build_image_folders
-    from gpt4image.text_embeddings import WithTextEmbeddings, load_text_embeddings
+    from gpt4image.text.clip_text import load_clip
+    from gpt4image.train.data import build_image_folders
+    from gpt4image.text.tables import WithTextEmbeddings, load_text_embeddings
     clip = import_clip()
     root = str(tmp_path / "data")
     shutil.copytree(photos, os.path.join(root, "train"))

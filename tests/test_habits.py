@@ -84,7 +84,7 @@ def test_description2embedding_names_its_output_after_its_input(image_folder, ti
 @pytest.mark.parametrize("main", [RESNET, DEIT])
 def test_help_shows_every_default_and_both_spellings_parse(main):
     import importlib
-    module = importlib.import_module("resnet_main" if "resnet" in main else "deit_main")
+    module = importlib.import_module("gpt4image.recipes.resnet" if "resnet" in main else "gpt4image.recipes.deit")
     parser = module.get_args_parser()
     assert parser.format_help().count("(default:") >= 25
     assert all(action.help for action in parser._actions), [a.option_strings for a in parser._actions if not a.help]
@@ -154,7 +154,7 @@ def test_pretrained_weights_initialise_the_backbone_and_a_head_of_another_class_
 
 
 def test_gradient_accumulation_equals_the_larger_batch(image_folder, tmp_path):
-    import deit_main
+    from gpt4image.recipes import deit as deit_main
     plain = ["--text_emb=none", f"--data-path={image_folder}", "--model", "deit_tiny_patch16_224", "--input-size",
              "32", "--num_workers", "0", "--epochs", "1", "--no-model-ema", "--mixup=0", "--cutmix=0", "--aa=none",
              "--reprob=0", "--drop-path=0", "--smoothing=0", "--no-repeated-aug", "--seed=0"]
@@ -168,7 +168,7 @@ def test_gradient_accumulation_equals_the_larger_batch(image_folder, tmp_path):
 
 
 def test_retrieval_figures_are_those_of_the_pairs():
-    from gpt4image.engine import retrieval_metrics
+    from gpt4image.train.engine import retrieval_metrics
     torch.manual_seed(0)
     texts = torch.nn.functional.normalize(torch.randn(300, 16), dim=1)
     perfect = retrieval_metrics(texts * 3, texts, chunk=64)  # any scale: features are normalised
@@ -213,12 +213,12 @@ def test_pretrained_cache_takes_the_library_weights_from_their_local_caches_only
     torch.manual_seed(2)
     weights = torchvision.models.resnet18().state_dict()  # 1000 classes, as torchvision's
     torch.save(weights, tmp_path / "torch" / "hub" / "checkpoints" / os.path.basename(url))
-    import resnet_main
+    from gpt4image.recipes import resnet as resnet_main
     args = resnet_main.get_args_parser().parse_args([*SMALL, "--pretrained=cache"])
     model = resnet_main.build_model(args, 4, None)
     torch.testing.assert_close(model.backbone.layer1[0].conv1.weight, weights["layer1.0.conv1.weight"])
 
-    import deit_main
+    from gpt4image.recipes import deit as deit_main
     import huggingface_hub.constants
     from safetensors.torch import save_file
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))

@@ -42,7 +42,7 @@ def _entry_point(script):
             return importlib.import_module("description2embedding").main
         finally:
             sys.path.remove(REPO)
-    return importlib.import_module("resnet_main" if script == RESNET else "deit_main").main
+    return importlib.import_module("gpt4image.recipes.resnet" if script == RESNET else "gpt4image.recipes.deit").main
 
 
 def ran(cmd, cwd=REPO):
@@ -88,7 +88,7 @@ def refused(cmd, *expected, cwd=REPO):
 @pytest.fixture
 def previous_run(image_folder, embeddings, tmp_path):
     """An output folder holding one finished epoch of a 2-epoch resnet18 run."""
-    import resnet_main
+    from gpt4image.recipes import resnet as resnet_main
     run = tmp_path / "run"
     resnet_main.main([f"--data={image_folder}", f"--text_emb={embeddings}", "--epochs=2", *SMALL, f"--save_dir={run}",
                       "--stop-after=1"])
@@ -176,7 +176,7 @@ def test_a_directory_link_that_loops_is_refused_by_training_and_description2embe
 def test_any_pillow_refusal_names_the_image_decompression_bombs_included(tmp_path, monkeypatch):
     from PIL import Image
 
-    from gpt4image.data import load_image
+    from gpt4image.train.data import load_image
     from gpt4image.errors import UserError
     Image.new("RGB", (64, 64)).save(tmp_path / "big.png")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 4,096 pixels > 2 x the limit: DecompressionBombError
@@ -219,7 +219,7 @@ def test_a_partial_last_log_line_never_blocks_a_resume_and_the_report_names_what
 
 def test_a_full_disk_is_one_line_the_previous_checkpoint_stays_and_the_epoch_is_logged(previous_run, image_folder,
                                                                                       embeddings, capsys, monkeypatch):
-    import resnet_main
+    from gpt4image.recipes import resnet as resnet_main
     from gpt4image.errors import exit_on_user_error
     before = (previous_run / "checkpoint.pth").read_bytes()
 

@@ -49,13 +49,13 @@ def _cases():
 
 
 def _resnet_training(path):
-    from gpt4image.data import build_image_folders
+    from gpt4image.train.data import build_image_folders
     train, _ = build_image_folders(_as_dataset(path), None, None)
     return train[0][0]
 
 
 def _deit_training(path):
-    from deit_data import build_datasets
+    from gpt4image.recipes.deit_data import build_datasets
     args = argparse.Namespace(data_path=_as_dataset(path), data_set="IMNET", input_size=16, aa="none",
                               color_jitter=0.0, train_interpolation="bicubic", eval_crop_ratio=0.875)
     train, _, _ = build_datasets(args)
@@ -64,7 +64,7 @@ def _deit_training(path):
 
 
 def _generate_descriptions(path):
-    from gpt4image.describe import ImageItem, PromptBatches
+    from gpt4image.describe.core import ImageItem, PromptBatches
     good, (prompts, images), failures = PromptBatches([ImageItem(0, "a", path)], 1, None, lambda item: "p",
                                                       preprocess=False)[0]
     assert not failures, failures
@@ -108,8 +108,8 @@ def test_an_rgb_jpeg_is_used_exactly_as_decoded(stage, tmp_path):
     ("a.tif", Image.fromarray(np.array([[0.0, 3.5]], dtype=np.float32), "F"), "mode F"),
 ])
 def test_a_mode_without_an_agreed_scale_is_refused_by_name_in_training_and_in_describing(name, image, word, tmp_path):
-    from gpt4image.data import load_image
-    from gpt4image.describe import open_rgb
+    from gpt4image.train.data import load_image
+    from gpt4image.describe.core import open_rgb
     from gpt4image.errors import UserError
     path = _save(str(tmp_path), name, image)
     with pytest.raises(UserError, match=word):

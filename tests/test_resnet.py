@@ -70,7 +70,7 @@ def test_a_learnable_dataset_is_learned_with_and_without_text_alignment(text, le
 
 
 def test_resume_after_one_epoch_equals_two_straight_epochs(image_folder, embeddings, tmp_path):
-    import resnet_main
+    from gpt4image.recipes import resnet as resnet_main
     common = [f"--data={image_folder}", f"--text_emb={embeddings}", "-j", "0", *SMALL]
     resnet_main.main([*common, f"--save_dir={tmp_path}/straight", "--epochs=2"])
     resnet_main.main([*common, f"--save_dir={tmp_path}/resumed", "--epochs=2", "--stop-after=1"])
@@ -89,7 +89,7 @@ def test_resume_after_one_epoch_equals_two_straight_epochs(image_folder, embeddi
 
 def test_baseline_evaluate_and_plain_torchvision_export(image_folder, tmp_path):
     import torchvision
-    import resnet_main
+    from gpt4image.recipes import resnet as resnet_main
     resnet_main.main([f"--data={image_folder}", "--text_emb=none", "-j", "0", *SMALL, f"--save_dir={tmp_path}",
                       "--epochs=1"])
     log = _log(tmp_path)
@@ -105,7 +105,7 @@ def test_baseline_evaluate_and_plain_torchvision_export(image_folder, tmp_path):
 
 
 def test_default_hyperparameters_are_the_papers():
-    import resnet_main
+    from gpt4image.recipes import resnet as resnet_main
     args = resnet_main.get_args_parser().parse_args([])
     assert (args.arch, args.epochs, args.batch_size, args.lr, args.momentum, args.wd) == \
         ("resnet50", 120, 256, 0.1, 0.9, 1e-4)
@@ -120,7 +120,7 @@ def test_default_hyperparameters_are_the_papers():
 def test_uint8_loader_and_device_normalisation_give_the_original_inputs(image_folder):
     """The loader ships uint8 crops and the device normalises them: the model must see exactly the
     tensors of the original's RandomResizedCrop/flip/ToTensor/Normalize on the same random draws."""
-    import resnet_main
+    from gpt4image.recipes import resnet as resnet_main
     from PIL import Image
     from torchvision import transforms
     normalize = transforms.Normalize(resnet_main.MEAN, resnet_main.STD)
@@ -142,7 +142,7 @@ def test_uint8_loader_and_device_normalisation_give_the_original_inputs(image_fo
 def test_compiled_training_matches_eager_and_its_checkpoint_resumes_without_compile(image_folder, embeddings,
                                                                                     tmp_path):
     import torchvision
-    import resnet_main
+    from gpt4image.recipes import resnet as resnet_main
     common = [f"--data={image_folder}", f"--text_emb={embeddings}", "-j", "0", *SMALL, "--epochs=2"]
     resnet_main.main([*common, f"--save_dir={tmp_path}/eager", "--stop-after=1"])
     resnet_main.main([*common, f"--save_dir={tmp_path}/compiled", "--stop-after=1", "--compile"])
@@ -165,7 +165,7 @@ def test_two_ranks_report_the_top1_and_loss_of_the_checkpoint_rank_0_saves(image
                 f"--text_emb={embeddings}", "--epochs=1", f"--save_dir={tmp_path}", "-j", "0", *SMALL],
                cwd=os.path.join(REPO, "resnet"))
     logged = _log(tmp_path)[-1]
-    import resnet_main
+    from gpt4image.recipes import resnet as resnet_main
     alone = resnet_main.main([f"--data={image_folder}", "-e", f"--resume={tmp_path}/checkpoint.pth", "-j", "0",
                               *SMALL])
     assert alone["acc1"] == pytest.approx(logged["test_acc1"])
@@ -173,7 +173,7 @@ def test_two_ranks_report_the_top1_and_loss_of_the_checkpoint_rank_0_saves(image
 
 
 def test_projection_head_biases_keep_pytorchs_default_uniform_initialisation():
-    import resnet_main
+    from gpt4image.recipes import resnet as resnet_main
     args = resnet_main.get_args_parser().parse_args(["-a", "resnet50"])
     torch.manual_seed(0)
     head = resnet_main.build_model(args, 10, 1024).projection_head

@@ -9,10 +9,10 @@ import torch.nn.functional as F
 
 from conftest import REPO, run_script
 from gpt4image.errors import UserError
-from gpt4image.losses import alignment_loss
-from gpt4image.losses import AlignmentState
-from gpt4image.text_embeddings import TextEmbeddings
-from gpt4image.text_targets import (ClassRows, IndexedRows, RandomRows, balanced_subset, class_mean_table,
+from gpt4image.train.losses import alignment_loss
+from gpt4image.train.losses import AlignmentState
+from gpt4image.text.tables import TextEmbeddings
+from gpt4image.train.text_targets import (ClassRows, IndexedRows, RandomRows, balanced_subset, class_mean_table,
                                     per_class_rows, row_blocks, shuffled_index, symmetric_label_noise)
 from test_hardening import refused, snapshot
 
@@ -157,7 +157,7 @@ def test_standardisation_statistics_are_those_of_the_rows_trained_towards():
     labels = torch.tensor([1, 0, 1, 1])  # class-level targets: each image's class row
     mean, std = _statistics(ClassRows(table.table[:2], labels, "t.pth"))
     torch.testing.assert_close(mean, table.table[labels].double().mean(0), rtol=1e-5, atol=1e-6)
-    from gpt4image.text_per_step import MultiTextEmbeddings
+    from gpt4image.train.text_per_step import MultiTextEmbeddings
     many = torch.randn(5, 2, 3, generator=g)
     sampled = MultiTextEmbeddings(many, "m.pth", {}, "sample", 0)  # all N x K descriptions it may draw
     torch.testing.assert_close(_statistics(sampled)[0], many.reshape(10, 3).double().mean(0), rtol=1e-5, atol=1e-6)
@@ -167,21 +167,21 @@ def test_standardisation_statistics_are_those_of_the_rows_trained_towards():
 
 
 def test_a_table_of_several_descriptions_per_image_is_refused_with_the_fix_for_these_flags(tmp_path):
-    from gpt4image.text_targets import TrainingTargets, attach_training_targets
+    from gpt4image.train.text_targets import TrainingTargets, attach_training_targets
     torch.save(F.normalize(torch.randn(4, 2, 8), dim=-1), tmp_path / "k.pth")
     with pytest.raises(UserError, match=r"2 descriptions per image .*cannot use yet; average them"):
         attach_training_targets(list(range(4)), str(tmp_path / "k.pth"), False, TrainingTargets(2, shots=1))
 
 
 def test_standardised_run_trains_on_few_shots_with_class_targets(image_folder, embeddings, tmp_path):
-    import resnet_main
+    from gpt4image.recipes import resnet as resnet_main
     resnet_main.main([f"--data={image_folder}", f"--text_emb={embeddings}", *SMALL, "--shots=4", "--epochs=1",
                       "--text-target=class-mean", "--text-emb-standardize", f"--save_dir={tmp_path}"])
     assert math.isfinite(_losses(tmp_path)[0])
 
 
 def test_noisy_random_run_resumed_equals_the_straight_run_and_records_its_labels(image_folder, embeddings, tmp_path):
-    import resnet_main
+    from gpt4image.recipes import resnet as resnet_main
     common = [f"--data={image_folder}", f"--text_emb={embeddings}", *SMALL, "--label-noise=0.5", "--shots=10",
               "--text-target=random"]
     resnet_main.main([*common, f"--save_dir={tmp_path}/straight", "--epochs=2"])
@@ -200,7 +200,7 @@ def test_noisy_random_run_resumed_equals_the_straight_run_and_records_its_labels
 
 def test_an_explicit_resume_with_another_seed_is_refused_only_when_the_seed_drew_the_labels():
     from argparse import Namespace
-    from gpt4image.checkpoint import check_same_run
+    from gpt4image.train.checkpoint import check_same_run
     saved = {"seed": 0, "text_target": "image", "label_noise": 0.4, "train_fraction": 1.0, "shots": None}
     with pytest.raises(UserError, match="--seed 0"):
         check_same_run({"args": saved}, "c.pth", Namespace(**dict(saved, seed=1)), explicit=True)
@@ -220,7 +220,7 @@ def test_two_ranks_train_on_the_labels_of_one_process(image_folder, embeddings, 
 
 
 def test_deit_trains_with_a_per_class_table_and_noisy_labels(image_folder, tiny_clip, tmp_path):
-    import deit_main
+    from gpt4image.recipes import deit as deit_main
     classes = sorted(os.listdir(os.path.join(image_folder, "train")))
     mapping = {name: [f"a photo of a {name.replace('_', ' ')}.", f"a {name}"] for name in classes}
     (tmp_path / "classes.json").write_text(json.dumps(mapping))
@@ -230,7 +230,7 @@ def test_deit_trains_with_a_per_class_table_and_noisy_labels(image_folder, tiny_
                                 f"--model={tiny_clip}", f"--output={table}", "--workers=0", "--quiet",
                                 "--dtype=float32"])
     # each row is the renormalised mean of its class's descriptions, encoded one by one
-    from gpt4image.text_encoders import encode_texts, load_text_encoder
+    from gpt4image.text.encoders import encode_texts, load_text_encoder
     encoder = load_text_encoder(tiny_clip, "cpu", None, allow_download=False, allow_hub_download=False)
     texts = [t for name in classes for t in mapping[name]]
     encoded, _, _ = encode_texts(encoder, texts, batch_size=8, num_workers=0, out_dtype=torch.float32,

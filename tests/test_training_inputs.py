@@ -71,8 +71,8 @@ def test_resuming_with_another_table_of_the_same_width_is_refused_and_an_older_c
 
 
 def test_the_fingerprint_reads_two_mib_of_a_large_table_and_tells_tables_apart(tmp_path, monkeypatch):
-    from gpt4image.run_checks import table_fingerprint
-    from gpt4image.text_embeddings import load_text_embeddings
+    from gpt4image.train.run_checks import table_fingerprint
+    from gpt4image.text.tables import load_text_embeddings
     a = torch.nn.functional.normalize(torch.randn(3000, 256), dim=1).half()  # 1.5 MB, two reads overlap
     torch.save(a, tmp_path / "a.pth")
     __import__("shutil").copy(tmp_path / "a.pth", tmp_path / "copy.pth")  # the same bytes under another name
@@ -93,7 +93,7 @@ def test_the_fingerprint_reads_two_mib_of_a_large_table_and_tells_tables_apart(t
             return data
     monkeypatch.setattr("builtins.open", lambda p, mode="r", *a, **k: Counting(p, "r") if p == str(big) and
                         mode == "rb" else real_open(p, mode, *a, **k))
-    from gpt4image.text_embeddings import TextEmbeddings
+    from gpt4image.text.tables import TextEmbeddings
     table_fingerprint(TextEmbeddings(torch.zeros(1, 1), str(big)))
     assert sum(read) == 2 << 20
 
@@ -118,7 +118,7 @@ def test_a_config_value_passes_the_checks_of_its_flag(recipe, text, expected):
 
 def _parser(recipe):
     import importlib
-    return importlib.import_module("resnet_main" if recipe == RESNET else "deit_main").get_args_parser()
+    return importlib.import_module("gpt4image.recipes.resnet" if recipe == RESNET else "gpt4image.recipes.deit").get_args_parser()
 
 
 def _refused_config(parser, text):

@@ -11,7 +11,7 @@ import subprocess
 import pytest
 
 from conftest import REPO, described_paths, kill_once_written, run_script
-from gpt4image.tiny_vlm import save_tiny_vlm
+from gpt4image.describe.tiny_vlm import save_tiny_vlm
 
 VLLM_PYTHON = os.environ.get("GPT4IMAGE_VLLM_PYTHON")
 pytestmark = pytest.mark.skipif(not VLLM_PYTHON, reason="no vLLM environment (GPT4IMAGE_VLLM_PYTHON unset; "

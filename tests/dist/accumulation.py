@@ -14,13 +14,11 @@ import torch
 import torch.nn.functional as F
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.join(REPO, "deit"))
-
 import gpt4image  # noqa: E402
-from main import build_model, get_args_parser  # noqa: E402  (deit/main.py)
-from gpt4image.engine import TrainStep, train_one_epoch  # noqa: E402
-from gpt4image.losses import Alignment  # noqa: E402
-from gpt4image.resumable import seed_all  # noqa: E402
+from gpt4image.recipes.deit import build_model, get_args_parser  # noqa: E402
+from gpt4image.train.engine import TrainStep, train_one_epoch  # noqa: E402
+from gpt4image.train.losses import Alignment  # noqa: E402
+from gpt4image.train.resumable import seed_all  # noqa: E402
 
 STEPS, PER_STEP = 2, 8
 

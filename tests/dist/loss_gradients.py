@@ -16,7 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import alignment_references as ref  # noqa: E402
 
 import gpt4image  # noqa: E402
-from gpt4image.losses import alignment_loss  # noqa: E402
+from gpt4image.train.losses import alignment_loss  # noqa: E402
 
 
 class Model(nn.Module):

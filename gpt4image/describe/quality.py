@@ -11,7 +11,7 @@ import re
 import unicodedata
 from dataclasses import asdict, dataclass
 
-from .errors import at_least, in_range
+from ..cli import at_least, in_range
 
 REASONS = ("empty", "too_short", "repetition", "cut", "script")
 SENTENCE_END = re.compile(r"[.!?\u3002\uff01\uff1f\u2026][\"'\u201d\u2019)\]]*\s*$")
@@ -108,7 +108,7 @@ def add_quality_args(p):
 
 
 def gate_from_args(args):
-    from .errors import UserError
+    from ..errors import UserError
     if args.expected_script and not _known_script(args.expected_script):
         raise UserError(f"--expected-script {args.expected_script!r} is not a Unicode script name; use e.g. latin, "
                         f"cyrillic, greek, cjk, hiragana, hangul, arabic, hebrew, devanagari")

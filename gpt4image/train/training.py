@@ -14,11 +14,12 @@ import torch
 from .checkpoint import (CHECKPOINT, find_resume, load_checkpoint, load_classifier_weights, restore, save_checkpoint,
                          training_state)
 from .data import SkipCorrupt
-from .distributed import cleanup, heartbeat, init_distributed, logger, setup_logging, start_watchdog, stop_watchdog
+from .distributed import cleanup, heartbeat, init_distributed, start_watchdog, stop_watchdog
+from ..log import logger, setup_logging
 from .engine import NonFiniteLoss, Reporting, TrainStep, evaluate, train_one_epoch
-from .errors import UserError, exit_on_user_error
+from ..errors import UserError, exit_on_user_error
 from .eval_sets import sets_in, summary as eval_sets_summary
-from .io import atomic_torch_save
+from ..io import atomic_torch_save
 from .losses import Alignment
 from .resumable import PREEMPTED_EXIT_CODE, RunControl
 from .run_checks import check_accumulation

@@ -1,8 +1,9 @@
 """Command-line flags both recipes share beyond their original ones, and what they turn into."""
 import torch
 
-from .distributed import logger
-from .errors import UserError, at_least
+from ..log import logger
+from ..errors import UserError
+from ..cli import at_least
 from .checkpoint import find_resume
 from .eval_sets import add_eval_set_args
 from .losses import Alignment, AlignmentState, needs_state

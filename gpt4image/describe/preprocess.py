@@ -7,7 +7,8 @@ tokens. ``apply_pixel_budget`` sets that range on processors that have one and r
 others. ``fit_pixels`` shrinks an image before the processor (in the loader workers), decoding a
 JPEG at a reduced scale when that is enough, which is where most of the CPU time of a large photo goes.
 """
-from .errors import UserError, at_least
+from ..errors import UserError
+from ..cli import at_least
 
 
 def add_preprocess_args(p):

@@ -22,10 +22,10 @@ from typing import Optional
 import torch
 
 from .data import build_eval_loader, load_image
-from .distributed import logger
+from ..log import logger
 from .engine import evaluate
-from .errors import UserError
-from .io import refuse_repeated_dirs
+from ..errors import UserError
+from ..io import refuse_repeated_dirs
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 VAL_NUMBER = re.compile(r"ILSVRC2012_val_(\d{8})")

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .errors import UserError
+from ..errors import UserError
 
 FAMILY_HELP = ("a CLIP name such as RN50 or ViT-L/14, a CLIP checkpoint path, open_clip:ARCH[:PRETRAINED] "
                "or hf:DIR")
@@ -119,7 +119,7 @@ def _parse_open_clip(spec):
 
 
 def open_clip_encoder(spec, device, allow_download=False):
-    from ._compat import ensure_torchvision_importable
+    from .._compat import ensure_torchvision_importable
     ensure_torchvision_importable()
     try:
         import open_clip
@@ -139,7 +139,7 @@ def open_clip_encoder(spec, device, allow_download=False):
     if pretrained and not os.path.isfile(pretrained) and os.path.sep in pretrained:
         raise UserError(f"open_clip weights {pretrained!r} do not exist; pass a weights file or a pretrained tag")
     if pretrained and os.path.isfile(pretrained):
-        from .weights import check_weights
+        from ..weights import check_weights
         check_weights(pretrained, "open_clip weights")
     offline = {} if allow_download else {"HF_HUB_OFFLINE": "1"}
     saved = {k: os.environ.get(k) for k in offline}
@@ -153,7 +153,7 @@ def open_clip_encoder(spec, device, allow_download=False):
         how = ("" if allow_download else
                "; put the weights file on this machine and pass open_clip:ARCH:/path/to/file, or fill open_clip's "
                "cache (~/.cache/huggingface) on a machine with internet, or pass --allow-download")
-        from .io import load_error
+        from ..io import load_error
         raise UserError(f"cannot load open_clip model {spec!r} ({load_error(e).splitlines()[0]}){how}") from None
     finally:
         for k, v in saved.items():
@@ -235,7 +235,7 @@ def hf_encoder(spec, device, pooling="mean"):
     except Exception as e:  # noqa: BLE001
         raise UserError(f"--model {spec!r}: {directory!r} has no usable tokenizer ({type(e).__name__}: "
                         f"{str(e).splitlines()[0] if str(e) else ''}); {how}") from None
-    from .weights import check_weights, load_failure
+    from ..weights import check_weights, load_failure
     check_weights(directory, "text encoder weights")
     model_class = getattr(transformers, HF_PROJECTED[model_type]) if model_type in HF_PROJECTED else transformers.AutoModel
     try:

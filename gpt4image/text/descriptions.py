@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import UserError
-from .io import load_error, refuse_repeated_dirs
+from ..errors import UserError
+from ..io import load_error, refuse_repeated_dirs
 
 TEXT_KEYS = ("description", "caption", "text")
 PATH_KEYS = ("path", "image", "file")
@@ -177,7 +177,7 @@ def _listed_files(data):
     if not data:
         return None, None
     if os.path.isfile(data):
-        from .describe import list_images
+        from ..describe.core import list_images
         return [item.path for item in list_images(data)], os.path.dirname(os.path.abspath(data))
     return list_image_folder(data), data
 

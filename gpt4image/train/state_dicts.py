@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from .errors import UserError
+from ..errors import UserError
 
 CHECKPOINT = "checkpoint.pth"
 CLASSIFIER_PREFIXES = ("fc.", "head.", "head_dist.", "classifier.")
@@ -20,7 +20,7 @@ def checkpoint_file(path):
         if not os.path.isfile(inside):
             raise UserError(f"{path!r} is a folder without a {CHECKPOINT} (not a run folder, or its run saved none "
                             f"yet); pass a checkpoint file or the output folder of a run")
-        from .distributed import logger
+        from ..log import logger
         logger.info(f"{path} is a run folder: using its {CHECKPOINT}")
         return inside
     return path

@@ -4,8 +4,8 @@ import re
 
 import torch
 
-from ._compat import import_clip
-from .errors import UserError
+from .._compat import import_clip
+from ..errors import UserError
 
 CONTEXT_LENGTH = 77
 DEFAULT_DOWNLOAD_ROOT = os.path.join("~", ".cache", "clip")
@@ -46,8 +46,8 @@ def load_clip(weights_path, device):
 
     As in OpenAI's code the weights stay fp16 on CUDA and become fp32 on CPU.
     """
-    from .io import load_error
-    from .weights import check_weights
+    from ..io import load_error
+    from ..weights import check_weights
     clip = import_clip()
     check_weights(weights_path, "CLIP weights")
     try:

@@ -16,7 +16,7 @@ or the epoch plus the fraction of it done at the start of the optimizer step (``
 import math
 from dataclasses import dataclass
 
-from .errors import UserError
+from ..errors import UserError
 from .losses import LOSS_TYPES, LOSSES
 
 SCHEDULES = ("const", "linear", "cosine", "warmup:A", "jump:A-B-R")

@@ -4,8 +4,8 @@ import os
 
 import torch
 
-from .errors import UserError
-from .io import load_error, sha256_lines
+from ..errors import UserError
+from ..io import load_error, sha256_lines
 
 NORM_TOLERANCE = 1e-2  # fp16 rounding of a unit row of width 1024 stays far below this
 

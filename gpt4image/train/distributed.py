@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-logger = logging.getLogger("gpt4image")
+from ..log import logger
 
 
 @dataclass
@@ -61,7 +61,7 @@ def init_distributed(local_rank_arg=None, device=None, timeout_minutes=30):
     the legacy launcher's ``--local-rank`` argument (pass it as ``local_rank_arg``), SLURM's srun,
     and plain single-process runs. ``device``: "cuda", "cpu" or None (cuda when available).
     """
-    from .errors import check_device
+    from ..cli import check_device
     check_device(device)
     rank, world_size, local_rank = launch_environment(local_rank_arg)
     use_cuda = torch.cuda.is_available() if device is None else str(device).startswith("cuda")
@@ -92,20 +92,6 @@ def _attempt_store(rank, world_size, timeout):
                           **({} if agent_store else {"multi_tenant": True}))
     return dist.PrefixStore(f"gpt4image/attempt_{env.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
-
-def setup_logging(is_main, log_file=None):
-    """INFO to stdout on the main rank, warnings only elsewhere; optionally also to ``log_file``."""
-    logger.handlers.clear()
-    logger.propagate = False
-    logger.setLevel(logging.INFO if is_main else logging.WARNING)
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
-    logger.addHandler(handler)
-    if log_file and is_main:
-        fh = logging.FileHandler(log_file)
-        fh.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
-        logger.addHandler(fh)
-    return logger
 
 
 def is_main_process():

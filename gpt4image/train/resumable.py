@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .distributed import logger
+from ..log import logger
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped on request, run the same command again to continue
 

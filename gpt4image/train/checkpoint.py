@@ -3,9 +3,9 @@ import os
 
 import torch
 
-from .distributed import logger
-from .errors import UserError
-from .io import atomic_torch_save, load_error
+from ..log import logger
+from ..errors import UserError
+from ..io import atomic_torch_save, load_error
 from .run_checks import note_unfingerprinted
 from .state_dicts import CHECKPOINT, check_fits, checkpoint_file, class_count_error, state_dict_of, what_it_holds
 from .text_targets import fixed_on_resume

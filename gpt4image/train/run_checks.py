@@ -4,8 +4,8 @@ epoch, and the learning rate actually trained at (its scaling, a run that never 
 import hashlib
 import os
 
-from .distributed import logger
-from .errors import UserError
+from ..log import logger
+from ..errors import UserError
 
 FINGERPRINT_BYTES = 1 << 20  # read from each end of the table
 FINGERPRINT_KEY = "text_emb_fingerprint"

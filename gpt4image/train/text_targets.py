@@ -14,10 +14,11 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .distributed import logger
-from .errors import UserError, at_least, in_range
-from .io import atomic_write_json
-from .text_embeddings import SyntheticTextEmbeddings, WithTextEmbeddings, _validate, load_text_embeddings
+from ..log import logger
+from ..errors import UserError
+from ..cli import at_least, in_range
+from ..io import atomic_write_json
+from ..text.tables import SyntheticTextEmbeddings, WithTextEmbeddings, _validate, load_text_embeddings
 from .text_per_step import keep_described
 
 TEXT_TARGETS = ("image", "class-mean", "class-text", "shuffled", "random")

@@ -4,12 +4,12 @@ import os
 
 import torch
 
-from .distributed import logger
-from .errors import UserError
-from .io import refuse_repeated_dirs
+from ..log import logger
+from ..errors import UserError
+from ..io import refuse_repeated_dirs
 from .resumable import ResumableSampler, SeededSamples, ignore_stop_signals
 from .samplers import ExactDistributedSampler
-from .text_embeddings import SyntheticTextEmbeddings, WithTextEmbeddings, load_text_embeddings
+from ..text.tables import SyntheticTextEmbeddings, WithTextEmbeddings, load_text_embeddings
 from .text_per_step import keep_described, load_training_table
 from .text_targets import attach_training_targets
 
@@ -61,7 +61,7 @@ def load_image(path):
     """The image as 8-bit RGB (``images.open_rgb``: RGB files used as decoded, 16-bit and float
     greyscale scaled, transparency over white); a file that cannot be decoded or whose mode is
     refused is a UserError that names it."""
-    from .images import open_rgb
+    from ..images import open_rgb
     try:
         return open_rgb(path)
     except Exception as e:  # noqa: BLE001  OSError, SyntaxError, DecompressionBombError, ...: the file's problem
@@ -146,7 +146,7 @@ def attach_val_text_embeddings(val, path, train_embeddings):
 def attach_text_embeddings(train, text_emb, generated, text_per_step=None, seed=0, targets=None):
     """Return (dataset yielding (image, target, embedding), TextEmbeddings) or (train, None).
 
-    ``text_per_step``: how an [N, K, D] table's K descriptions become one (gpt4image.text_per_step).
+    ``text_per_step``: how an [N, K, D] table's K descriptions become one (gpt4image.train.text_per_step).
     ``targets`` (text_targets.TrainingTargets): another text target, noisy or fewer labels; the
     paper's choices keep this function's own path unchanged."""
     if targets is not None and not targets.released:

@@ -11,7 +11,9 @@ from typing import Callable, Optional
 
 import torch
 
-from .distributed import broadcast_buffers, heartbeat, is_main_process, logger, reduce_sums
+from .distributed import broadcast_buffers, heartbeat, is_main_process, reduce_sums
+
+from ..log import logger
 from .losses import Alignment
 from .resumable import CHECKPOINT, STOP, mix_seed, seed_all
 

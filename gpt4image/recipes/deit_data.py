@@ -6,7 +6,7 @@ from timm.data.mixup import mixup_target
 from timm.data.random_erasing import RandomErasing
 from torchvision import datasets, transforms
 
-from gpt4image.data import DeviceNormalize, build_image_folders, generated_datasets
+from gpt4image.train.data import DeviceNormalize, build_image_folders, generated_datasets
 from gpt4image.errors import UserError
 
 

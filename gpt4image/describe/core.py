@@ -24,8 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import UserError
-from .io import atomic_write_json, atomic_write_lines
+from ..errors import UserError
+from ..io import atomic_write_json, atomic_write_lines
 
 DEFAULT_PROMPT = "Describe this image in detail."  # the paper's prompt to MiniGPT-4
 DEFAULT_CLASS_PROMPT = "This is a photo of a {class_name}. Describe this image in detail."
@@ -43,7 +43,7 @@ class ImageItem:
 def list_images(data):
     """Images of an ImageFolder directory (its order) or of a text file with one path per line
     (relative paths are relative to the file's folder)."""
-    from .descriptions import canonical_path, list_image_folder, text_lines
+    from ..text.descriptions import canonical_path, list_image_folder, text_lines
     if os.path.isdir(data):
         return [ImageItem(i, rel, os.path.join(data, rel), rel.split("/")[0])
                 for i, rel in enumerate(list_image_folder(data))]
@@ -79,7 +79,7 @@ def read_class_names(path, classes):
                 if not isinstance(names, dict) or not all(isinstance(v, str) for v in names.values()):
                     raise ValueError("not an object mapping folder names to strings")
             else:
-                from .descriptions import text_lines
+                from ..text.descriptions import text_lines
                 names = {}
                 for line in text_lines(f.read()):
                     folder, _, words = line.strip().partition(" ")
@@ -129,8 +129,8 @@ def open_rgb(path, max_pixels=None):
     decompression-bomb limits and refused modes included)."""
     from PIL import Image
 
-    from .images import to_rgb
-    from .vlm_preprocess import draft_for, fit_pixels
+    from ..images import to_rgb
+    from .preprocess import draft_for, fit_pixels
     try:
         with Image.open(path) as image:
             if max_pixels:
@@ -197,7 +197,7 @@ def loader_worker_init(worker_id=None):
     group) is the main process's to handle; and a worker that was handing a batch over when the main
     process stopped stays quiet about the dropped connection instead of printing a traceback."""
     import sys
-    from .resumable import ignore_stop_signals
+    from ..train.resumable import ignore_stop_signals
     ignore_stop_signals(worker_id)
     previous = sys.excepthook
 
@@ -279,7 +279,7 @@ def inspect_vlm(model, allow_download=False):
         raise UserError(f"{directory!r} has no processor for images and text ({found}); the folder needs the "
                         f"model's preprocessor_config.json and tokenizer files as downloaded".replace("\n", " "))
     processor.tokenizer.padding_side = "left"
-    from .weights import check_weights
+    from ..weights import check_weights
     check_weights(directory, "model weights")  # truncated, corrupt or holding code: refused before any work
     architectures = getattr(config, "architectures", None) or [config.model_type]
     info = {"name": getattr(config, "_name_or_path", None) or model, "path": os.path.abspath(directory),
@@ -292,7 +292,7 @@ def load_vlm(directory, device, dtype):
     """The model of a folder ``inspect_vlm`` accepted, in ``dtype``, on ``device``; on a GPU
     attention uses SDPA."""
     from transformers import AutoModelForImageTextToText
-    from .weights import load_failure
+    from ..weights import load_failure
     device = torch.device(device)
     kwargs = {"attn_implementation": "sdpa"} if device.type == "cuda" else {}
     try:
@@ -345,7 +345,7 @@ class VLLMEngine:
     greedy ``generate`` with the model's generation config, so both backends decode alike."""
 
     def __init__(self, directory, device, dtype, generation, vocab_size, memory=None, seed=0, processor_kwargs=None):
-        from ._compat import ensure_torchvision_importable
+        from .._compat import ensure_torchvision_importable
         if ensure_torchvision_importable():  # a CPU torch: vLLM's own processes need the same shim
             site = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_site")
             os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [site, os.environ.get("PYTHONPATH")]))

@@ -15,10 +15,10 @@ import os
 
 import torch
 
-from .distributed import logger
-from .errors import UserError
+from ..log import logger
+from ..errors import UserError
 from .resumable import mix_seed
-from .text_embeddings import TextEmbeddings, _validate, load_text_embeddings
+from ..text.tables import TextEmbeddings, _validate, load_text_embeddings
 
 MODES = ("mean", "sample")
 

@@ -7,8 +7,9 @@ changes: tasks are the images themselves and records have no ``"k"``.
 """
 from dataclasses import dataclass
 
-from .describe import ImageItem, PromptBuilder
-from .errors import UserError, at_least
+from .core import ImageItem, PromptBuilder
+from ..errors import UserError
+from ..cli import at_least
 
 
 @dataclass(frozen=True)

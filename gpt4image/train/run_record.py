@@ -3,9 +3,9 @@ import json
 import os
 import socket
 
-from .distributed import logger
-from .errors import UserError
-from .io import append_durably, atomic_write_json, atomic_write_text, ensure_writable_dir
+from ..log import logger
+from ..errors import UserError
+from ..io import append_durably, atomic_write_json, atomic_write_text, ensure_writable_dir
 
 LOCK = "run.lock"
 

@@ -1,0 +1,1 @@
+"""Stage 1: description files, text encoders and the embedding table."""
