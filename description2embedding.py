@@ -21,7 +21,7 @@ from gpt4image.text.encoders import encode_texts, load_text_encoder
 from gpt4image.text.descriptions import read_description_set
 from gpt4image.errors import UserError, exit_on_user_error
 from gpt4image.cli import ArgumentParser, check_device, at_least
-from gpt4image.train.text_targets import per_class_rows, read_class_descriptions
+from gpt4image.train.class_descriptions import per_class_rows, read_class_descriptions
 from gpt4image.io import atomic_torch_save, atomic_write_json, atomic_write_text, sha256_file, sha256_lines
 
 RELEASED_INPUT, RELEASED_OUTPUT = "minigpt4_caption_imagenet_train_0_1281166.pth", "imagenet_clip_text_emb_0_1281166.pth"

@@ -101,7 +101,7 @@ def bag_of_words(texts, dim=64, seed=0):
 def write_tables(out, texts, files):
     """The per-image table (row k: training image k) and the per-class table, as description2embedding.py
     would write them (a tensor and its ``.json`` metadata); returns their paths."""
-    from .train.text_targets import per_class_rows
+    from .train.class_descriptions import per_class_rows
     image_table = os.path.join(out, "text_emb.pth")
     torch.save(bag_of_words(texts), image_table)
     atomic_write_text(image_table + ".files.txt", "".join(f + "\n" for f in files))

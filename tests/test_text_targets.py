@@ -12,8 +12,9 @@ from gpt4image.errors import UserError
 from gpt4image.train.losses import alignment_loss
 from gpt4image.train.losses import AlignmentState
 from gpt4image.text.tables import TextEmbeddings
-from gpt4image.train.text_targets import (ClassRows, IndexedRows, RandomRows, balanced_subset, class_mean_table,
-                                    per_class_rows, row_blocks, shuffled_index, symmetric_label_noise)
+from gpt4image.train.class_descriptions import per_class_rows
+from gpt4image.train.label_subsets import balanced_subset, symmetric_label_noise
+from gpt4image.train.target_rows import ClassRows, IndexedRows, RandomRows, class_mean_table, row_blocks, shuffled_index
 from test_hardening import refused, snapshot
 
 RESNET = os.path.join(REPO, "resnet", "main.py")

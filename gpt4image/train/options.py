@@ -11,7 +11,8 @@ from .run_checks import FINGERPRINT_KEY, cap_workers, table_fingerprint
 from .run_record import require_wandb
 from .text_weight import add_alignment_args, check_alignment_args
 from .text_per_step import add_text_per_step_args
-from .text_targets import CLASS_LEVEL, add_text_target_args, row_blocks
+from .target_rows import row_blocks
+from .text_targets import CLASS_LEVEL, add_text_target_args
 from .training import RunOptions
 
 
