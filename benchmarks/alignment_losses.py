@@ -24,7 +24,8 @@ import torch.nn.functional as F
 
 from common import RESULTS, print_table, write_json
 from gpt4image import build_projection_head
-from gpt4image.train.losses import LOSS_TYPES, LOSSES, AlignmentState, alignment_loss
+from gpt4image.train.alignment_state import AlignmentState
+from gpt4image.train.losses import LOSS_TYPES, LOSSES, alignment_loss
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 MODELS = {"resnet50": dict(width=2048, text=1024, bn=True, std=1024 ** -0.5, tau=0.2),

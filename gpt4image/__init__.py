@@ -12,7 +12,8 @@ from .train.checkpoint import check_compatible, load_checkpoint, save_checkpoint
 from .train.distributed import DistInfo, init_distributed, reduce_sums  # noqa: E402
 from .log import setup_logging  # noqa: E402
 from .errors import UserError  # noqa: E402
-from .train.losses import alignment_loss, describe_alignment, effective_text_weight  # noqa: E402
+from .train.alignment import describe_alignment, effective_text_weight  # noqa: E402
+from .train.losses import alignment_loss  # noqa: E402
 from .train.models import TextAlignedModel, build_projection_head  # noqa: E402
 from .train.samplers import ExactDistributedSampler, RASampler  # noqa: E402
 from .text.tables import TextEmbeddings, WithTextEmbeddings, load_text_embeddings  # noqa: E402

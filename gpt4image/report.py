@@ -15,7 +15,7 @@ from .cli import ArgumentParser
 
 from .errors import UserError, one_line
 from .train.eval_sets import KEY as EVAL_SET_KEY
-from .train.losses import effective_text_weight
+from .train.alignment import effective_text_weight
 from .train.run_record import read_log
 
 

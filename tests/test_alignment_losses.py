@@ -13,7 +13,9 @@ import torch.nn.functional as F
 
 import alignment_references as ref
 from conftest import REPO
-from gpt4image.train.losses import LOSS_TYPES, LOSSES, Alignment, AlignmentState, alignment_loss
+from gpt4image.train.alignment import Alignment
+from gpt4image.train.alignment_state import AlignmentState
+from gpt4image.train.losses import LOSS_TYPES, LOSSES, alignment_loss
 from gpt4image.train.text_weight import parse_schedule
 from gpt4image.errors import UserError
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from conftest import REPO, run_script
 from gpt4image.errors import UserError
 from gpt4image.train.losses import alignment_loss
-from gpt4image.train.losses import AlignmentState
+from gpt4image.train.alignment_state import AlignmentState
 from gpt4image.text.tables import TextEmbeddings
 from gpt4image.train.class_descriptions import per_class_rows
 from gpt4image.train.label_subsets import balanced_subset, symmetric_label_noise

@@ -14,7 +14,7 @@ import torch
 from .distributed import broadcast_buffers, heartbeat, is_main_process, reduce_sums
 
 from ..log import logger
-from .losses import Alignment
+from .alignment import Alignment
 from .resumable import CHECKPOINT, STOP, mix_seed, seed_all
 
 SUM_NAMES = ("loss", "ce", "text", "correct", "n")  # an epoch's sums; also the order of a checkpoint's "partial"

@@ -1,18 +1,25 @@
 """Alignment losses between projected image features and stored CLIP text embeddings (arXiv 2306.00693).
 
+Each loss of the registry (``LOSSES``) is a function of the projected image features and the text
+rows; ``alignment_loss`` computes the registered one. The settings of a run are ``alignment.Alignment``,
+the loss's learned scalars and statistics ``alignment_state.AlignmentState``.
+
 With one process (or no process group) nothing here makes a distributed call.
 """
+from __future__ import annotations
+
 import math
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import Tensor
+from typing_extensions import TypedDict, Unpack
 
 
-def _world():
+def _world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
@@ -35,7 +42,7 @@ class _GatherWithGrad(torch.autograd.Function):
         return grad[ctx.rank * ctx.batch:(ctx.rank + 1) * ctx.batch]
 
 
-def gather_features(x, gather_with_grad=False):
+def gather_features(x: Tensor, gather_with_grad: bool = False) -> Tensor:
     """Concatenate ``x`` [B, D] of every rank into [W*B, D] (all ranks must pass the same B).
 
     Without ``gather_with_grad`` only this rank's slice carries gradient (the released behaviour);
@@ -62,14 +69,14 @@ def _arange(n, device, offset=0):
     return _label_cache[key]
 
 
-def identical_rows(rows, columns):
+def identical_rows(rows: Tensor, columns: Tensor) -> Tensor:
     """[R, C] bool: row i of ``rows`` equals row j of ``columns`` exactly ([R, D] and [C, D], any float dtype)."""
     both = torch.cat([rows, columns])
     ids = torch.unique(both, dim=0, return_inverse=True)[1]
     return ids[:len(rows), None] == ids[None, len(rows):]
 
 
-def contrastive_cross_entropy(logits, labels, positives=None):
+def contrastive_cross_entropy(logits: Tensor, labels: Tensor, positives: Tensor | None = None) -> Tensor:
     """Mean over rows of the InfoNCE cross-entropy of ``logits`` [R, C] with target column ``labels[r]``;
     with ``positives`` ([R, C] bool, shared targets), of -log of the softmax mass on the row's positive
     columns (SupCon's L_in): any positive may take it. (SupCon's L_out, the mean of -log softmax over
@@ -84,7 +91,8 @@ def contrastive_cross_entropy(logits, labels, positives=None):
 # text rows of the same images, float32), both already gathered across ranks for a loss with
 # negatives, plus what it needs by keyword; it returns a scalar.
 
-def clip_loss(z, t, *, tau, gather_with_grad=False, local_loss=False, shared_targets=False, **_):
+def clip_loss(z: Tensor, t: Tensor, *, tau: float, gather_with_grad: bool = False, local_loss: bool = False,
+              shared_targets: bool = False, **_: object) -> Tensor:
     """Symmetric InfoNCE over the global batch (CLIP, Radford et al. 2021; GPT4Image's default).
     Gathers its own features, so that ``local_loss`` can compute only this rank's rows.
     ``shared_targets``: pairs with identical text rows are positives (``contrastive_cross_entropy``)."""
@@ -104,36 +112,36 @@ def clip_loss(z, t, *, tau, gather_with_grad=False, local_loss=False, shared_tar
             + contrastive_cross_entropy(text_to_image, labels, positives)) / 2
 
 
-def ctr_loss(z, t, *, tau, shared_targets=False, **_):
+def ctr_loss(z: Tensor, t: Tensor, *, tau: float, shared_targets: bool = False, **_: object) -> Tensor:
     """Image-to-text InfoNCE over the local batch (van den Oord et al. 2018, CPC; GPT4Image's ``ctr``)."""
     z = F.normalize(z, dim=-1)
     positives = identical_rows(t, t) if shared_targets else None
     return contrastive_cross_entropy(z @ t.t() / tau, _arange(len(z), z.device), positives)
 
 
-def byol_loss(z, t, **_):
+def byol_loss(z: Tensor, t: Tensor, **_: object) -> Tensor:
     """Mean of 2 - 2 <z, t> (BYOL's regression loss, Grill et al. 2020; GPT4Image's ``byol``)."""
     z = F.normalize(z, dim=-1)
     return (2 - 2 * (z * t).sum(dim=-1)).mean()
 
 
-def cos_loss(z, t, **_):
+def cos_loss(z: Tensor, t: Tensor, **_: object) -> Tensor:
     """Mean of 1 - cos(z, t) (TextTeacher's ``cos``, arXiv 2605.22098)."""
     return (1 - F.cosine_similarity(z, t, dim=-1)).mean()
 
 
-def l2_loss(z, t, **_):
+def l2_loss(z: Tensor, t: Tensor, **_: object) -> Tensor:
     """Mean squared error between the raw projection and the text row (TextTeacher's ``l2``)."""
     return F.mse_loss(z, t)
 
 
-def kl_loss(z, t, **_):
+def kl_loss(z: Tensor, t: Tensor, **_: object) -> Tensor:
     """KL(softmax_0(t) || softmax_0(z)), each feature's distribution over the batch (dimension 0),
     divided by the batch size (TextTeacher's ``kl``; torch's kl_div with the text as the target)."""
     return F.kl_div(F.log_softmax(z, dim=0), F.softmax(t, dim=0), reduction="batchmean")
 
 
-def dist_loss(z, t, **_):
+def dist_loss(z: Tensor, t: Tensor, **_: object) -> Tensor:
     """Frobenius norm of the difference of the two pairwise-distance matrices, each divided by its
     own norm (TextTeacher's ``dist``: the batch's geometry, not its coordinates)."""
     dz, dt = torch.cdist(z, z), torch.cdist(t, t)
@@ -143,7 +151,7 @@ def dist_loss(z, t, **_):
 VL2LITE_T = 2.0
 
 
-def vl2lite_text_loss(z, t, **_):
+def vl2lite_text_loss(z: Tensor, t: Tensor, **_: object) -> Tensor:
     """T^2 KL(softmax_0(t t^T / T) || softmax_0(z t^T / T)) on unit rows, T = 2: the image-text
     similarities distilled towards the text-text ones (VL2Lite, Jang et al. CVPR 2025, text part;
     as TextTeacher's ``vl2lite``)."""
@@ -155,7 +163,8 @@ def vl2lite_text_loss(z, t, **_):
 SIGLIP_INIT = (math.log(10.0), -10.0)  # log temperature and bias at initialisation (SigLIP, Sec. 3.2)
 
 
-def sigmoid_loss(z, t, *, log_scale, bias, shared_targets=False, **_):
+def sigmoid_loss(z: Tensor, t: Tensor, *, log_scale: Tensor | None, bias: Tensor | None, shared_targets: bool = False,
+                 **_: object) -> Tensor:
     """-1/B sum over all B x B pairs of log sigmoid(y_ij (exp(log_scale) <z_i, t_j> + bias)), y_ij
     +1 for an image and its own text, -1 otherwise (SigLIP, Zhai et al. ICCV 2023, Algorithm 1);
     ``log_scale`` and ``bias`` are learned (``AlignmentState``); None: their initial values.
@@ -170,7 +179,7 @@ def sigmoid_loss(z, t, *, log_scale, bias, shared_targets=False, **_):
     return -F.logsigmoid(signs * logits).sum() / len(z)
 
 
-def supcon_loss(z, t, *, tau, labels, **_):
+def supcon_loss(z: Tensor, t: Tensor, *, tau: float, labels: Tensor | None, **_: object) -> Tensor:
     """Supervised contrastive loss (SupCon, Khosla et al. NeurIPS 2020, L_out) over 2B views: the B
     images and their B text rows. For each view a, the mean over its positives p (the other views
     of the same class, or whose text rows are identical; an image's own text always) of
@@ -188,7 +197,7 @@ def supcon_loss(z, t, *, tau, labels, **_):
     return per_view.mean()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class LossSpec:
     """A registered loss: ``negatives`` (its value couples the samples of the batch: gathered
     across ranks, and exact under --accum-iter); ``unit_text`` (it compares directions: standardised
@@ -201,28 +210,43 @@ class LossSpec:
 
 
 LOSSES = {
-    "clip": LossSpec(clip_loss, negatives=True, unit_text=True, gathers_itself=True),
-    "ctr": LossSpec(ctr_loss, negatives=False, unit_text=True),  # local batch by definition
-    "byol": LossSpec(byol_loss, negatives=False, unit_text=True),
-    "cos": LossSpec(cos_loss, negatives=False, unit_text=True),
-    "l2": LossSpec(l2_loss, negatives=False, unit_text=False),
-    "kl": LossSpec(kl_loss, negatives=True, unit_text=False),
-    "dist": LossSpec(dist_loss, negatives=True, unit_text=False),
-    "sigmoid": LossSpec(sigmoid_loss, negatives=True, unit_text=True),
-    "supcon": LossSpec(supcon_loss, negatives=True, unit_text=True, needs_labels=True),
-    "vl2lite-text": LossSpec(vl2lite_text_loss, negatives=True, unit_text=True),
+    "clip": LossSpec(fn=clip_loss, negatives=True, unit_text=True, gathers_itself=True),
+    "ctr": LossSpec(fn=ctr_loss, negatives=False, unit_text=True),  # local batch by definition
+    "byol": LossSpec(fn=byol_loss, negatives=False, unit_text=True),
+    "cos": LossSpec(fn=cos_loss, negatives=False, unit_text=True),
+    "l2": LossSpec(fn=l2_loss, negatives=False, unit_text=False),
+    "kl": LossSpec(fn=kl_loss, negatives=True, unit_text=False),
+    "dist": LossSpec(fn=dist_loss, negatives=True, unit_text=False),
+    "sigmoid": LossSpec(fn=sigmoid_loss, negatives=True, unit_text=True),
+    "supcon": LossSpec(fn=supcon_loss, negatives=True, unit_text=True, needs_labels=True),
+    "vl2lite-text": LossSpec(fn=vl2lite_text_loss, negatives=True, unit_text=True),
 }
 LOSS_TYPES = tuple(LOSSES)
 
 
-def alignment_loss(image_features, text_embeddings, loss_type="clip", tau=0.2, gather_with_grad=False,
-                   local_loss=False, labels=None, log_scale=None, bias=None, shared_targets=False):
+class LossOptions(TypedDict, total=False):
+    """The keyword options of ``alignment_loss`` (each optional; the defaults in LOSS_OPTION_DEFAULTS)."""
+    gather_with_grad: bool
+    local_loss: bool
+    labels: Tensor | None
+    log_scale: Tensor | None
+    bias: Tensor | None
+    shared_targets: bool
+
+
+LOSS_OPTION_DEFAULTS = {"gather_with_grad": False, "local_loss": False, "labels": None, "log_scale": None,
+                        "bias": None, "shared_targets": False}
+
+
+def alignment_loss(image_features: Tensor, text_embeddings: Tensor, loss_type: str = "clip", tau: float = 0.2,
+                   **options: Unpack[LossOptions]) -> Tensor:
     """Scalar alignment loss of the registered ``loss_type`` (``LOSSES``).
 
     Args:
         image_features: [B, D] projection-head outputs (any scale).
         text_embeddings: [B, D] text rows of the same images (any float dtype).
         tau: fixed temperature (clip, ctr, supcon).
+    Options (by keyword):
         gather_with_grad: (losses with negatives, several ranks) let gathered features carry
             gradient, so that after DDP's averaging the gradient equals that of one process holding
             the global batch. Off, it is 1/W of that (the released semantics of clip).
@@ -235,131 +259,21 @@ def alignment_loss(image_features, text_embeddings, loss_type="clip", tau=0.2, g
             only the diagonal is positive, also for repeated-augmentation copies with identical rows.
     Computed in float32, also under autocast.
     """
+    unknown = sorted(set(options) - set(LOSS_OPTION_DEFAULTS))
+    if unknown:
+        raise TypeError(f"alignment_loss() got an unexpected keyword argument {unknown[0]!r}")
+    o = {**LOSS_OPTION_DEFAULTS, **options}
     if loss_type not in LOSSES:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
     spec = LOSSES[loss_type]
-    if local_loss and not gather_with_grad:
+    if o["local_loss"] and not o["gather_with_grad"]:
         raise ValueError("local_loss needs gather_with_grad (without it the gradient would be wrong)")
-    if local_loss and loss_type != "clip":
+    if o["local_loss"] and loss_type != "clip":
         raise ValueError(f"local_loss is implemented for clip only, not {loss_type}")
     with torch.autocast(device_type=image_features.device.type, enabled=False):
         z, t = image_features.float(), text_embeddings.float()
         if spec.negatives and not spec.gathers_itself:
-            z, t = gather_features(z, gather_with_grad), gather_features(t)
-            labels = gather_features(labels) if labels is not None and spec.needs_labels else labels
-        return spec.fn(z, t, tau=tau, gather_with_grad=gather_with_grad, local_loss=local_loss, labels=labels,
-                       log_scale=log_scale, bias=bias, shared_targets=shared_targets)
-
-
-class AlignmentState(nn.Module):
-    """What the alignment loss keeps besides the model, saved and restored with it: SigLIP's learned
-    log temperature and bias (``sigmoid``), and the text rows' per-dimension mean and std
-    (``--text-emb-standardize``, computed once from the training table)."""
-
-    def __init__(self, loss_type, text_dim, standardize=False):
-        super().__init__()
-        self.standardize = standardize
-        if loss_type == "sigmoid":
-            self.log_scale = nn.Parameter(torch.tensor(SIGLIP_INIT[0]))
-            self.bias = nn.Parameter(torch.tensor(SIGLIP_INIT[1]))
-        if standardize:
-            self.register_buffer("text_mean", torch.zeros(text_dim))
-            self.register_buffer("text_std", torch.ones(text_dim))
-
-    def set_text_statistics(self, table, chunk_rows=65536):
-        """Per-dimension mean and (unbiased) std of the [N, D] ``table``, in float64 by chunks."""
-        self.set_statistics_of_blocks(table[start:start + chunk_rows] for start in range(0, table.shape[0], chunk_rows))
-
-    def set_statistics_of_blocks(self, blocks):
-        """Per-dimension mean and (unbiased) std of the rows of ``blocks`` ([n_i, D] tensors), in float64."""
-        total = torch.zeros(self.text_mean.shape[0], dtype=torch.float64)
-        squares = torch.zeros_like(total)
-        n = 0
-        for rows in blocks:
-            rows = rows.to(torch.float64)
-            total += rows.sum(dim=0)
-            squares += (rows * rows).sum(dim=0)
-            n += rows.shape[0]
-        mean = total / max(n, 1)
-        var = (squares - n * mean * mean).clamp(min=0) / max(n - 1, 1)
-        self.text_mean.copy_(mean)
-        self.text_std.copy_(var.sqrt().clamp(min=1e-6))
-
-    def standardized(self, t, unit):
-        """(t - mean) / std per dimension; renormalised to unit rows when ``unit``."""
-        t = (t.float() - self.text_mean) / self.text_std
-        return F.normalize(t, dim=-1) if unit else t
-
-    def loss_parameters(self, live=True):
-        """{log_scale, bias} for ``alignment_loss`` (detached unless ``live``); empty without them."""
-        if not hasattr(self, "log_scale"):
-            return {}
-        if live:
-            return {"log_scale": self.log_scale, "bias": self.bias}
-        return {"log_scale": self.log_scale.detach(), "bias": self.bias.detach()}
-
-
-def needs_state(loss_type, standardize):
-    return loss_type == "sigmoid" or standardize
-
-
-@dataclass(frozen=True)
-class Alignment:
-    """The text-alignment settings of a run: ``loss(projected, text)`` is ``alignment_loss`` with them.
-
-    ``schedule`` (a ``TextWeightSchedule`` or None: constant ``lamb``) gives the weight in force;
-    ``exact_accumulation``: under --accum-iter a loss with negatives sees every accumulated batch."""
-    loss_type: str = "clip"
-    tau: float = 0.2
-    lamb: float = 0.3
-    gather_with_grad: bool = False
-    local_loss: bool = False
-    schedule: object = None
-    exact_accumulation: bool = True
-    shared_targets: bool = False
-
-    @property
-    def negatives(self):
-        return LOSSES[self.loss_type].negatives
-
-    def loss(self, image_features, text_embeddings, labels=None, state=None, live_parameters=True):
-        """``state``: the model's ``AlignmentState`` (standardisation, SigLIP's parameters), or None."""
-        extra = {}
-        if state is not None:
-            if state.standardize:
-                text_embeddings = state.standardized(text_embeddings, LOSSES[self.loss_type].unit_text)
-            extra = state.loss_parameters(live_parameters)
-        return alignment_loss(image_features, text_embeddings, self.loss_type, self.tau, self.gather_with_grad,
-                              self.local_loss, labels=labels, shared_targets=self.shared_targets, **extra)
-
-    def weight(self, epoch, step=0, steps=1):
-        """The weight of the text loss at ``step`` of ``steps`` in ``epoch``."""
-        return self.lamb if self.schedule is None else self.schedule.weight(self.lamb, epoch, step, steps)
-
-    def describe(self, world_size):
-        line = describe_alignment(self.loss_type, self.tau, self.lamb, self.gather_with_grad, self.local_loss,
-                                  world_size)
-        scheduled = self.schedule is not None and self.schedule.kind != "const"
-        return line + (f"; weight schedule {self.schedule.describe()}" if scheduled else "")
-
-
-def effective_text_weight(lamb, loss_type, gather_with_grad, world_size):
-    """Weight of the global-batch text loss that reaches the weights after DDP's gradient averaging."""
-    if LOSSES[loss_type].negatives and not gather_with_grad and world_size > 1:
-        return lamb / world_size
-    return lamb
-
-
-def describe_alignment(loss_type, tau, lamb, gather_with_grad, local_loss, world_size):
-    """One log line stating the alignment setup and its effective weight."""
-    if not LOSSES[loss_type].negatives:
-        mode = "local batch (no gather)"
-    elif world_size == 1:
-        mode = "single process"
-    elif gather_with_grad:
-        mode = "gather with grad" + (", local loss" if local_loss else "")
-    else:
-        mode = "released gather (own slice only carries gradient)"
-    weight = effective_text_weight(lamb, loss_type, gather_with_grad, world_size)
-    return (f"text alignment: loss={loss_type} tau={tau} lamb={lamb} gather={mode} world_size={world_size} "
-            f"effective text-loss weight={weight:g}")
+            z, t = gather_features(z, o["gather_with_grad"]), gather_features(t)
+            if o["labels"] is not None and spec.needs_labels:
+                o["labels"] = gather_features(o["labels"])
+        return spec.fn(z, t, tau=tau, **o)

@@ -6,7 +6,8 @@ from ..errors import UserError
 from ..cli import at_least
 from .checkpoint import find_resume
 from .eval_sets import add_eval_set_args
-from .losses import Alignment, AlignmentState, needs_state
+from .alignment import Alignment
+from .alignment_state import AlignmentState, needs_state
 from .run_checks import FINGERPRINT_KEY, cap_workers, table_fingerprint
 from .run_record import require_wandb
 from .text_weight import add_alignment_args, check_alignment_args

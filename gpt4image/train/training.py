@@ -20,7 +20,7 @@ from .engine import NonFiniteLoss, Reporting, TrainStep, evaluate, train_one_epo
 from ..errors import UserError, exit_on_user_error
 from .eval_sets import sets_in, summary as eval_sets_summary
 from ..io import atomic_torch_save
-from .losses import Alignment
+from .alignment import Alignment
 from .resumable import PREEMPTED_EXIT_CODE, RunControl
 from .run_checks import check_accumulation
 from .run_record import RunLock, RunRecord, epoch_row, read_log

@@ -17,7 +17,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 import gpt4image  # noqa: E402
 from gpt4image.recipes.deit import build_model, get_args_parser  # noqa: E402
 from gpt4image.train.engine import TrainStep, train_one_epoch  # noqa: E402
-from gpt4image.train.losses import Alignment  # noqa: E402
+from gpt4image.train.alignment import Alignment  # noqa: E402
 from gpt4image.train.resumable import seed_all  # noqa: E402
 
 STEPS, PER_STEP = 2, 8
