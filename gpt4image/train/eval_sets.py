@@ -1,39 +1,27 @@
 """--eval-set NAME=PATH: extra test sets (ImageNet-V2, -ReaL, -R, -A, -Sketch, any folder of training
-classes), each scored by its own protocol through the run's exact distributed evaluation.
-
-The class mapping always comes from the run's class list (the checkpoint's, else the training
-folder's names): a folder is never assumed to be in the model's output order.
-- class folders named after training classes (ImageNet-Sketch, -R, -A, any subset): by name; when
-  they are a proper subset, the logits are restricted to those classes before the argmax (the
-  200-class protocol of ImageNet-R and -A);
-- class folders named ``0`` .. ``999`` (ImageNet-V2): the index into ImageNet-1k's sorted wnids;
-- ReaL: ``real.json``, one label list per validation image; list i belongs to the image whose file
-  name carries number i + 1 (``ILSVRC2012_val_000000NN.JPEG``); images with an empty list are left
-  out; a prediction is right when it is in the image's list. A ``real.json`` file scores the run's
-  own validation folder; a folder holding ``real.json`` scores the images in it (flat, as the
-  validation archive unpacks, or in class folders).
+classes), each scored by its own protocol through the run's exact distributed evaluation: the flags,
+the sets built at the start of a run, their scores and log keys (eval_layouts.py reads each set).
 """
-import json
-import os
+from __future__ import annotations
+
+import argparse
 import re
-from dataclasses import dataclass
-from typing import Optional
 
 import torch
+from torch import Tensor
 
-from .data import build_eval_loader, load_image
+from .data import build_eval_loader
 from ..log import logger
 from .engine import evaluate
 from ..errors import UserError
-from ..io import refuse_repeated_dirs
+from .eval_layouts import EvalSet, recognise
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
-VAL_NUMBER = re.compile(r"ILSVRC2012_val_(\d{8})")
-REAL_JSON = "real.json"
 KEY = "evalset_"  # log.txt keys: evalset_<name>_acc1, ema_evalset_<name>_acc1, ...
 
 
-def add_eval_set_args(p):
+def add_eval_set_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """--eval-set NAME=PATH (repeatable) and --eval-sets-every-epoch."""
     p.add_argument("--eval-set", action="append", default=[], type=eval_set_spec, metavar="NAME=PATH",
                    help="also evaluate on PATH, reported as NAME (repeatable): ImageNet-V2/-Sketch/-R/-A folders, any "
                         "folder of training classes (logits restricted to them), or ReaL's real.json (scores the "
@@ -43,9 +31,8 @@ def add_eval_set_args(p):
     return p
 
 
-def eval_set_spec(text):
+def eval_set_spec(text: str) -> str:
     """argparse ``type`` of --eval-set: ``NAME=PATH`` with a plain NAME (it becomes log keys)."""
-    import argparse
     name, sep, path = str(text).partition("=")
     if not sep or not NAME.fullmatch(name) or not path:
         raise argparse.ArgumentTypeError(f"must be NAME=PATH with NAME of letters, digits, '.', '_' or '-' "
@@ -53,7 +40,7 @@ def eval_set_spec(text):
     return str(text)
 
 
-def run_classes(train_set, checkpoint=None):
+def run_classes(train_set: object, checkpoint: object = None) -> list[str] | None:
     """The run's class names, in the model's output order: the checkpoint's list when it records one,
     else the training set's (an ImageFolder's sorted folder names); None for generated data."""
     if isinstance(checkpoint, dict) and isinstance(checkpoint.get("classes"), list):
@@ -69,68 +56,33 @@ def _innermost(dataset):
     return dataset
 
 
-@dataclass
-class EvalSet:
-    name: str
-    kind: str  # the layout it was recognised as, for the log
-    dataset: object
-    restrict: Optional[list] = None  # model outputs the logits are restricted to (folder order); None: all
-    top5: bool = True
-    loader: object = None
-
-
-class _TargetMap:
-    """Folder target -> model output index (a class, not a lambda: loader workers may be spawned)."""
-
-    def __init__(self, table):
-        self.table = table
-
-    def __call__(self, target):
-        return self.table[target]
-
-
 class RestrictedLogits(torch.nn.Module):
     """``model``'s logits at the columns ``indices`` only, in that order: the argmax (and top-5 and
     cross-entropy) among those classes, with targets numbered as the columns."""
 
-    def __init__(self, model, indices):
+    def __init__(self, model: torch.nn.Module, indices: list[int]) -> None:
         super().__init__()
         self.model = model
         self.indices = torch.as_tensor(indices, dtype=torch.long)
 
-    def forward(self, images):
+    def forward(self, images: Tensor) -> Tensor:
         logits = self.model(images)
         return logits[:, self.indices.to(logits.device)]
-
-
-class LabelSets(torch.utils.data.Dataset):
-    """(image, label distribution over the model's classes): the image's labels share its weight 1,
-    so a prediction scores when it is any of them (engine.evaluate's rule for 2-d targets)."""
-
-    def __init__(self, paths, labels, num_classes, transform):
-        self.paths, self.labels, self.num_classes, self.transform = paths, labels, num_classes, transform
-
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, index):
-        image = load_image(self.paths[index])
-        target = torch.zeros(self.num_classes)
-        target[self.labels[index]] = 1.0 / len(self.labels[index])
-        return (self.transform(image) if self.transform is not None else image), target
 
 
 class EvalSets:
     """The --eval-set sets of a run, their loaders built; evaluated by ``evaluate_recipe`` (training)
     or ``evaluate`` (one model)."""
 
-    def __init__(self, sets, every_epoch=False):
+    def __init__(self, sets: list[EvalSet], every_epoch: bool = False) -> None:
         self.sets, self.every_epoch = sets, every_epoch
 
-    def due(self, epoch, epochs):
+    def due(self, epoch: int, epochs: int) -> bool:
+        """Whether the sets are evaluated after ``epoch`` (0-based) of ``epochs``."""
         return self.every_epoch or epoch == epochs - 1
 
-    def evaluate(self, model, device, amp_dtype=None, channels_last=False, prepare=None, prefix=""):
+    def evaluate(self, model: torch.nn.Module, device: torch.device, amp_dtype: torch.dtype | None = None,
+                 channels_last: bool = False, prepare: object = None, prefix: str = "") -> dict[str, float]:
         """{<prefix>evalset_<name>_acc1 (and _acc5 where defined, _num_images): value} over every set."""
         found = {}
         for s in self.sets:
@@ -147,7 +99,7 @@ class EvalSets:
                         f"images ({s.kind})")
         return found
 
-    def evaluate_recipe(self, recipe, device, amp_dtype):
+    def evaluate_recipe(self, recipe: object, device: torch.device, amp_dtype: torch.dtype | None) -> dict[str, float]:
         """Raw weights and, when the recipe keeps one, the EMA (as the validation)."""
         found = self.evaluate(recipe.model, device, amp_dtype, recipe.channels_last, recipe.eval_prepare)
         if recipe.ema is not None:
@@ -156,12 +108,12 @@ class EvalSets:
         return found
 
 
-def sets_in(row):
+def sets_in(row: dict) -> dict:
     """The eval-set entries of a log row (or results dict)."""
     return {k: v for k, v in row.items() if k.startswith((KEY, f"ema_{KEY}"))}
 
 
-def summary(values):
+def summary(values: dict) -> str:
     """'v2 top-1 61.20% (EMA 61.50%), ...' from a dict with evalset_* keys (results or a log row); '' if none."""
     parts = []
     for key in values:
@@ -172,7 +124,8 @@ def summary(values):
     return ", ".join(parts)
 
 
-def build_eval_sets(args, classes, val_set, dist_info, batch_size, workers, pin_memory):
+def build_eval_sets(args: argparse.Namespace, classes: list[str] | None, val_set: object, dist_info: object,
+                    batch_size: int, workers: int, pin_memory: bool) -> EvalSets | None:
     """The sets of ``args.eval_set`` checked and ready (None without any): every problem is a UserError
     here, at the start of a run, before anything is written."""
     specs = list(getattr(args, "eval_set", None) or [])
@@ -199,133 +152,3 @@ def build_eval_sets(args, classes, val_set, dist_info, batch_size, workers, pin_
     return EvalSets(sets, getattr(args, "eval_sets_every_epoch", False))
 
 
-def recognise(name, path, classes, val_set):
-    """The EvalSet of ``path`` (a folder, or a ReaL real.json scoring ``val_set``), checked against
-    the run's ``classes``; its images use ``val_set``'s transform."""
-    what = f"--eval-set {name}={path}"
-    transform = getattr(val_set, "transform", None)
-    if os.path.isfile(path) and path.endswith(".json"):
-        images = getattr(val_set, "samples", None)
-        if images is None:
-            raise UserError(f"{what}: a ReaL real.json scores the run's validation folder, but this run has none "
-                            f"(generated data or CIFAR); pass --data / --data-path with val/, or give a folder "
-                            f"holding real.json and the validation images")
-        return _real(name, path, [p for p, _ in images], classes, transform, "the validation folder")
-    if not os.path.isdir(path):
-        state = "is a file" if os.path.exists(path) else "does not exist"
-        raise UserError(f"{what}: {path!r} {state}; PATH must be a folder of class folders or a ReaL real.json")
-    refuse_repeated_dirs(path)
-    if os.path.isfile(os.path.join(path, REAL_JSON)):
-        return _real(name, os.path.join(path, REAL_JSON), _files_below(path), classes, transform, path)
-    folders = sorted(e.name for e in os.scandir(path) if e.is_dir())
-    if not folders:
-        raise UserError(f"{what}: {path!r} has no class folders (nor a {REAL_JSON}); lay the set out as one folder "
-                        f"per class (README: 'Evaluation sets')")
-    position = {c: i for i, c in enumerate(classes)}
-    if all(f in position for f in folders):
-        return _class_folders(name, path, position, classes, transform)
-    if all(f.isdigit() and str(int(f)) == f and int(f) < 1000 for f in folders):
-        to_model = imagenet_index_map(classes)
-        unknown = [f for f in folders if to_model(int(f)) is None]
-        if unknown:
-            raise UserError(f"{what}: its folders are ImageNet-V2's class indices, but {len(unknown)} of the classes "
-                            f"they stand for are not among the run's {len(classes)} training classes (first: "
-                            f"{', '.join(_imagenet_names(unknown[:3]))}); evaluate a model trained on ImageNet-1k")
-        dataset = _image_folder(path, transform)
-        dataset.target_transform = _TargetMap([to_model(int(f)) for f in dataset.classes])
-        return EvalSet(name, f"ImageNet-V2 layout (folder k is ImageNet class k), {len(folders)} classes", dataset,
-                       top5=len(classes) >= 5)
-    unknown = [f for f in folders if f not in position]
-    raise UserError(f"{what}: {len(unknown)} of its {len(folders)} class folders are not among the run's "
-                    f"{len(classes)} training classes (first: {', '.join(unknown[:3])}); a set's folders must be "
-                    f"named as the training class folders (wnids for ImageNet) or 0..999 (ImageNet-V2)")
-
-
-def _image_folder(path, transform):
-    import torchvision
-    try:
-        return torchvision.datasets.ImageFolder(path, transform, loader=load_image)
-    except (FileNotFoundError, RuntimeError) as e:
-        raise UserError(f"cannot read the image folders under {path!r}: {e}") from None
-
-
-def _class_folders(name, path, position, classes, transform):
-    """Folders named after training classes: all of them -> plain argmax; a subset -> restricted."""
-    dataset = _image_folder(path, transform)
-    folders = dataset.classes
-    indices = [position[f] for f in folders]
-    if len(folders) == len(classes):
-        dataset.target_transform = _TargetMap(indices)
-        return EvalSet(name, f"class folders of all {len(classes)} training classes", dataset, top5=len(classes) >= 5)
-    protocol = " (the ImageNet-R/-A protocol)" if len(folders) == 200 else ""
-    return EvalSet(name, f"{len(folders)} of the {len(classes)} training classes, logits restricted to them{protocol}",
-                   dataset, restrict=indices, top5=len(folders) >= 5)
-
-
-def _imagenet_wnids():
-    from timm.data import ImageNetInfo  # timm ships ImageNet-1k's 1000 wnids, sorted
-    return ImageNetInfo().label_names()
-
-
-def _imagenet_names(indices):
-    wnids = _imagenet_wnids()
-    return [f"{wnids[i]} (index {i})" if 0 <= i < len(wnids) else f"index {i}" for i in map(int, indices)]
-
-
-def imagenet_index_map(classes):
-    """ImageNet-1k class index k (into the 1000 sorted wnids, as ImageNet-V2's folder names and ReaL's
-    labels give it) -> index into ``classes``: by wnid, or by the name ``str(k)`` when the training
-    folders are named by index; None when the run has no such class."""
-    wnids = _imagenet_wnids()
-    position = {c: i for i, c in enumerate(classes)}
-
-    def to_model(k):
-        return position.get(wnids[k], position.get(str(k))) if 0 <= k < len(wnids) else None
-    return to_model
-
-
-def _files_below(folder):
-    """Image files below ``folder`` (flat or in class folders), sorted."""
-    found = []
-    for root, dirs, files in os.walk(folder, followlinks=True):
-        dirs.sort()
-        found += [os.path.join(root, f) for f in sorted(files) if VAL_NUMBER.search(f)]
-    return found
-
-
-def _real(name, json_path, paths, classes, transform, where):
-    """ReaL: ``json_path``'s label lists for the images ``paths`` by the number in their file names."""
-    what = f"--eval-set {name}={json_path}"
-    try:
-        with open(json_path, encoding="utf-8") as f:
-            labels = json.load(f)
-    except (OSError, ValueError) as e:
-        raise UserError(f"{what}: cannot read it as JSON ({e})") from None
-    if not isinstance(labels, list) or not all(isinstance(x, list) and all(isinstance(k, int) for k in x)
-                                               for x in labels):
-        raise UserError(f"{what}: not ReaL's real.json (a JSON list with one list of class indices per "
-                        f"validation image)")
-    if len(labels) != len(paths):
-        raise UserError(f"{what} has {len(labels)} label lists but {where} has {len(paths)} validation images; "
-                        f"ReaL's real.json has one list per ImageNet validation image (50,000), so give it the "
-                        f"whole validation set")
-    numbers = {}
-    for p in paths:
-        match = VAL_NUMBER.search(os.path.basename(p))
-        number = int(match.group(1)) if match else None
-        if number is None or not 1 <= number <= len(labels):
-            raise UserError(f"{what}: {p!r} does not carry a validation image number 1..{len(labels)} in its name "
-                            f"(ILSVRC2012_val_000000NN.JPEG); ReaL finds each image's labels by that number")
-        if number in numbers:
-            raise UserError(f"{what}: {p!r} and {numbers[number]!r} carry the same number {number}")
-        numbers[number] = p
-    to_model = imagenet_index_map(classes)
-    unknown = sorted({k for x in labels for k in x if to_model(k) is None})
-    if unknown:
-        raise UserError(f"{what}: {len(unknown)} of its labels are not among the run's {len(classes)} training "
-                        f"classes (first: {', '.join(_imagenet_names(unknown[:3]))}); "
-                        f"ReaL scores a model trained on ImageNet-1k")
-    kept = [(numbers[i + 1], [to_model(k) for k in x]) for i, x in enumerate(labels) if x]
-    dataset = LabelSets([p for p, _ in kept], [x for _, x in kept], len(classes), transform)
-    return EvalSet(name, f"ReaL labels of {where} ({len(labels) - len(kept)} images without a label left out; "
-                         f"right when the prediction is any of an image's labels)", dataset, top5=False)
