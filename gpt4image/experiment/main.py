@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"continuing {results_path}: {len(kept)} of {len(runs)} runs already measured, {len(todo)} to train "
               f"(delete it to measure every run again)", flush=True)
 
-    def save(done):  # after every run, so that an interrupted experiment keeps what it measured
+    def save(done: list[dict]) -> None:  # after every run, so that an interrupted experiment keeps what it measured
         atomic_write_json(results_path, {"settings": vars(args), "planned": len(runs), "runs": kept + done})
 
     results = kept + train_all(todo, paths, settings, args.jobs, out, save)

@@ -1,17 +1,23 @@
 """What the recipes read: image folders (or generated images) paired with their text embeddings,
 and the loaders over them (resumable training order, exact distributed evaluation)."""
+from __future__ import annotations
+
 import os
+from typing import Callable, Sequence
 
 import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..log import logger
 from ..errors import UserError
 from ..io import refuse_repeated_dirs
 from .resumable import ResumableSampler, SeededSamples, ignore_stop_signals
+from .distributed import DistInfo
 from .samplers import ExactDistributedSampler
-from ..text.tables import SyntheticTextEmbeddings, WithTextEmbeddings, load_text_embeddings
+from ..text.tables import SyntheticTextEmbeddings, TextEmbeddings, WithTextEmbeddings, load_text_embeddings
 from .text_per_step import keep_described, load_training_table
-from .text_targets import attach_training_targets
+from .text_targets import TrainingTargets, attach_training_targets
 
 
 class DeviceNormalize:
@@ -22,17 +28,18 @@ class DeviceNormalize:
     collation, pinned memory and the copy move a quarter of the bytes.
     """
 
-    def __init__(self, mean, std):
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
 
-    def __call__(self, images):
+    def __call__(self, images: Tensor) -> Tensor:
         if self.mean.device != images.device:
             self.mean, self.std = self.mean.to(images.device), self.std.to(images.device)
         return images.float().div_(255).sub_(self.mean).div_(self.std)
 
 
-def build_train_loader(dataset, sampler, batch_size, num_workers, pin_memory, seed):
+def build_train_loader(dataset: Dataset, sampler: Sampler, batch_size: int, num_workers: int, pin_memory: bool,
+                       seed: int) -> tuple[DataLoader, ResumableSampler]:
     """Loader whose order and augmentation are reproducible and resumable inside an epoch.
 
     Returns (loader, resumable sampler): call ``sampler.set_epoch(epoch, start_position)``."""
@@ -43,7 +50,8 @@ def build_train_loader(dataset, sampler, batch_size, num_workers, pin_memory, se
     return loader, resumable
 
 
-def build_eval_loader(dataset, dist_info, batch_size, num_workers, pin_memory):
+def build_eval_loader(dataset: Dataset, dist_info: DistInfo, batch_size: int, num_workers: int,
+                      pin_memory: bool) -> DataLoader:
     """Loader visiting each validation sample exactly once over all ranks (evaluate without DDP).
 
     Its workers persist: forking new ones every epoch from a process whose threads (gloo,
@@ -57,7 +65,7 @@ def build_eval_loader(dataset, dist_info, batch_size, num_workers, pin_memory):
                                        persistent_workers=num_workers > 0)
 
 
-def load_image(path):
+def load_image(path: str) -> object:
     """The image as 8-bit RGB (``images.open_rgb``: RGB files used as decoded, 16-bit and float
     greyscale scaled, transparency over white); a file that cannot be decoded or whose mode is
     refused is a UserError that names it."""
@@ -74,19 +82,20 @@ class SkipCorrupt(torch.utils.data.Dataset):
     good one (image, target and text embedding together, so pairs stay intact); counted in
     ``skipped``, shared by all loader workers."""
 
-    def __init__(self, dataset):
+    def __init__(self, dataset: Dataset) -> None:
         import multiprocessing
         self.dataset = dataset
         self.skipped = multiprocessing.Value("i", 0)
 
-    def __len__(self):
+    def __len__(self) -> int:
         return len(self.dataset)
 
-    def set_epoch(self, epoch):
+    def set_epoch(self, epoch: int) -> None:
+        """Passed on to the dataset below (its per-epoch text draw)."""
         if hasattr(self.dataset, "set_epoch"):
             self.dataset.set_epoch(epoch)
 
-    def __getitem__(self, index):
+    def __getitem__(self, index: int) -> tuple:
         for offset in range(len(self.dataset)):
             try:
                 return self.dataset[(index + offset) % len(self.dataset)]
@@ -97,7 +106,8 @@ class SkipCorrupt(torch.utils.data.Dataset):
         raise UserError("no image of the training set can be decoded")
 
 
-def build_image_folders(root, train_transform, val_transform):
+def build_image_folders(root: str, train_transform: Callable | None,
+                        val_transform: Callable | None) -> tuple[Dataset, Dataset]:
     """``root/train`` and ``root/val`` as ImageFolders, refusing a missing split or differing classes."""
     import torchvision
     for split in ("train", "val"):
@@ -119,7 +129,8 @@ def build_image_folders(root, train_transform, val_transform):
     return train, val
 
 
-def generated_datasets(num_classes, input_size, train_size, val_size, train_transform, val_transform):
+def generated_datasets(num_classes: int, input_size: int, train_size: int, val_size: int,
+                       train_transform: Callable | None, val_transform: Callable | None) -> tuple[Dataset, Dataset]:
     """Random-image datasets (as the original's FakeData) for a run without --data."""
     import torchvision
     size = (3, input_size, input_size)
@@ -128,7 +139,7 @@ def generated_datasets(num_classes, input_size, train_size, val_size, train_tran
     return train, val
 
 
-def attach_val_text_embeddings(val, path, train_embeddings):
+def attach_val_text_embeddings(val: Dataset, path: str | None, train_embeddings: TextEmbeddings | None) -> Dataset:
     """--val-text-emb: the validation set with its descriptions' embeddings (row k for image k of the
     val folder, made by the same two tools), for evaluation's retrieval figures."""
     if not path:
@@ -143,7 +154,8 @@ def attach_val_text_embeddings(val, path, train_embeddings):
     return WithTextEmbeddings(val, embeddings, flag="--val-text-emb", split="val")
 
 
-def attach_text_embeddings(train, text_emb, generated, text_per_step=None, seed=0, targets=None):
+def attach_text_embeddings(train: Dataset, text_emb: str | None, generated: bool, text_per_step: str | None = None,
+                           seed: int = 0, targets: TrainingTargets | None = None) -> tuple[Dataset, object]:
     """Return (dataset yielding (image, target, embedding), TextEmbeddings) or (train, None).
 
     ``text_per_step``: how an [N, K, D] table's K descriptions become one (gpt4image.train.text_per_step).

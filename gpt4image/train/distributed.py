@@ -1,10 +1,10 @@
-"""Process-group set-up for every launcher, rank-aware logging and metric reduction."""
+"""Process-group set-up for every launcher, metric reduction across ranks, and the stall watchdog."""
+from __future__ import annotations
+
 import datetime
-import logging
 import os
 import re
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 
@@ -14,8 +14,9 @@ import torch.distributed as dist
 from ..log import logger
 
 
-@dataclass
+@dataclass(kw_only=True)
 class DistInfo:
+    """This process's place in the run: rank, world size, local rank and device."""
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
@@ -23,11 +24,11 @@ class DistInfo:
     control_group: object = None  # a gloo group for small CPU-side agreements (None: the default group)
 
     @property
-    def distributed(self):
+    def distributed(self) -> bool:
         return self.world_size > 1
 
     @property
-    def is_main(self):
+    def is_main(self) -> bool:
         return self.rank == 0
 
 
@@ -41,7 +42,7 @@ def _first_slurm_host(nodelist):
         return m.group(1) + (m.group(3) or "")
 
 
-def launch_environment(local_rank_arg=None):
+def launch_environment(local_rank_arg: int | None = None) -> tuple[int, int, int]:
     """(rank, world_size, local_rank) from torchrun / launch / SLURM variables, or a single process."""
     env = os.environ
     if "RANK" in env and "WORLD_SIZE" in env:  # torchrun, torch.distributed.launch (--use_env or not)
@@ -54,7 +55,8 @@ def launch_environment(local_rank_arg=None):
     return 0, 1, 0
 
 
-def init_distributed(local_rank_arg=None, device=None, timeout_minutes=30):
+def init_distributed(local_rank_arg: int | None = None, device: str | None = None,
+                     timeout_minutes: float = 30) -> DistInfo:
     """Initialise the process group (NCCL on CUDA, gloo on CPU) if launched with several processes.
 
     Understands torchrun and ``torch.distributed.launch --use_env`` (RANK/WORLD_SIZE/LOCAL_RANK),
@@ -76,7 +78,7 @@ def init_distributed(local_rank_arg=None, device=None, timeout_minutes=30):
                                 rank=rank, world_size=world_size, timeout=timeout,
                                 **({"device_id": dev} if use_cuda else {}))
     control = dist.new_group(backend="gloo") if world_size > 1 and use_cuda else None
-    return DistInfo(rank, world_size, local_rank, dev, control)
+    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=dev, control_group=control)
 
 
 def _attempt_store(rank, world_size, timeout):
@@ -93,12 +95,12 @@ def _attempt_store(rank, world_size, timeout):
     return dist.PrefixStore(f"gpt4image/attempt_{env.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
-
-def is_main_process():
+def is_main_process() -> bool:
+    """Rank 0, or a process without a process group."""
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
-def reduce_sums(values, device):
+def reduce_sums(values: dict[str, float], device: torch.device) -> dict[str, float]:
     """Sum a dict of floats over all ranks (used for sample-weighted means: sums and counts)."""
     keys = sorted(values)
     t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
@@ -107,7 +109,7 @@ def reduce_sums(values, device):
     return dict(zip(keys, t.tolist()))
 
 
-def broadcast_buffers(module, src=0):
+def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
     """Copy rank ``src``'s buffers (e.g. BatchNorm running statistics) to every rank; no-op alone."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         nccl = dist.get_backend() == "nccl"
@@ -116,7 +118,8 @@ def broadcast_buffers(module, src=0):
                 dist.broadcast(buffer.data, src)
 
 
-def cleanup():
+def cleanup() -> None:
+    """Destroy the process group, if there is one."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
@@ -131,7 +134,7 @@ class StallWatchdog:
     exits the process (code 1) so that torchrun ends the job.
     """
 
-    def __init__(self, rank, timeout_s):
+    def __init__(self, rank: int, timeout_s: float) -> None:
         import threading
         self.rank, self.timeout_s = rank, timeout_s
         self.phase, self.last, self.longest = "start-up", time.monotonic(), 0.0
@@ -140,14 +143,16 @@ class StallWatchdog:
         self._thread = threading.Thread(target=self._watch, name="gpt4image-stall-watchdog", daemon=True)
         self._thread.start()
 
-    def heartbeat(self, phase):
+    def heartbeat(self, phase: str) -> None:
+        """Progress in ``phase`` (a step, an evaluation batch, a checkpoint)."""
         now = time.monotonic()
         if self.beats >= 2:  # the first gaps include start-up, compilation and loader workers
             self.longest = max(self.longest, now - self.last)
         self.beats += 1
         self.phase, self.last = phase, now
 
-    def limit(self):
+    def limit(self) -> float:
+        """Seconds without a heartbeat after which the watchdog ends the process."""
         return max(self.timeout_s, 20 * self.longest)
 
     def _watch(self):
@@ -161,14 +166,15 @@ class StallWatchdog:
                     handler.flush()
                 os._exit(1)
 
-    def close(self):
+    def close(self) -> None:
+        """Stop watching."""
         self._stop.set()
 
 
 _watchdog = None
 
 
-def start_watchdog(rank, world_size, timeout_s):
+def start_watchdog(rank: int, world_size: int, timeout_s: float) -> StallWatchdog | None:
     """Start the StallWatchdog of a distributed run (one process cannot wait for another: none)."""
     global _watchdog
     stop_watchdog()
@@ -177,12 +183,14 @@ def start_watchdog(rank, world_size, timeout_s):
     return _watchdog
 
 
-def heartbeat(phase):
+def heartbeat(phase: str) -> None:
+    """The running watchdog's heartbeat (nothing without one)."""
     if _watchdog is not None:
         _watchdog.heartbeat(phase)
 
 
-def stop_watchdog():
+def stop_watchdog() -> None:
+    """Stop the running watchdog, if any."""
     global _watchdog
     if _watchdog is not None:
         _watchdog.close()

@@ -154,7 +154,7 @@ def imagenet_index_map(classes: list[str]) -> Callable[[int], int | None]:
     wnids = _imagenet_wnids()
     position = {c: i for i, c in enumerate(classes)}
 
-    def to_model(k):
+    def to_model(k: int) -> int | None:
         return position.get(wnids[k], position.get(str(k))) if 0 <= k < len(wnids) else None
     return to_model
 

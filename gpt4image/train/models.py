@@ -1,9 +1,12 @@
 """Projection heads and the wrapper that returns logits and the projected feature in one pass."""
+from __future__ import annotations
+
 import torch
 import torch.nn as nn
+from torch import Tensor
 
 
-def build_projection_head(kind, in_dim, out_dim, batchnorm, init_std):
+def build_projection_head(kind: str, in_dim: int, out_dim: int, batchnorm: bool, init_std: float) -> nn.Sequential:
     """Head from the pre-logits feature [B, in_dim] to the text-embedding space [B, out_dim].
 
     ``mlp``: Linear(in, 2*out) -> [BatchNorm1d] -> ReLU -> Linear(2*out, out); the first Linear has
@@ -42,17 +45,18 @@ class TextAlignedModel(nn.Module):
     Works for torchvision ResNets and timm models with ``forward_head(..., pre_logits=True)``.
     """
 
-    def __init__(self, backbone, projection_head=None, alignment_state=None):
+    def __init__(self, backbone: nn.Module, projection_head: nn.Module | None = None,
+                 alignment_state: nn.Module | None = None) -> None:
         super().__init__()
         self.backbone = backbone
         self.projection_head = projection_head
-        self.alignment_state = alignment_state  # the alignment loss's own state (losses.AlignmentState), or None
+        self.alignment_state = alignment_state  # the alignment loss's own state (alignment_state.AlignmentState), or None
         self._torchvision_resnet = _is_torchvision_resnet(backbone)
         # Distilled timm models average two tokens in forward_head; plain ones apply one classifier.
         self._timm_single_head = (not self._torchvision_resnet
                                   and isinstance(backbone.get_classifier(), nn.Module))
 
-    def pre_logits(self, x):
+    def pre_logits(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
         """Returns ``(pre_logits_feature, backbone_features)``."""
         m = self.backbone
         if self._torchvision_resnet:
@@ -62,7 +66,7 @@ class TextAlignedModel(nn.Module):
         features = m.forward_features(x)
         return m.forward_head(features, pre_logits=True), features
 
-    def logits_and_projection(self, x):
+    def logits_and_projection(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(logits, projected feature) in any mode: evaluation's retrieval figures."""
         feature, features = self.pre_logits(x)
         return self._logits(feature, features), self.projection_head(feature)
@@ -74,7 +78,8 @@ class TextAlignedModel(nn.Module):
             return self.backbone.get_classifier()(feature)
         return self.backbone.forward_head(features)
 
-    def forward(self, x):
+    def forward(self, x: Tensor) -> Tensor | tuple[Tensor, Tensor]:
+        """Logits; in training with a head (logits, projected feature)."""
         feature, features = self.pre_logits(x)
         logits = self._logits(feature, features)
         if not self.training or self.projection_head is None:

@@ -5,10 +5,13 @@ order), and every step's main-process randomness (Mixup, drop-path) from (seed, 
 stopped after step k therefore continues from step k + 1 exactly as if it had never stopped,
 whatever the number of loader workers, without reading the skipped images.
 """
+from __future__ import annotations
+
 import os
 import signal
 import threading
 import time
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -19,7 +22,7 @@ from ..log import logger
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped on request, run the same command again to continue
 
 
-def mix_seed(*parts):
+def mix_seed(*parts: int) -> int:
     """A 63-bit seed from integers (splitmix-style, so neighbouring inputs give unrelated seeds)."""
     x = 0x9E3779B97F4A7C15
     for p in parts:
@@ -28,7 +31,7 @@ def mix_seed(*parts):
     return x & 0x7FFFFFFFFFFFFFFF
 
 
-def seed_all(seed, device=None):
+def seed_all(seed: int, device: torch.device | str | None = None) -> None:
     """Seed Python's and NumPy's generators, torch's CPU generator and, when ``device`` is a GPU, its.
 
     Not ``torch.manual_seed``: it also seeds every other backend, and before those are initialised
@@ -46,35 +49,36 @@ def seed_all(seed, device=None):
 class ResumableSampler(torch.utils.data.Sampler):
     """Wraps a per-rank sampler; yields ``(epoch, position, index)`` from ``start`` on."""
 
-    def __init__(self, sampler):
+    def __init__(self, sampler: torch.utils.data.Sampler) -> None:
         self.sampler = sampler
         self.epoch = 0
         self.start = 0
 
-    def set_epoch(self, epoch, start=0):
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Serve ``epoch``'s order from position ``start`` on."""
         self.epoch, self.start = epoch, start
         if hasattr(self.sampler, "set_epoch"):
             self.sampler.set_epoch(epoch)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[tuple[int, int, int]]:
         for position, index in enumerate(self.sampler):
             if position >= self.start:
                 yield self.epoch, position, index
 
-    def __len__(self):
+    def __len__(self) -> int:
         return len(self.sampler) - self.start
 
 
 class SeededSamples(torch.utils.data.Dataset):
     """Reads ``dataset[index]`` with Python, NumPy and torch seeded from (seed, epoch, position)."""
 
-    def __init__(self, dataset, seed):
+    def __init__(self, dataset: torch.utils.data.Dataset, seed: int) -> None:
         self.dataset, self.seed = dataset, seed
 
-    def __len__(self):
+    def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, key):
+    def __getitem__(self, key: tuple[int, int, int]) -> object:
         epoch, position, index = key
         seed_all(mix_seed(self.seed, epoch, position))
         if hasattr(self.dataset, "set_epoch"):  # e.g. --text-per-step sample: a draw per epoch
@@ -89,7 +93,7 @@ def _exit_after_grace(signum, frame):
     threading.Timer(WORKER_GRACE_SECONDS, os._exit, args=(0,)).start()
 
 
-def ignore_stop_signals(worker_id=None):
+def ignore_stop_signals(worker_id: int | None = None) -> None:
     """DataLoader ``worker_init_fn``. A SIGTERM/SIGINT sent to the whole job (a scheduler's
     pre-emption, Ctrl-C) must let the training process finish its step and save; a worker killed at
     once would make that step fail. Workers ignore SIGINT and leave WORKER_GRACE_SECONDS after a
@@ -117,7 +121,7 @@ class RunControl:
     same step: the action comes one step after the signal or the deadline.
     """
 
-    def __init__(self, group=None, checkpoint_every_s=0.0, is_main=True):
+    def __init__(self, group: object = None, checkpoint_every_s: float = 0.0, is_main: bool = True) -> None:
         self.received = None
         self.group = group
         self.checkpoint_every_s = checkpoint_every_s if is_main else 0.0
@@ -148,7 +152,7 @@ class RunControl:
             self._last_save = time.monotonic()
         return (int(self.received or 0) << 1) | int(due)
 
-    def __call__(self):
+    def __call__(self) -> int:
         local = self._local_flags()
         if dist.is_available() and dist.is_initialized():
             agreed = self._collect()
@@ -163,15 +167,17 @@ class RunControl:
             return STOP
         return CHECKPOINT if agreed & 1 else CONTINUE
 
-    def saved(self):
+    def saved(self) -> None:
         """A checkpoint was written: the next periodic one is due ``checkpoint_every_s`` from now."""
         self._last_save = time.monotonic()
 
     @property
-    def name(self):
+    def name(self) -> str | None:
+        """The name of the stop signal received (SIGTERM, ...), or None."""
         return signal.Signals(self.received).name if self.received else None
 
-    def restore(self):
+    def restore(self) -> None:
+        """Finish the exchange in flight and give the signals their previous handlers back."""
         self._collect()
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)

@@ -1,5 +1,8 @@
 """Samplers for distributed training and exact distributed evaluation."""
+from __future__ import annotations
+
 import math
+from typing import Iterator, Sized
 
 import torch
 import torch.distributed as dist
@@ -18,14 +21,14 @@ class ExactDistributedSampler(torch.utils.data.Sampler):
     ranks (no padding with duplicates), so ranks may get one sample more than others. Metrics must be
     reduced by sample count, and the model must not be DDP-wrapped during evaluation."""
 
-    def __init__(self, dataset, rank=None, world_size=None):
+    def __init__(self, dataset: Sized, rank: int | None = None, world_size: int | None = None) -> None:
         self.rank, self.world_size = _rank_world(rank, world_size)
         self.total = len(dataset)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[int]:
         return iter(range(self.rank, self.total, self.world_size))
 
-    def __len__(self):
+    def __len__(self) -> int:
         return len(range(self.rank, self.total, self.world_size))
 
 
@@ -37,7 +40,8 @@ class RASampler(torch.utils.data.Sampler):
     datasets smaller than 256 samples keep ``ceil(len / W)``.
     """
 
-    def __init__(self, dataset, rank=None, world_size=None, shuffle=True, repeats=3, seed=0):
+    def __init__(self, dataset: Sized, rank: int | None = None, world_size: int | None = None, shuffle: bool = True,
+                 repeats: int = 3, seed: int = 0) -> None:
         self.rank, self.world_size = _rank_world(rank, world_size)
         self.n = len(dataset)
         self.shuffle, self.repeats, self.seed = shuffle, repeats, seed
@@ -49,10 +53,11 @@ class RASampler(torch.utils.data.Sampler):
         else:
             self.num_selected = math.ceil(self.n / self.world_size)
 
-    def set_epoch(self, epoch):
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch whose order ``__iter__`` serves (shuffled by seed + epoch)."""
         self.epoch = epoch
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[int]:
         if self.shuffle:
             g = torch.Generator().manual_seed(self.seed + self.epoch)
             order = torch.randperm(self.n, generator=g).tolist()
@@ -63,5 +68,5 @@ class RASampler(torch.utils.data.Sampler):
         mine = order[self.rank:self.total_size:self.world_size]
         return iter(mine[:self.num_selected])
 
-    def __len__(self):
+    def __len__(self) -> int:
         return self.num_selected

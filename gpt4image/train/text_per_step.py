@@ -11,9 +11,13 @@ The epoch reaches the table through ``set_epoch``, which the seeded loader calls
 A table made with ``description2embedding.py --drop-flagged`` can leave images out (every
 description flagged); ``keep_described`` then trains on the images its file list names.
 """
+from __future__ import annotations
+
+import argparse
 import os
 
 import torch
+from torch import Tensor
 
 from ..log import logger
 from ..errors import UserError
@@ -23,14 +27,15 @@ from ..text.tables import TextEmbeddings, _validate, load_text_embeddings
 MODES = ("mean", "sample")
 
 
-def add_text_per_step_args(p):
+def add_text_per_step_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """--text-per-step mean|sample."""
     p.add_argument("--text-per-step", choices=MODES, default=None,
                    help="for an [N, K, D] table (K descriptions per image): the renormalised mean of the K, or one of "
                         "them drawn per sample and epoch (seeded by --seed, the epoch and the image)")
     return p
 
 
-def sample_choice(seed, epoch, index, k):
+def sample_choice(seed: int, epoch: int, index: int, k: int) -> int:
     """Which of the K descriptions image ``index`` uses in ``epoch`` under ``sample``."""
     return mix_seed(seed, epoch, index) % k
 
@@ -38,23 +43,25 @@ def sample_choice(seed, epoch, index, k):
 class MultiTextEmbeddings(TextEmbeddings):
     """An [N, K, D] table read as an [N, D] one: row ``index`` is the mean or the drawn row of the K."""
 
-    def __init__(self, table, path, metadata, mode, seed):
+    def __init__(self, table: Tensor, path: str, metadata: dict, mode: str, seed: int) -> None:
         super().__init__(table, path, metadata)
         self.mode, self.seed, self.epoch = mode, seed, 0
         self._rows_on_disk = table.shape[0]
 
     @property
-    def dim(self):
+    def dim(self) -> int:
         return self.table.shape[2]
 
     @property
-    def per_image(self):
+    def per_image(self) -> int:
+        """K, the descriptions of each image."""
         return self.table.shape[1]
 
-    def set_epoch(self, epoch):
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch whose draw ``sample`` serves."""
         self.epoch = epoch
 
-    def __getitem__(self, index):
+    def __getitem__(self, index: int) -> Tensor:
         rows = self.table[index]
         if self.mode == "sample":
             return rows[sample_choice(self.seed, self.epoch, index, rows.shape[0])]
@@ -71,7 +78,7 @@ def _reopen(path, metadata, mode, seed, epoch):
     return embeddings
 
 
-def load_training_table(path, text_per_step=None, seed=0):
+def load_training_table(path: str, text_per_step: str | None = None, seed: int = 0) -> TextEmbeddings:
     """The training table at ``path``: [N, D] as before; [N, K, D] read through ``text_per_step``
     (which it needs; and which an [N, D] table refuses)."""
     embeddings = load_text_embeddings(path, validate=False)
@@ -92,7 +99,7 @@ def load_training_table(path, text_per_step=None, seed=0):
     return embeddings
 
 
-def keep_described(train, embeddings):
+def keep_described(train: object, embeddings: TextEmbeddings) -> object:
     """``train`` restricted to the images of the table's file list when the table left images out
     (description2embedding.py --drop-flagged); else ``train`` itself."""
     left_out = (embeddings.metadata.get("drop_flagged") or {}).get("images_left_out", 0)

@@ -13,6 +13,9 @@ defines them, with w = --lamb and E = --epochs:
 ``e`` is the epoch (``--text-weight-every epoch``, the default: one weight per epoch, as TextTeacher)
 or the epoch plus the fraction of it done at the start of the optimizer step (``step``).
 """
+from __future__ import annotations
+
+import argparse
 import math
 from dataclasses import dataclass
 
@@ -22,17 +25,19 @@ from .losses import LOSS_TYPES, LOSSES
 SCHEDULES = ("const", "linear", "cosine", "warmup:A", "jump:A-B-R")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TextWeightSchedule:
+    """A parsed --text-weight-schedule: its ``kind``, parameters and the ``every`` of its position."""
     kind: str
     epochs: int
     every: str = "epoch"
     params: tuple = ()
 
-    def position(self, epoch, step, steps):
+    def position(self, epoch: int, step: int, steps: int) -> float:
+        """The schedule's e at ``step`` of ``steps`` in ``epoch``."""
         return float(epoch) if self.every == "epoch" else epoch + step / max(steps, 1)
 
-    def weight(self, w, epoch, step=0, steps=1):
+    def weight(self, w: float, epoch: int, step: int = 0, steps: int = 1) -> float:
         """lambda at ``step`` (of ``steps``) of ``epoch``."""
         e, end = self.position(epoch, step, steps), self.epochs
         if self.kind == "const":
@@ -50,7 +55,8 @@ class TextWeightSchedule:
             return r * w
         return w + (r - 1) * w * (e - a) / (b - a)
 
-    def describe(self):
+    def describe(self) -> str:
+        """'jump:30-60-0.1 per epoch over 90 epochs'."""
         spec = self.kind + (":" + "-".join(f"{p:g}" for p in self.params) if self.params else "")
         return f"{spec} per {self.every} over {self.epochs} epochs"
 
@@ -67,26 +73,26 @@ def _numbers(spec, text, count):
     return values
 
 
-def parse_schedule(spec, epochs, every="epoch"):
+def parse_schedule(spec: str, epochs: int, every: str = "epoch") -> TextWeightSchedule:
     """A TextWeightSchedule from ``--text-weight-schedule`` (see the module docstring)."""
     name, _, rest = str(spec).partition(":")
     if name in ("const", "linear", "cosine") and not rest:
-        return TextWeightSchedule(name, epochs, every)
+        return TextWeightSchedule(kind=name, epochs=epochs, every=every)
     if name == "warmup":
         (length,) = _numbers(spec, rest, 1)
         if length <= 0:
             raise UserError(f"--text-weight-schedule {spec!r}: the warm-up needs a length > 0 epochs")
-        return TextWeightSchedule(name, epochs, every, (length,))
+        return TextWeightSchedule(kind=name, epochs=epochs, every=every, params=(length,))
     if name == "jump":
         a, b, r = _numbers(spec, rest, 3)
         if a > b:
             raise UserError(f"--text-weight-schedule {spec!r}: the jump starts at epoch {a:g} after it ends at "
                             f"{b:g}; give jump:A-B-R with A <= B")
-        return TextWeightSchedule(name, epochs, every, (a, b, r))
+        return TextWeightSchedule(kind=name, epochs=epochs, every=every, params=(a, b, r))
     raise UserError(f"--text-weight-schedule {spec!r} is not a schedule; use one of {', '.join(SCHEDULES)}")
 
 
-def add_alignment_args(p):
+def add_alignment_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The alignment-loss flags both recipes share (besides --loss_type, --lamb, --tau)."""
     p.add_argument("--text-weight-schedule", default="const", metavar="SCHEDULE",
                    help="weight of the text loss over training, with w = --lamb and E = --epochs: const (default), "
@@ -105,8 +111,8 @@ def add_alignment_args(p):
     return p
 
 
-def check_alignment_args(args):
-    """Refuse combinations that cannot work, before anything is written."""
+def check_alignment_args(args: argparse.Namespace) -> TextWeightSchedule:
+    """Refuse combinations that cannot work, before anything is written; the run's weight schedule."""
     baseline = str(getattr(args, "text_emb", "")).lower() == "none"
     if args.text_emb_standardize and baseline:
         raise UserError("--text-emb-standardize standardises the text embeddings, but --text_emb none trains the "
