@@ -1,18 +1,21 @@
 """The argument parser of every entry point: YAML configs, typed values with one-line errors."""
+from __future__ import annotations
+
 import argparse
 import math
-import sys
+from typing import Any, Callable, NoReturn, Sequence
 
 from .errors import UserError
 
 
-def at_least(minimum, kind=int, strict=False):
+def at_least(minimum: float, kind: type = int, strict: bool = False) -> Callable[[str], Any]:
     """An argparse ``type`` that reads ``kind`` and refuses values below ``minimum`` (or equal to
     it with ``strict``) with argparse's own one-line error and exit code 2."""
     return in_range(kind, above=minimum) if strict else in_range(kind, minimum=minimum)
 
 
-def in_range(kind=float, minimum=None, maximum=None, above=None, below=None):
+def in_range(kind: type = float, minimum: float | None = None, maximum: float | None = None,
+             above: float | None = None, below: float | None = None) -> Callable[[str], Any]:
     """An argparse ``type`` reading ``kind`` within [minimum, maximum] and (above, below), any bound
     optional; anything else (NaN included) is argparse's one-line error with exit code 2."""
     bounds = [f">= {minimum}" if minimum is not None else None, f"> {above}" if above is not None else None,
@@ -20,7 +23,7 @@ def in_range(kind=float, minimum=None, maximum=None, above=None, below=None):
     wanted = " and ".join(b for b in bounds if b)
     noun = "a whole number" if kind is int else "a number"
 
-    def parse(text):
+    def parse(text: str) -> Any:
         try:
             value = kind(text)
         except ValueError:
@@ -34,8 +37,7 @@ def in_range(kind=float, minimum=None, maximum=None, above=None, below=None):
     return parse
 
 
-
-def check_device(device):
+def check_device(device: str | None) -> None:
     """Refuse ``--device cuda...`` on a machine (or a torch build) without CUDA, in one line."""
     import torch
     if device is not None and str(device).startswith("cuda") and not torch.cuda.is_available():
@@ -59,11 +61,12 @@ class ArgumentParser(argparse.ArgumentParser):
     usage) and exit code 2, like every other refusal of ours; defaults shown in --help; every long
     flag accepted with hyphens and with underscores (the released command lines mix them)."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
 
-    def add_argument(self, *names, **kwargs):
+    def add_argument(self, *names: str, **kwargs: Any) -> argparse.Action:
+        """argparse's add_argument; a long flag also under its other spelling (hyphens / underscores)."""
         spellings = list(names)
         for name in names:
             if name.startswith("--"):
@@ -72,7 +75,8 @@ class ArgumentParser(argparse.ArgumentParser):
                         spellings.append(other)
         return super().add_argument(*spellings, **kwargs)
 
-    def parse_known_args(self, args=None, namespace=None):
+    def parse_known_args(self, args: Sequence[str] | None = None,
+                         namespace: argparse.Namespace | None = None) -> tuple[argparse.Namespace, list[str]]:
         """With ``-c/--config FILE`` (when the parser has it): the file's keys (flag names, with
         hyphens or underscores) become the defaults, so the command line still overrides them."""
         if "--config" in self._option_string_actions:
@@ -134,8 +138,8 @@ class ArgumentParser(argparse.ArgumentParser):
             self.error(f"{where} {e.message}")
         return converted if many else converted[0]
 
-    def format_help(self):
-        # one spelling per flag in --help (the other is accepted all the same)
+    def format_help(self) -> str:
+        """--help with one spelling per flag (the other is accepted all the same)."""
         hidden = {}
         for action in self._actions:
             shown = [s for s in action.option_strings if not _alternate(s, action.option_strings)]
@@ -147,7 +151,8 @@ class ArgumentParser(argparse.ArgumentParser):
             for action, strings in hidden.items():
                 action.option_strings = strings
 
-    def error(self, message):
+    def error(self, message: str) -> NoReturn:
+        """argparse's error on one line, exit code 2."""
         self.exit(2, f"error: {' '.join(message.split())} (see {self.prog} --help)\n")
 
 

@@ -17,6 +17,8 @@
 Every run learns the task (>= 90 % top-1) and the alignment loss falls below its chance level. A tiny
 random text encoder cannot show the method's benefit; the demo shows that every stage works.
 """
+from __future__ import annotations
+
 import json
 import os
 import shutil
@@ -38,7 +40,7 @@ def _run(cmd, cwd, env=None):
     subprocess.run(cmd, cwd=cwd, check=True, env=env)
 
 
-def describe(data, out, how):
+def describe(data: str, out: str, how: str) -> str:
     """Descriptions of the training images by a tiny random VLM through generate_descriptions.py,
     and (``how="template"``) class-naming ones written in code; returns the file to train with."""
     train = os.path.join(data, "train")
@@ -61,7 +63,7 @@ def describe(data, out, how):
     return captions
 
 
-def prepare_data(out, how="vlm"):
+def prepare_data(out: str, how: str = "vlm") -> dict[str, str]:
     """Images, descriptions, tiny models and the embedding table under ``out``; returns their paths."""
     data = os.path.join(out, "data")
     if not os.path.isfile(os.path.join(data, "val", "red_circle", "val_0049.jpg")):
@@ -95,7 +97,8 @@ def _train(recipe, name, paths, out, args, text):
     return run_dir
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> None:
+    """Run the demo: data, descriptions, table, the four training runs, the report."""
     p = ArgumentParser("gpt4image.demo", description=__doc__)
     p.add_argument("--out", default="gpt4image_demo", help="folder for everything the demo makes")
     p.add_argument("--nproc", type=at_least(1), default=2, help="processes per training run (torchrun, gloo on CPU)")
@@ -130,7 +133,7 @@ def main(argv=None):
         print(f"  {'curves':12s} {os.path.join(out, 'curves.png')}")
 
 
-def explain(runs, nproc):
+def explain(runs: list[str], nproc: int) -> None:
     """What the figures show, and what they cannot."""
     from .report import chance_text_loss
     from .train.run_record import read_log
@@ -149,7 +152,7 @@ def explain(runs, nproc):
           "(README, \"Does the text help?\").")
 
 
-def clean_up(out, runs):
+def clean_up(out: str, runs: list[str]) -> None:
     """Delete what the demo need not show: the runs' checkpoints (their classifier.pth, logs and
     TensorBoard files stay) and the tiny VLM."""
     for run in runs:

@@ -3,16 +3,19 @@
 Entry points catch it, print its one-line message and exit with status 2 before anything is
 written; every other exception is a bug and keeps its traceback.
 """
-import argparse
-import math
+from __future__ import annotations
+
 import sys
+from typing import Callable, TypeVar
+
+Result = TypeVar("Result")
 
 
 class UserError(Exception):
     """Bad input: the message names the file or value and says how to fix it."""
 
 
-def exit_on_user_error(main, argv=None):
+def exit_on_user_error(main: Callable[[list[str] | None], Result], argv: list[str] | None = None) -> Result:
     """Run ``main(argv)``; turn a UserError into ``error: <message>`` on stderr and exit code 2."""
     try:
         return main(argv)
@@ -21,7 +24,7 @@ def exit_on_user_error(main, argv=None):
         sys.exit(2)
 
 
-def one_line(error):
+def one_line(error: BaseException) -> str:
     """The message of a UserError, also when a DataLoader worker re-raised it with its traceback."""
     text = str(error).strip()
     if "Traceback" in text:

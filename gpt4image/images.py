@@ -16,7 +16,14 @@ becomes white; transparent pixels keep whatever colour is stored under them. Her
   composited over white (``BACKGROUND``);
 - any other mode (``LAB``, ``HSV``, ...) is refused by name.
 """
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 import numpy as np
+
+if TYPE_CHECKING:  # Pillow is imported when an image is opened, not with the package
+    from PIL import Image
 
 BACKGROUND = (255, 255, 255)  # what transparent pixels become
 SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
@@ -36,7 +43,7 @@ def _grey(array):
     return Image.fromarray(np.ascontiguousarray(array), "L").convert("RGB")
 
 
-def to_rgb(image):
+def to_rgb(image: Image.Image) -> Image.Image:
     """``image`` (a loaded PIL image) as 8-bit RGB by the rules of this module's docstring; raises
     ``UnsupportedImage`` for a mode (or a range) it refuses."""
     from PIL import Image
@@ -74,7 +81,7 @@ def to_rgb(image):
     raise UnsupportedImage(f"mode {mode} images are not supported; save it as RGB, greyscale or 16-bit greyscale")
 
 
-def open_rgb(path):
+def open_rgb(path: str) -> Image.Image:
     """The image file ``path`` decoded and made 8-bit RGB (``to_rgb``). Raises what Pillow raises for
     a file it cannot decode, and ``UnsupportedImage``."""
     from PIL import Image

@@ -1,9 +1,12 @@
 """Small file helpers shared by every entry point: atomic writes, hashes, writability checks."""
+from __future__ import annotations
+
 import errno
 import hashlib
 import json
 import os
 import tempfile
+from typing import Iterable
 
 import torch
 
@@ -49,14 +52,14 @@ def _atomic_write(path, write_fn):
 _TORCH_WRITE_FAILURES = ("unexpected pos", "write failed", "failed writing", "inline_container")
 
 
-def is_write_failure(error):
+def is_write_failure(error: BaseException) -> bool:
     """True for an error that says a write to the file system failed (OSError, or torch.save's
     RuntimeError for the same thing)."""
     return isinstance(error, OSError) or (isinstance(error, RuntimeError) and
                                           any(text in str(error) for text in _TORCH_WRITE_FAILURES))
 
 
-def append_durably(path, data):
+def append_durably(path: str, data: bytes) -> None:
     """Append ``data`` (bytes) to ``path`` and fsync it. A failed write (a full disk) cuts the file
     back to its previous end, so no partial line is left behind, and is a one-line UserError."""
     with open(path, "ab", buffering=0) as f:
@@ -107,7 +110,7 @@ def _disk_error(error, path, kept=None):
     return UserError(f"cannot write {path!r} ({reason}); {kept} is kept as it was")
 
 
-def load_error(error, path=None):
+def load_error(error: BaseException, path: str | None = None) -> str:
     """Why ``torch.load`` refused a file, in one line. torch's own message for a file its safe
     loader (``weights_only=True``) refuses advises ``weights_only=False``, which would run whatever
     code the file holds: it is never repeated. With ``path``, the file is read opcode by opcode
@@ -125,20 +128,23 @@ def load_error(error, path=None):
     return f"{type(error).__name__}: {' '.join(text.split())}"
 
 
-def atomic_torch_save(obj, path):
+def atomic_torch_save(obj: object, path: str) -> None:
     """``torch.save`` that never leaves a partial file at ``path``."""
     _atomic_write(path, lambda f: torch.save(obj, f))
 
 
-def atomic_write_text(path, text):
+def atomic_write_text(path: str, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
     _atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
-def atomic_write_json(path, obj):
+def atomic_write_json(path: str, obj: object) -> None:
+    """Write ``obj`` as indented JSON with sorted keys to ``path`` atomically."""
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-def sha256_file(path, chunk=1 << 20):
+def sha256_file(path: str, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of the file's bytes, read ``chunk`` bytes at a time."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(chunk), b""):
@@ -146,7 +152,7 @@ def sha256_file(path, chunk=1 << 20):
     return h.hexdigest()
 
 
-def sha256_lines(lines):
+def sha256_lines(lines: Iterable[str]) -> str:
     """Hash of an ordered list of strings (one per line, UTF-8): how file lists are compared."""
     h = hashlib.sha256()
     for line in lines:
@@ -155,7 +161,7 @@ def sha256_lines(lines):
     return h.hexdigest()
 
 
-def refuse_repeated_dirs(root):
+def refuse_repeated_dirs(root: str) -> None:
     """Walk ``root`` as ImageFolder does (following directory links) and refuse a directory reached
     twice: a link to an ancestor (``loop -> .``) would repeat the images below it until the path is
     too long, silently multiplying a class; two links to one folder would count its images twice."""
@@ -176,7 +182,7 @@ def refuse_repeated_dirs(root):
         stack.extend(e.path for e in entries if e.is_dir(follow_symlinks=True))
 
 
-def ensure_writable_dir(path, what="output directory"):
+def ensure_writable_dir(path: str, what: str = "output directory") -> None:
     """Create ``path`` if needed and check that a file can be created in it."""
     try:
         os.makedirs(path, exist_ok=True)
@@ -188,6 +194,6 @@ def ensure_writable_dir(path, what="output directory"):
                         f"choose a directory you can write to") from None
 
 
-def atomic_write_lines(path, lines):
+def atomic_write_lines(path: str, lines: Iterable[bytes]) -> None:
     """Write an iterable of bytes (each line with its newline) atomically, without holding them all."""
     _atomic_write(path, lambda f: f.writelines(lines))

@@ -1,11 +1,13 @@
 """The package's logger: INFO on the main rank, warnings elsewhere."""
+from __future__ import annotations
+
 import logging
 import sys
 
 logger = logging.getLogger("gpt4image")
 
 
-def setup_logging(is_main, log_file=None):
+def setup_logging(is_main: bool, log_file: str | None = None) -> logging.Logger:
     """INFO to stdout on the main rank, warnings only elsewhere; optionally also to ``log_file``."""
     logger.handlers.clear()
     logger.propagate = False

@@ -6,10 +6,13 @@ Reads each run's ``args.json`` and ``log.txt``; a run that is still going, or th
 reported with the epochs it has. A folder of runs is reported run by run; a folder whose args.json
 is another tool's is skipped with a note.
 """
+from __future__ import annotations
+
 import json
 import math
 import os
 import sys
+from typing import TYPE_CHECKING, Callable
 
 from .cli import ArgumentParser
 
@@ -17,6 +20,9 @@ from .errors import UserError, one_line
 from .train.eval_sets import KEY as EVAL_SET_KEY
 from .train.alignment import effective_text_weight
 from .train.run_record import read_log
+
+if TYPE_CHECKING:  # matplotlib is imported when a figure is drawn
+    from matplotlib.figure import Figure
 
 
 RECIPES = ("resnet", "deit")
@@ -27,7 +33,7 @@ def _warn(message):
     print(f"warning: {message}", file=sys.stderr)
 
 
-def find_runs(path):
+def find_runs(path: str) -> list[str]:
     """The run folders at or below ``path``: ``path`` itself when it holds an args.json, else every
     folder below it that does (not looking inside a run); a UserError when there is none."""
     if not os.path.isdir(path):
@@ -46,7 +52,7 @@ def find_runs(path):
     return found
 
 
-def read_run(run_dir, warn=None):
+def read_run(run_dir: str, warn: Callable[[str], None] | None = None) -> tuple[dict, list[dict]]:
     """(args.json, log rows) of a run; a blank or broken log line is skipped (and named by ``warn``)."""
     args_path, log_path = os.path.join(run_dir, "args.json"), os.path.join(run_dir, "log.txt")
     if not os.path.isfile(args_path):
@@ -62,7 +68,7 @@ def read_run(run_dir, warn=None):
     return args, rows
 
 
-def recipe_of(args):
+def recipe_of(args: dict) -> str | None:
     """'resnet' or 'deit' for the args.json of one of our runs (recorded since it was added, else
     recognised by the flags only our recipes have); None for another tool's args.json."""
     if args.get("recipe") in RECIPES:
@@ -83,7 +89,7 @@ def _number(value):
     return value if math.isfinite(value) else None
 
 
-def summarise(run_dir, run=None, label=None):
+def summarise(run_dir: str, run: tuple[dict, list[dict]] | None = None, label: str | None = None) -> dict:
     """One table row for a run; ``run`` is its (args, rows) when already read."""
     args, rows = run if run is not None else read_run(run_dir, _warn)
     recipe = recipe_of(args) or ("deit" if "model" in args else "resnet")
@@ -150,14 +156,15 @@ def _eval_sets(rows):
     return ", ".join(parts) or "-"
 
 
-def markdown_table(summaries):
+def markdown_table(summaries: list[dict]) -> str:
+    """The rows of ``summarise`` as one Markdown table."""
     keys = list(summaries[0])
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     lines += ["| " + " | ".join(str(s[k]) for k in keys) + " |" for s in summaries]
     return "\n".join(lines)
 
 
-def chance_text_loss(args):
+def chance_text_loss(args: dict) -> tuple[float, int] | None:
     """(loss of an alignment that has learnt nothing, the images it assumes) for the clip and ctr
     losses: log(N) over the N images a loss compares at a time: clip the global batch (batch x
     processes, x --accum-iter under exact accumulation), ctr the local batch; None for byol and the
@@ -173,7 +180,7 @@ def chance_text_loss(args):
     return (math.log(compared), compared) if compared > 1 else None
 
 
-def plot(runs, path):
+def plot(runs: list[tuple], path: str) -> None:
     """Draw ``curves_figure(runs)`` into ``path``."""
     import matplotlib.pyplot as plt
     fig = curves_figure(runs)
@@ -181,7 +188,7 @@ def plot(runs, path):
     plt.close(fig)
 
 
-def curves_figure(runs):
+def curves_figure(runs: list[tuple]) -> Figure:
     """``runs``: [(label, folder, args, rows)]. Test top-1, the two training losses (the text loss with its
     chance level) and, when any run measured it, retrieval on val; whole epochs on the x axes."""
     import matplotlib
@@ -227,7 +234,7 @@ def curves_figure(runs):
     return fig
 
 
-def collect(paths, warn=_warn):
+def collect(paths: list[str], warn: Callable[[str], None] = _warn) -> list[tuple[str, str, dict, list[dict]]]:
     """[(label, folder, args, rows)] of every run at or below ``paths``; a folder holding another tool's
     args.json is skipped with a note."""
     runs = []
@@ -259,7 +266,8 @@ def _plot_eval_sets(ax, rows, label):
                 label=f"{label} {name}" + (" (EMA)" if key.startswith("ema_") else ""))
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> int:
+    """Print the table of the runs given (and draw their curves with --plot); the exit status."""
     p = ArgumentParser("gpt4image.report", description=__doc__)
     p.add_argument("runs", nargs="+", help="run directories (--save_dir / --output_dir of a recipe), or folders "
                                             "holding them (each run below is reported)")

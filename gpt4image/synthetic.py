@@ -3,6 +3,8 @@
 Classes differ visibly (colour and shape), so a small network learns them in a few epochs; every
 training image gets a description that names what is drawn, some longer than CLIP's 77 tokens.
 """
+from __future__ import annotations
+
 import os
 import random
 
@@ -21,7 +23,7 @@ CLASSES = [  # name, RGB, shape
 ]
 
 
-def make_image(class_index, rng, size=64):
+def make_image(class_index: int, rng: random.Random, size: int = 64) -> Image.Image:
     """One PIL image of class ``class_index``: its shape in its colour, jittered, on a noisy background."""
     _, colour, shape = CLASSES[class_index % len(CLASSES)]
     bg = tuple(rng.randint(0, 70) for _ in range(3))
@@ -57,7 +59,7 @@ def make_image(class_index, rng, size=64):
     return img
 
 
-def describe(class_index, rng):
+def describe(class_index: int, rng: random.Random) -> str:
     """A MiniGPT-4-like description of an image of class ``class_index``; about one in four is
     longer than CLIP's context so that truncation is exercised."""
     name, _, shape = CLASSES[class_index % len(CLASSES)]
@@ -72,7 +74,8 @@ def describe(class_index, rng):
     return text
 
 
-def make_image_folder(root, num_classes=4, train_per_class=16, val_per_class=6, size=64, seed=0):
+def make_image_folder(root: str, num_classes: int = 4, train_per_class: int = 16, val_per_class: int = 6,
+                      size: int = 64, seed: int = 0) -> str:
     """Write ``root/train/<class>/*.jpg`` and ``root/val/<class>/*.jpg``; return ``root``."""
     rng = random.Random(seed)
     if num_classes > len(CLASSES):
@@ -86,7 +89,7 @@ def make_image_folder(root, num_classes=4, train_per_class=16, val_per_class=6, 
     return root
 
 
-def describe_image_folder(train_root, seed=0):
+def describe_image_folder(train_root: str, seed: int = 0) -> tuple[list[str], list[str]]:
     """One description per image of ``ImageFolder(train_root)``, in its order, and the file list."""
     from .text.descriptions import list_image_folder
     rng = random.Random(seed)
@@ -95,7 +98,7 @@ def describe_image_folder(train_root, seed=0):
     return [describe(classes[f.split("/")[0]], rng) for f in files], files
 
 
-def tiny_clip_state_dict(embed_dim=64, width=64, layers=1, seed=0):
+def tiny_clip_state_dict(embed_dim: int = 64, width: int = 64, layers: int = 1, seed: int = 0) -> dict:
     """State dict (OpenAI's key layout) of a randomly initialised tiny CLIP.
 
     Widths are multiples of 64 and heads = width / 64, so ``clip.model.build_model`` infers exactly
@@ -111,12 +114,12 @@ def tiny_clip_state_dict(embed_dim=64, width=64, layers=1, seed=0):
     return model.state_dict()
 
 
-def save_tiny_clip(path, **kwargs):
+def save_tiny_clip(path: str, **kwargs: int) -> str:
     torch.save(tiny_clip_state_dict(**kwargs), path)
     return path
 
 
-def save_tiny_open_clip(directory, seed=0):
+def save_tiny_open_clip(directory: str, seed: int = 0) -> str:
     """A small open_clip model config (``tiny_open_clip.json``, CLIP's real tokenizer and context)
     and random weights (``tiny_open_clip.pt``) in ``directory``; returns the ``--model`` value
     ``open_clip:CONFIG:WEIGHTS``."""
@@ -138,7 +141,7 @@ def save_tiny_open_clip(directory, seed=0):
     return f"open_clip:{config}:{weights}"
 
 
-def save_tiny_hf_text_encoder(kind, directory, seed=0):
+def save_tiny_hf_text_encoder(kind: str, directory: str, seed: int = 0) -> str:
     """A tiny random transformers text encoder with a byte-level tokenizer made in code, saved to
     ``directory``: ``kind`` "clip" (CLIPTextModelWithProjection, 40-d projection, context 77) or
     "bert" (BertModel, hidden 32, context 128). Returns the ``--model`` value ``hf:DIR``."""

@@ -10,6 +10,8 @@ transformers like a downloaded model) and ``tiny_clip.pt`` a randomly initialise
 format with CLIP's real tokenizer. Their descriptions and embeddings are meaningless: they show that
 every stage runs on your data, not what real models give.
 """
+from __future__ import annotations
+
 import os
 import sys
 
@@ -20,7 +22,7 @@ from .errors import UserError, exit_on_user_error
 TINY_MARKER = "TINY_STAND_IN.txt"  # in the VLM folder: generate_descriptions' next step uses tiny_clip.pt beside it
 
 
-def write_tiny_models(folder, family="qwen2_vl"):
+def write_tiny_models(folder: str, family: str = "qwen2_vl") -> tuple[str, str]:
     """``folder/tiny_vlm`` and ``folder/tiny_clip.pt``; returns their paths."""
     from .io import atomic_write_text, ensure_writable_dir
     from .synthetic import save_tiny_clip
@@ -33,7 +35,8 @@ def write_tiny_models(folder, family="qwen2_vl"):
     return vlm, clip
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> tuple[str, str]:
+    """Write the tiny models into the folder given; returns their paths."""
     from .describe.tiny_vlm import FAMILIES
     p = ArgumentParser("python -m gpt4image.tiny_models", description=__doc__)
     p.add_argument("folder", help="where to write tiny_vlm/ and tiny_clip.pt")

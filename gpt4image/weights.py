@@ -11,6 +11,8 @@ truncated ``.safetensors`` file or a pickle that would run code is one line nami
   call are listed; any beyond the tensors, containers and numbers torch's safe loader rebuilds means
   the file holds code that would run when unpickled: it is not loaded.
 """
+from __future__ import annotations
+
 import io
 import json
 import os
@@ -30,7 +32,7 @@ SAFE_CALLS = {"collections.OrderedDict", "_codecs.encode", "torch.serialization.
                  "dict", "tuple", "object")}
 
 
-def safetensors_problem(path):
+def safetensors_problem(path: str) -> str | None:
     """Why the .safetensors file ``path`` cannot be read, or None when its header matches it."""
     size = os.path.getsize(path)
     with open(path, "rb") as f:
@@ -55,7 +57,7 @@ def safetensors_problem(path):
     return None
 
 
-def pickle_calls(path, most=5):
+def pickle_calls(path: str, most: int = 5) -> list[str] | None:
     """``module.name`` of every global the pickle(s) in ``path`` would import and may call, read
     without unpickling; None when the file holds no complete pickle. A TorchScript archive (OpenAI's
     CLIP files) holds TorchScript, not Python code: no calls."""
@@ -93,16 +95,16 @@ def _calls(stream, most):
     return calls if complete else None
 
 
-def unsafe_calls(calls):
+def unsafe_calls(calls: list[str]) -> list[str]:
     """The calls of ``calls`` beyond what rebuilds tensors, storages, containers and numbers
     (TorchScript's compiled ``__torch__`` classes included: they are not Python code)."""
-    def safe(call):
+    def safe(call: str) -> bool:
         module = call.rpartition(".")[0]
         return call in SAFE_CALLS or module in SAFE_MODULES or call.startswith("__torch__.")
     return sorted({c for c in calls if not safe(c)})
 
 
-def pickle_problem(path):
+def pickle_problem(path: str) -> str | None:
     """Why the pickle ``path`` must not be loaded (or is no pickle), or None."""
     calls = pickle_calls(path)
     if calls is None:
@@ -115,14 +117,14 @@ def pickle_problem(path):
     return None
 
 
-def file_problem(path):
+def file_problem(path: str) -> str | None:
     """Why the weights file ``path`` cannot be loaded safely, or None."""
     if path.endswith(".safetensors"):
         return safetensors_problem(path)
     return pickle_problem(path)
 
 
-def check_weights(path, what="weights"):
+def check_weights(path: str, what: str = "weights") -> None:
     """Refuse a weights file (or every weights file of a folder) that is truncated, corrupt or would
     run code, in one line naming the file."""
     if os.path.isdir(path):
@@ -137,7 +139,7 @@ def check_weights(path, what="weights"):
             raise UserError(f"cannot load the {what} {file!r}: {problem}")
 
 
-def load_failure(error, directory, what):
+def load_failure(error: BaseException, directory: str, what: str) -> UserError:
     """A one-line UserError for a model folder transformers could not load (after ``check_weights``
     found its files sound: missing files, shapes that do not match the config, ...)."""
     from .io import load_error
