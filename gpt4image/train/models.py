@@ -50,7 +50,7 @@ class TextAlignedModel(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.projection_head = projection_head
-        self.alignment_state = alignment_state  # the alignment loss's own state (alignment_state.AlignmentState), or None
+        self.alignment_state = alignment_state  # the loss's own state (alignment_state.AlignmentState), or None
         self._torchvision_resnet = _is_torchvision_resnet(backbone)
         # Distilled timm models average two tokens in forward_head; plain ones apply one classifier.
         self._timm_single_head = (not self._torchvision_resnet
