@@ -72,7 +72,7 @@ def _main(tool):
             return importlib.import_module(tool).main
         finally:
             sys.path.remove(REPO)
-    return importlib.import_module(f"{tool}_main").main
+    return importlib.import_module(f"gpt4image.recipes.{tool}").main
 
 
 def _one_line_exit_2(main, argv, capsys):
