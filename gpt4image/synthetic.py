@@ -88,7 +88,7 @@ def make_image_folder(root, num_classes=4, train_per_class=16, val_per_class=6, 
 
 def describe_image_folder(train_root, seed=0):
     """One description per image of ``ImageFolder(train_root)``, in its order, and the file list."""
-    from .text.descriptions import list_image_folder
+    from .describe.listing import list_image_folder
     rng = random.Random(seed)
     files = list_image_folder(train_root)
     classes = {name: i for i, (name, _, _) in enumerate(CLASSES)}
