@@ -22,8 +22,9 @@ import torch.nn.functional as F
 
 from common import RESULTS, print_table, write_json
 from gpt4image._compat import import_clip
-from gpt4image.text.encoders import DescriptionBatches, OpenAIClipTokenizer, TextEncoder, encode_texts, \
-    load_text_encoder
+from gpt4image.text.encoder import TextEncoder, load_text_encoder
+from gpt4image.text.encoding import DescriptionBatches, encode_texts
+from gpt4image.text.openai_clip_encoder import OpenAIClipTokenizer
 
 def _vocabulary():
     """Whole English words from CLIP's BPE vocabulary, most frequent first (merge order)."""
@@ -136,8 +137,9 @@ def main(argv=None):
     rows.append({"approach": "released (tokenise 64, then encode)", "descriptions/s": args.n / t_released,
                  "seconds": t_released})
     start = time.perf_counter()
-    ours_encoder = TextEncoder("openai_clip", args.encoder, OpenAIClipTokenizer(),
-                               lambda tokens: model.encode_text(tokens.to(device, non_blocking=True)), 77)
+    ours_encoder = TextEncoder(family="openai_clip", name=args.encoder, tokenizer=OpenAIClipTokenizer(),
+                               encode=lambda tokens: model.encode_text(tokens.to(device, non_blocking=True)),
+                               context_length=77)
     ours, truncated, _ = encode_texts(ours_encoder, texts, batch_size=args.bs, num_workers=args.workers,
                                       progress=False, pin_memory=device.type == "cuda")
     t_ours = time.perf_counter() - start

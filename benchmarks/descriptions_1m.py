@@ -33,7 +33,7 @@ WORDS = ("a an the photo image dog cat bird car tree house street man woman chil
 
 
 def make(root, images, shards, per_class=1282):
-    from gpt4image.describe.core import Parts
+    from gpt4image.describe.parts import Parts
     train = os.path.join(root, "train")
     classes = (images + per_class - 1) // per_class
     rng = random.Random(0)
@@ -66,8 +66,9 @@ def make(root, images, shards, per_class=1282):
 def phase(name, root):
     """Run one step in this process; print a JSON line with its seconds and peak memory."""
     import gpt4image  # noqa: F401
-    from gpt4image.describe.core import Parts, list_images
-    from gpt4image.text.descriptions import list_image_folder, read_description_set
+    from gpt4image.describe.listing import list_image_folder, list_images
+    from gpt4image.describe.parts import Parts
+    from gpt4image.text.descriptions import read_description_set
     from gpt4image.io import sha256_lines
     from gpt4image.describe.quality import QualityGate
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -21,7 +21,10 @@ import time
 import torch
 
 from common import RESULTS, print_table, write_json
-from gpt4image.describe.core import ImageItem, PromptBatches, PromptBuilder, generate, open_rgb
+from gpt4image.describe.hf import generate
+from gpt4image.describe.listing import ImageItem
+from gpt4image.describe.loading import PromptBatches, open_rgb_or_reason
+from gpt4image.describe.prompts import PromptBuilder
 
 IMAGENET_TRAIN = 1_281_167
 
@@ -35,14 +38,14 @@ def make_images(directory, n, size):
         pixels = torch.randint(0, 256, (size[1], size[0], 3), generator=generator, dtype=torch.uint8).numpy()
         path = os.path.join(directory, f"{i:05d}.jpg")
         Image.fromarray(pixels).save(path, quality=90)
-        items.append(ImageItem(i, os.path.basename(path), path))
+        items.append(ImageItem(index=i, path=os.path.basename(path), file=path))
     return items
 
 
 def one_at_a_time(model, processor, prompts, items, device, generation):
     start = time.perf_counter()
     for item in items:
-        image, _ = open_rgb(item.file)
+        image, _ = open_rgb_or_reason(item.file)
         inputs = processor(text=[prompts(item)], images=[image], return_tensors="pt")
         generate(model, processor, inputs, device, generation)
     return {"seconds": time.perf_counter() - start, "loader_wait_share": None, "first_batch_s": None,
@@ -67,14 +70,14 @@ def batched(model, processor, prompts, items, device, generation, batch, workers
 def vllm_run(model, processor, prompts, items, args, tmp, generation):
     """The vLLM backend over ``items`` as the tool runs it: the same model saved to ``tmp``, images
     decoded in loader workers, 256 requests in flight."""
-    from gpt4image.describe.core import VLLMEngine
+    from gpt4image.describe.vllm_engine import VLLMEngine
     directory = os.path.join(tmp, "model")
     model.save_pretrained(directory)
     processor.save_pretrained(directory)
     dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
     engine = VLLMEngine(directory, args.device, dtype, generation, model.config.get_text_config().vocab_size,
                         memory=None if args.device.startswith("cuda") else 0.1)
-    engine(([prompts(items[0])], [open_rgb(items[0].file)[0]]))  # warm-up
+    engine(([prompts(items[0])], [open_rgb_or_reason(items[0].file)[0]]))  # warm-up
     batches = PromptBatches(items, args.batch, processor, prompts, preprocess=False)
     loader = torch.utils.data.DataLoader(batches, batch_size=None, num_workers=args.workers,
                                          prefetch_factor=4 if args.workers else None)
@@ -111,7 +114,7 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         items = make_images(tmp, args.images, size)
         runs = []
-        warm_up = [open_rgb(items[0].file)[0]] * 2
+        warm_up = [open_rgb_or_reason(items[0].file)[0]] * 2
         generate(model, processor, processor(text=[prompts(items[0])] * 2, images=warm_up, padding=True,
                                              return_tensors="pt"), args.device, generation)
         for name, run in (("one at a time", lambda: one_at_a_time(model, processor, prompts, items, args.device,

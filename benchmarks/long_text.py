@@ -13,7 +13,8 @@ from common import RESULTS, print_table, write_json  # common puts the repositor
 
 
 def measure(length, seed=0):
-    from gpt4image.text.encoders import OpenAIClipTokenizer, split_description
+    from gpt4image.text.long_text import split_description
+    from gpt4image.text.openai_clip_encoder import OpenAIClipTokenizer
     tokenizer = OpenAIClipTokenizer()
     tokenizer.count("warm up")
     counted = []

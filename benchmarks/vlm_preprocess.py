@@ -53,11 +53,11 @@ def processor(backend, max_pixels):
 
 def measure(paths, image_processor, batch, loader_max_pixels=None, repeats=2):
     """(tokens per image, images/s decode + process, images/s process only) on this thread."""
-    from gpt4image.describe.core import open_rgb
+    from gpt4image.describe.loading import open_rgb_or_reason
     from gpt4image.describe.preprocess import vision_tokens
 
     def decode():
-        return [open_rgb(p, loader_max_pixels)[0] for p in paths]
+        return [open_rgb_or_reason(p, loader_max_pixels)[0] for p in paths]
     images = decode()
     tokens = vision_tokens(image_processor(images=images[:1], return_tensors="pt"))[0]
     best_all = best_proc = float("inf")

@@ -91,7 +91,7 @@ def make_image_folder(root: str, num_classes: int = 4, train_per_class: int = 16
 
 def describe_image_folder(train_root: str, seed: int = 0) -> tuple[list[str], list[str]]:
     """One description per image of ``ImageFolder(train_root)``, in its order, and the file list."""
-    from .text.descriptions import list_image_folder
+    from .describe.listing import list_image_folder
     rng = random.Random(seed)
     files = list_image_folder(train_root)
     classes = {name: i for i, (name, _, _) in enumerate(CLASSES)}

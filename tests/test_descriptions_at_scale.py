@@ -168,7 +168,7 @@ def test_max_pixels_sets_the_number_of_vision_tokens_and_other_values_are_not_mi
 
 
 def test_the_loader_shrinks_images_before_the_processor(tmp_path):
-    from gpt4image.describe.core import open_rgb
+    from gpt4image.describe.loading import open_rgb_or_reason as open_rgb
     path = tmp_path / "big.jpg"
     Image.new("RGB", (1600, 1200), (10, 200, 30)).save(path, quality=90)
     image, reason = open_rgb(str(path), max_pixels=200_000)
@@ -226,7 +226,7 @@ def test_k_descriptions_per_image_land_in_their_rows_of_the_table(qwen, photos, 
 def test_drop_flagged_leaves_out_what_the_gate_flagged_and_training_uses_the_rest(image_folder, tiny_clip, d2e_main,
                                                                                  tmp_path, capsys):
     from gpt4image.train.data import build_image_folders
-    from gpt4image.text.descriptions import list_image_folder
+    from gpt4image.describe.listing import list_image_folder
     from gpt4image.text.tables import WithTextEmbeddings
     from gpt4image.train.text_per_step import keep_described, load_training_table
     files = list_image_folder(f"{image_folder}/train")
@@ -354,7 +354,8 @@ def test_both_recipes_train_on_k_descriptions_and_sample_resumes_exactly(image_f
 
 
 def test_the_merge_index_finds_each_records_key_and_marks_as_decoding_would(tmp_path):
-    from gpt4image.describe.core import Parts, _fast_key, _marks, record_key
+    from gpt4image.describe.parts import Parts, _fast_key, _marks
+    from gpt4image.describe.records import record_key
     records = [{"path": "a/1.jpg", "description": 'he said "error": no', "class": "a"},
                {"path": 'b/"odd\\name.jpg', "description": "x"},
                {"path": "c/3.jpg", "k": 12, "description": "y", "retry": {"first": "z"}},

@@ -108,7 +108,7 @@ def test_description2embedding_on_a_full_disk_is_one_line_and_writes_nothing(dis
 
 def test_generate_descriptions_on_a_disk_that_fills_up_is_one_line_and_the_same_command_goes_on(
         disk, vlm, photos, capsys, monkeypatch):
-    from gpt4image.describe.core import Parts
+    from gpt4image.describe.parts import Parts
     out = disk / "d.jsonl"
     argv = [f"--data={photos}", f"--model={vlm['llava']}", f"--output={out}", "--max-new-tokens=2", "--workers=0",
             "--quiet", "--batch-size=4"]

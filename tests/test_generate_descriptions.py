@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from conftest import REPO, described_paths, kill_once_written, run_script
-from gpt4image.describe.core import DEFAULT_CLASS_PROMPT
+from gpt4image.describe.prompts import DEFAULT_CLASS_PROMPT
 from gpt4image.errors import exit_on_user_error
 from gpt4image.io import sha256_file
 from gpt4image.describe.tiny_vlm import FAMILIES

@@ -64,8 +64,9 @@ def _deit_training(path):
 
 
 def _generate_descriptions(path):
-    from gpt4image.describe.core import ImageItem, PromptBatches
-    good, (prompts, images), failures = PromptBatches([ImageItem(0, "a", path)], 1, None, lambda item: "p",
+    from gpt4image.describe.listing import ImageItem
+    from gpt4image.describe.loading import PromptBatches
+    good, (prompts, images), failures = PromptBatches([ImageItem(index=0, path="a", file=path)], 1, None, lambda item: "p",
                                                       preprocess=False)[0]
     assert not failures, failures
     return images[0]
@@ -109,7 +110,7 @@ def test_an_rgb_jpeg_is_used_exactly_as_decoded(stage, tmp_path):
 ])
 def test_a_mode_without_an_agreed_scale_is_refused_by_name_in_training_and_in_describing(name, image, word, tmp_path):
     from gpt4image.train.data import load_image
-    from gpt4image.describe.core import open_rgb
+    from gpt4image.describe.loading import open_rgb_or_reason as open_rgb
     from gpt4image.errors import UserError
     path = _save(str(tmp_path), name, image)
     with pytest.raises(UserError, match=word):

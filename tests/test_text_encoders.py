@@ -14,7 +14,7 @@ from gpt4image._compat import import_clip
 from gpt4image.text.clip_text import load_clip
 from gpt4image.errors import exit_on_user_error
 from gpt4image.synthetic import save_tiny_hf_text_encoder, save_tiny_open_clip
-from gpt4image.text.encoders import split_description
+from gpt4image.text.long_text import split_description
 
 clip = import_clip()
 TEXTS = ["A red circle on a dark background.",
@@ -202,7 +202,7 @@ def test_chunks_of_a_text_without_spaces_take_work_linear_in_its_length():
     asks for is of a short piece, and the characters counted grow linearly (a quadratic splitter
     counts a prefix per cut: 10x the text, 100x the work; CLIP's BPE is itself quadratic in a word)."""
     import random
-    from gpt4image.text.encoders import OpenAIClipTokenizer
+    from gpt4image.text.openai_clip_encoder import OpenAIClipTokenizer
     tokenizer = OpenAIClipTokenizer()
     counted = []
 

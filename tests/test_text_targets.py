@@ -231,7 +231,8 @@ def test_deit_trains_with_a_per_class_table_and_noisy_labels(image_folder, tiny_
                                 f"--model={tiny_clip}", f"--output={table}", "--workers=0", "--quiet",
                                 "--dtype=float32"])
     # each row is the renormalised mean of its class's descriptions, encoded one by one
-    from gpt4image.text.encoders import encode_texts, load_text_encoder
+    from gpt4image.text.encoder import load_text_encoder
+    from gpt4image.text.encoding import encode_texts
     encoder = load_text_encoder(tiny_clip, "cpu", None, allow_download=False, allow_hub_download=False)
     texts = [t for name in classes for t in mapping[name]]
     encoded, _, _ = encode_texts(encoder, texts, batch_size=8, num_workers=0, out_dtype=torch.float32,

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import REPO
-from gpt4image.describe.core import list_images, read_class_names
+from gpt4image.describe.listing import list_images, read_class_names
 from gpt4image.text.descriptions import read_descriptions
 from gpt4image.errors import UserError, exit_on_user_error, one_line
 
@@ -85,7 +85,7 @@ def test_any_image_list_gives_images_or_one_user_error(data, tmp_path):
     path.write_bytes(data)
     found = _answers(lambda: list_images(str(path)))
     if not isinstance(found, UserError):  # one entry per image, however it is spelled
-        from gpt4image.text.descriptions import canonical_path
+        from gpt4image.describe.listing import canonical_path
         keys = [canonical_path(i.path, str(tmp_path)) for i in found]
         assert len(set(keys)) == len(keys)
 

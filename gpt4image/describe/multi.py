@@ -5,19 +5,22 @@ descriptions is K passes over the images (k-major, so that every batch asks one 
 seed); the merge writes the records image by image, k = 0..K-1 within each. With K = 1 nothing
 changes: tasks are the images themselves and records have no ``"k"``.
 """
+import argparse
 from dataclasses import dataclass
+from typing import Any
 
-from .core import ImageItem, PromptBuilder
-from ..errors import UserError
 from ..cli import at_least
+from ..errors import UserError
+from .listing import ImageItem
+from .prompts import PromptBuilder
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Task(ImageItem):
     k: int = 0
 
 
-def add_multi_args(p):
+def add_multi_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--num-descriptions", type=at_least(1), default=None, metavar="K",
                    help="descriptions per image: one per line of --prompt-file, or K sampled answers to the prompt "
                         "with --do-sample (answer k seeded by --seed and k); records carry their index \"k\"")
@@ -27,7 +30,8 @@ def add_multi_args(p):
     return p
 
 
-def read_prompt_file(path):
+def read_prompt_file(path: str) -> list[str]:
+    """The non-empty lines of ``--prompt-file``, stripped."""
     try:
         with open(path, encoding="utf-8") as f:
             prompts = [line.strip() for line in f if line.strip()]
@@ -39,7 +43,7 @@ def read_prompt_file(path):
     return prompts
 
 
-def resolve_descriptions(args):
+def resolve_descriptions(args: argparse.Namespace) -> int:
     """Sets ``args.prompts`` (the K prompts, or None) and ``args.num_descriptions`` (K); bad
     combinations are UserErrors."""
     prompts = read_prompt_file(args.prompt_file) if args.prompt_file else None
@@ -56,26 +60,28 @@ def resolve_descriptions(args):
     return k
 
 
-def tasks_of(items, k, image_major=False):
+def tasks_of(items: list[ImageItem], k: int, image_major: bool = False) -> list[ImageItem]:
     """The tasks of ``items``: the items themselves when k == 1; else (image, j) for j < k,
     k-major (describing order) or image-major (the merged file's order)."""
     if k == 1:
         return list(items)
     pairs = ((item, j) for item in items for j in range(k)) if image_major else \
         ((item, j) for j in range(k) for item in items)
-    return [Task(item.index, item.path, item.file, item.class_name, j) for item, j in pairs]
+    return [Task(index=item.index, path=item.path, file=item.file, class_name=item.class_name, k=j)
+            for item, j in pairs]
 
 
 class TaskPrompts:
     """The chat prompt of a task: prompt k of the file (filled with the class name where it has a
     ``{class_name}`` placeholder), else the run's single prompt."""
 
-    def __init__(self, processor, prompt, class_template, class_names, prompts=None):
+    def __init__(self, processor: Any, prompt: str, class_template: str | None, class_names: dict[str, str] | None,
+                 prompts: list[str] | None = None):
         if prompts:
             self.builders = [PromptBuilder(processor, p, p if "{class_name}" in p else None, class_names)
                              for p in prompts]
         else:
             self.builders = [PromptBuilder(processor, prompt, class_template, class_names)]
 
-    def __call__(self, task):
+    def __call__(self, task: ImageItem) -> str:
         return self.builders[getattr(task, "k", 0) % len(self.builders)](task)

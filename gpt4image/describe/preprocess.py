@@ -7,11 +7,15 @@ tokens. ``apply_pixel_budget`` sets that range on processors that have one and r
 others. ``fit_pixels`` shrinks an image before the processor (in the loader workers), decoding a
 JPEG at a reduced scale when that is enough, which is where most of the CPU time of a large photo goes.
 """
-from ..errors import UserError
+import argparse
+from typing import Any
+
 from ..cli import at_least
+from ..errors import UserError
 
 
-def add_preprocess_args(p):
+def add_preprocess_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """generate_descriptions.py's flags of the pixels a model sees."""
     p.add_argument("--max-pixels", type=at_least(1), default=None,
                    help="largest image area the processor keeps (Qwen2-VL family: about 784 pixels per vision "
                         "token, e.g. 200704 for <= 256 tokens); default: the model's preprocessor_config.json")
@@ -23,7 +27,7 @@ def add_preprocess_args(p):
     return p
 
 
-def has_pixel_budget(image_processor):
+def has_pixel_budget(image_processor: Any) -> bool:
     """True for processors that size images by area (Qwen2-VL family)."""
     if hasattr(image_processor, "max_pixels") and hasattr(image_processor, "min_pixels"):
         return True  # transformers < 5 keeps them as attributes
@@ -31,7 +35,7 @@ def has_pixel_budget(image_processor):
     return "max_pixels" in kwargs and "min_pixels" in kwargs
 
 
-def pixel_budget(image_processor):
+def pixel_budget(image_processor: Any) -> tuple[int, int] | None:
     """``(min_pixels, max_pixels)`` the processor applies now, or None."""
     if not has_pixel_budget(image_processor):
         return None
@@ -42,7 +46,8 @@ def pixel_budget(image_processor):
     return int(low), int(high)
 
 
-def apply_pixel_budget(processor, max_pixels=None, min_pixels=None, model=""):
+def apply_pixel_budget(processor: Any, max_pixels: int | None = None, min_pixels: int | None = None,
+                       model: str = "") -> tuple[int, int] | None:
     """Set ``[min_pixels, max_pixels]`` on ``processor.image_processor`` (in place); a processor
     without a pixel budget, or min above max, is a UserError. Returns the budget now in force."""
     image_processor = getattr(processor, "image_processor", processor)
@@ -67,7 +72,7 @@ def apply_pixel_budget(processor, max_pixels=None, min_pixels=None, model=""):
     return low, high
 
 
-def vision_tokens(inputs, merge_size=2):
+def vision_tokens(inputs: Any, merge_size: int = 2) -> list[int]:
     """Vision tokens per image of a Qwen2-VL processor output (``image_grid_thw``: patches of 14 px,
     merged ``merge_size`` x ``merge_size`` into one token)."""
     grid = inputs["image_grid_thw"]
@@ -82,7 +87,7 @@ def _target(size, max_pixels):
     return max(1, int(width * scale)), max(1, int(height * scale))
 
 
-def draft_for(image, max_pixels):
+def draft_for(image: Any, max_pixels: int) -> None:
     """Before decoding: let a JPEG decode at 1/2, 1/4 or 1/8 scale when the result still covers
     the area ``fit_pixels`` keeps (a no-op for other formats)."""
     target = _target(image.size, max_pixels)
@@ -90,7 +95,7 @@ def draft_for(image, max_pixels):
         image.draft("RGB", target)
 
 
-def fit_pixels(image, max_pixels):
+def fit_pixels(image: Any, max_pixels: int) -> Any:
     """``image`` (a decoded PIL image) shrunk to at most ``max_pixels`` in area, aspect kept."""
     from PIL import Image
     target = _target(image.size, max_pixels)

@@ -7,9 +7,11 @@ keeps the names in ``"flags"``. The gate is applied as each description is writt
 when not the defaults, are part of the run's settings (so one output's flags come from one rule);
 ``Tally`` counts the reasons and keeps a few examples of each for the metadata and the final report.
 """
+import argparse
 import re
 import unicodedata
 from dataclasses import asdict, dataclass
+from typing import Any
 
 from ..cli import at_least, in_range
 
@@ -24,12 +26,12 @@ RETRY_SETTINGS = {"penalty": {"repetition_penalty": 1.3},
                   "sample": {"do_sample": True, "temperature": 0.7, "top_p": 0.9, "repetition_penalty": 1.1}}
 
 
-def words_of(text):
+def words_of(text: str) -> list[str]:
     """Lower-cased words of ``text``, punctuation removed (``str.split``: ~10x faster than a regex)."""
     return text.lower().translate(_PUNCTUATION).split()
 
 
-def repeated_ngram_share(text, n=3, words=None):
+def repeated_ngram_share(text: str, n: int = 3, words: list[str] | None = None) -> float:
     """Share of the word n-grams of ``text`` that repeat an earlier one (0: none, near 1: a loop).
 
     A text in a script without spaces (one long "word") is taken character by character. Fewer
@@ -43,7 +45,7 @@ def repeated_ngram_share(text, n=3, words=None):
     return 1.0 - len(set(zip(*(units[i:] for i in range(n))))) / count
 
 
-def script_of(char):
+def script_of(char: str) -> str | None:
     """First word of a letter's Unicode name: LATIN, CYRILLIC, GREEK, CJK, HIRAGANA, ARABIC, ..."""
     try:
         return unicodedata.name(char).split(" ")[0]
@@ -51,7 +53,7 @@ def script_of(char):
         return None
 
 
-def script_share(text, script):
+def script_share(text: str, script: str) -> float:
     """Share of the letters of ``text`` written in ``script`` (1.0 for a text without letters)."""
     letters = [c for c in text if c.isalpha()]
     if not letters:
@@ -60,16 +62,16 @@ def script_share(text, script):
     return sum(script_of(c) == script for c in letters) / len(letters)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class QualityGate:
     """Thresholds of the gate (see ``add_quality_args`` for their meaning)."""
     ngram: int = 3
     max_repeated_share: float = 0.3
     min_words: int = 5
-    script: str = None
+    script: str | None = None
     min_script_share: float = 0.9
 
-    def check(self, text, hit_limit=False):
+    def check(self, text: str, hit_limit: bool = False) -> list[str]:
         """The reasons (a sub-list of REASONS, in that order) why ``text`` is not a usable description;
         ``hit_limit``: the generation stopped at the token limit rather than at its end token."""
         text = text.strip()
@@ -86,11 +88,12 @@ class QualityGate:
             reasons.append("script")
         return reasons
 
-    def settings(self):
+    def settings(self) -> dict[str, Any]:
+        """The thresholds, as the run's settings record them."""
         return asdict(self)
 
 
-def add_quality_args(p):
+def add_quality_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """generate_descriptions.py's flags of the gate and of the retry."""
     p.add_argument("--min-words", type=at_least(0), default=5,
                    help="quality gate: fewer words is flagged too_short")
@@ -107,13 +110,15 @@ def add_quality_args(p):
     return p
 
 
-def gate_from_args(args):
+def gate_from_args(args: argparse.Namespace) -> QualityGate:
+    """The gate of the command line; an unknown --expected-script is a UserError."""
     from ..errors import UserError
     if args.expected_script and not _known_script(args.expected_script):
         raise UserError(f"--expected-script {args.expected_script!r} is not a Unicode script name; use e.g. latin, "
                         f"cyrillic, greek, cjk, hiragana, hangul, arabic, hebrew, devanagari")
-    return QualityGate(args.repetition_ngram, args.max_repeated_share, args.min_words,
-                       args.expected_script.lower() if args.expected_script else None)
+    return QualityGate(ngram=args.repetition_ngram, max_repeated_share=args.max_repeated_share,
+                       min_words=args.min_words,
+                       script=args.expected_script.lower() if args.expected_script else None)
 
 
 def _known_script(name):
@@ -125,13 +130,14 @@ def _known_script(name):
 class Tally:
     """Counts per reason over records, with the first ``samples`` examples of each."""
 
-    def __init__(self, samples=3):
+    def __init__(self, samples: int = 3):
         self.counts = {reason: 0 for reason in REASONS}
         self.examples = {reason: [] for reason in REASONS}
         self.flagged = self.retried = self.retry_cleared = 0
         self.samples = samples
 
-    def add(self, record, flags):
+    def add(self, record: dict[str, Any], flags: list[str]) -> None:
+        """Count a record with its ``flags`` (and whether it was a retry)."""
         if record.get("retry"):
             self.retried += 1
             self.retry_cleared += not flags
@@ -144,12 +150,14 @@ class Tally:
                 self.examples[reason].append({"path": record["path"], **({"k": record["k"]} if "k" in record else {}),
                                               "description": record.get("description", "")[:300]})
 
-    def summary(self, gate):
+    def summary(self, gate: QualityGate) -> dict[str, Any]:
+        """The ``quality`` entry of the metadata."""
         return {"settings": gate.settings(), "flagged": self.flagged, "counts": self.counts,
                 "retried": self.retried, "retried_and_now_clean": self.retry_cleared,
                 "samples": {r: e for r, e in self.examples.items() if e}}
 
-    def report_lines(self):
+    def report_lines(self) -> list[str]:
+        """What the final report prints of the gate."""
         if not self.flagged and not self.retried:
             return ["quality gate: no description flagged"]
         shown = ", ".join(f"{n} {reason}" for reason, n in self.counts.items() if n)

@@ -8,6 +8,7 @@ and a chat template written here. Their descriptions are gibberish: they show th
 works, not what a real model would say.
 """
 import os
+from typing import Any
 
 import torch
 
@@ -32,7 +33,8 @@ _IDEFICS3_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}")
 
 
-def byte_level_tokenizer(special_tokens, eos, pad, bos=None, wrap=None, **named):
+def byte_level_tokenizer(special_tokens: list[str], eos: str, pad: str, bos: str | None = None,
+                         wrap: tuple[str, str] | None = None, **named: str) -> Any:
     """A fast tokenizer over the 256 byte symbols (no merges) plus ``special_tokens``; ``wrap``
     ``(first, last)`` puts those special tokens around every encoded text (as BERT's or CLIP's do);
     ``named`` sets other named special tokens (cls_token=..., sep_token=...)."""
@@ -149,7 +151,8 @@ def _blip2():
 _BUILDERS = {"qwen2_vl": _qwen2_vl, "llava": _llava, "idefics3": _idefics3, "blip2": _blip2}
 
 
-def build_tiny_vlm(family, seed=0, min_new_tokens=4, size="tiny"):
+def build_tiny_vlm(family: str, seed: int = 0, min_new_tokens: int = 4,
+                   size: str = "tiny") -> tuple[torch.nn.Module, Any]:
     """``(model, processor)`` of ``family`` with random weights, in memory (see save_tiny_vlm).
     ``size="2b"`` (Qwen2-VL only) gives Qwen2-VL-2B's sizes, for benchmarks; ``size="vllm"``
     (Qwen2-VL, LLaVA) attention heads of 64, which vLLM's CPU kernels need."""
@@ -179,7 +182,7 @@ def _hub_layout(directory):
     save_file(state, path, metadata={"format": "pt"})
 
 
-def save_tiny_vlm(family, directory, seed=0, min_new_tokens=4, size="tiny"):
+def save_tiny_vlm(family: str, directory: str, seed: int = 0, min_new_tokens: int = 4, size: str = "tiny") -> str:
     """Write a tiny random model of ``family`` (one of FAMILIES) and its processor to ``directory``.
 
     Its generation config asks for at least ``min_new_tokens`` tokens and lets it write only lower

@@ -11,7 +11,7 @@ CONTEXT_LENGTH = 77
 DEFAULT_DOWNLOAD_ROOT = os.path.join("~", ".cache", "clip")
 
 
-def resolve_clip_weights(model, download_root=None, allow_download=True):
+def resolve_clip_weights(model: str, download_root: str | None = None, allow_download: bool = True) -> str:
     """Path of the weights file for ``model`` (a name from ``clip.available_models()`` or a path).
 
     A known name is looked up in ``download_root`` (clip's own cache layout); when the file is not
@@ -41,7 +41,7 @@ def resolve_clip_weights(model, download_root=None, allow_download=True):
         raise UserError(f"could not get CLIP weights for {model} ({type(e).__name__}: {e}); {how_to}") from None
 
 
-def load_clip(weights_path, device):
+def load_clip(weights_path: str, device: str | torch.device) -> torch.nn.Module:
     """Build CLIP from a JIT archive (OpenAI's files) or a plain state dict, on ``device``.
 
     As in OpenAI's code the weights stay fp16 on CUDA and become fp32 on CPU.
@@ -77,7 +77,7 @@ class Tokenizer:
     process (each DataLoader worker keeps its own cache warm).
     """
 
-    def __init__(self, context_length=CONTEXT_LENGTH):
+    def __init__(self, context_length: int = CONTEXT_LENGTH):
         import_clip()
         from clip import simple_tokenizer
         from clip.clip import _tokenizer
@@ -89,7 +89,7 @@ class Tokenizer:
         self._chunk_ids = {}
         self.max_cached_chunks = 1 << 20  # about 100 MB per process at most
 
-    def clean(self, text):
+    def clean(self, text: str) -> str:
         """The text OpenAI's tokeniser splits: ftfy-fixed, HTML-unescaped, whitespace collapsed, lower case."""
         if _NEEDS_FULL_CLEAN.search(text) is not None:
             text = self._simple.basic_clean(text)
@@ -106,7 +106,7 @@ class Tokenizer:
         self._chunk_ids[chunk] = ids
         return ids
 
-    def encode(self, text, limit):
+    def encode(self, text: str, limit: int) -> list[int]:
         """Ids of ``text`` (no start/end token), stopping once more than ``limit`` are known."""
         ids = []
         cache = self._chunk_ids
@@ -117,7 +117,7 @@ class Tokenizer:
                 break
         return ids
 
-    def __call__(self, texts):
+    def __call__(self, texts: list[str]) -> tuple[torch.Tensor, int]:
         """``texts``: list of str -> (LongTensor [len(texts), context_length], number truncated)."""
         room = self.context_length - 2
         rows = []

@@ -1,4 +1,4 @@
-"""Reading image descriptions in every form we accept, and listing an ImageFolder's files.
+"""Reading image descriptions in every form we accept.
 
 Accepted inputs (each holds one description per training image):
 - ``.pth``: ``torch.save`` of a list of str (the authors' release) or of a dict path -> str;
@@ -15,48 +15,12 @@ from dataclasses import dataclass
 
 import torch
 
+from ..describe.listing import canonical_path, list_image_folder, list_images, text_lines
 from ..errors import UserError
-from ..io import load_error, refuse_repeated_dirs
+from ..io import load_error
 
 TEXT_KEYS = ("description", "caption", "text")
 PATH_KEYS = ("path", "image", "file")
-
-
-def list_image_folder(root):
-    """Relative paths (``class/file``, '/'-separated) of the samples of
-    ``torchvision.datasets.ImageFolder(root)``, in its order, without opening any image."""
-    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
-    if not os.path.isdir(root):
-        raise UserError(f"image folder {root!r} does not exist; pass the train folder "
-                        f"(the one holding one sub-folder per class)")
-    refuse_repeated_dirs(root)
-    refuse_dataset_root(root)
-    try:
-        _, class_to_idx = find_classes(root)
-        samples = make_dataset(root, class_to_idx, extensions=IMG_EXTENSIONS)
-    except (FileNotFoundError, RuntimeError) as e:
-        raise UserError(f"{root!r} is not an ImageFolder: {e}") from None
-    prefix = os.path.join(root, "")  # make_dataset joins root and the path: cut it off (10x faster than relpath)
-    return [(path[len(prefix):] if path.startswith(prefix) else os.path.relpath(path, root)).replace(os.sep, "/")
-            for path, _ in samples]
-
-
-def text_lines(text):
-    """The lines of a text file: only ``\\n`` and ``\\r\\n`` end one (``str.splitlines`` would also split
-    at U+2028, U+2029, U+0085, form feeds and other characters a description may hold)."""
-    lines = text.split("\n")
-    if lines[-1] == "":
-        lines.pop()
-    return [line[:-1] if line.endswith("\r") else line for line in lines]
-
-
-def refuse_dataset_root(root):
-    """A folder holding ``train/`` and ``val/`` (the root training takes) is not a train folder: as an
-    ImageFolder it would make ``train`` and ``val`` two classes and describe the validation images."""
-    if all(os.path.isdir(os.path.join(root, split)) for split in ("train", "val")):
-        train = os.path.join(root, "train")
-        raise UserError(f"{root!r} is a dataset root (it holds train/ and val/), not a train folder; pass "
-                        f"{train!r} (and, for the validation images, a second run on {os.path.join(root, 'val')!r})")
 
 
 def _load_raw(path):
@@ -156,47 +120,31 @@ def _unique_keys(path, pairs):
     return seen
 
 
-def canonical_path(path, root):
-    """The one spelling of an image path, used by every reader of image lists and description files:
-    ``./a``, ``a//b``, ``a/./b``, ``a\\b``, ``//root/a`` and the absolute path of a file under ``root``
-    all become ``a``-style paths relative to ``root`` ('/'-separated); a path outside ``root``
-    becomes its absolute, normalised form."""
-    import posixpath
-    path = path.replace("\\", "/")
-    root = os.path.abspath(root).replace(os.sep, "/")
-    full = posixpath.normpath(posixpath.join(root, path))
-    if full.startswith("//"):  # POSIX keeps a leading "//" apart; it names the same file as "/"
-        full = "/" + full.lstrip("/")
-    relative = posixpath.relpath(full, root)
-    return full if relative == ".." or relative.startswith("../") else relative
-
-
 def _listed_files(data):
     """``(paths, folder they are relative to)`` of ``--data``: an ImageFolder train directory (its
     ``class/file`` paths) or a text file of image paths (as generate_descriptions takes); (None, None)."""
     if not data:
         return None, None
     if os.path.isfile(data):
-        from ..describe.core import list_images
         return [item.path for item in list_images(data)], os.path.dirname(os.path.abspath(data))
     return list_image_folder(data), data
 
 
-@dataclass
+@dataclass(kw_only=True)
 class DescriptionSet:
     """What read_description_set returns: ``texts`` in ImageFolder order (one str per image, or a
     list of K per image), ``files`` (relative paths of the images kept, or None), ``per_image`` (K),
     ``flagged`` (records with quality flags), ``left_out`` (images dropped: every description
     flagged), ``replaced`` (flagged descriptions replaced by another of the same image)."""
     texts: list
-    files: list
+    files: list[str] | None
     per_image: int = 1
     flagged: int = 0
     left_out: int = 0
     replaced: int = 0
 
 
-def read_descriptions(path, image_folder=None):
+def read_descriptions(path: str, image_folder: str | None = None) -> tuple[list[str], list[str] | None]:
     """Return ``(descriptions, file_list)``.
 
     ``descriptions`` is a list of str in ImageFolder order. ``file_list`` is the ordered list of
@@ -226,7 +174,7 @@ def _group_by_image(path, keyed):
     return grouped, flagged, per_image
 
 
-def read_description_set(path, image_folder=None, drop_flagged=False):
+def read_description_set(path: str, image_folder: str | None = None, drop_flagged: bool = False) -> DescriptionSet:
     """The descriptions of ``path`` as a DescriptionSet (see there). A path-keyed input is put
     into the order of ``image_folder``; records with ``"k"`` give K descriptions per image.
     ``drop_flagged``: records with quality flags are left out: a flagged description of several
@@ -235,48 +183,7 @@ def read_description_set(path, image_folder=None, drop_flagged=False):
     raw = _load_raw(path)
     files, base = _listed_files(image_folder)
     if isinstance(raw, dict):
-        flagged_keys = getattr(raw, "flagged", set())
-        per_image, flagged = 1, {}
-        if any(isinstance(k, tuple) for k in raw):
-            raw, flagged, per_image = _group_by_image(path, raw)
-        else:
-            flagged = {key: [0] for key in flagged_keys}
-        keys = list(raw)
-        if any(not isinstance(k, str) for k in keys):
-            raise UserError(f"{path}: a path-keyed input needs string keys (image paths)")
-        if per_image == 1:
-            _check_texts(path, [raw[k] for k in keys], [repr(k) for k in keys])
-        else:
-            _check_texts(path, [t for k in keys for t in raw[k]],
-                         [f"{k!r} #{j}" for k in keys for j in range(per_image)])
-        if files is None:
-            raise UserError(f"{path} maps image paths to descriptions; pass --data <train folder> "
-                            f"so that rows can be written in ImageFolder order")
-        normalised, original = {}, {}
-        for key, text in raw.items():
-            relative = canonical_path(key, base)
-            if relative in normalised:
-                raise UserError(f"{path}: {original[relative]!r} and {key!r} name the same image; keep one "
-                                f"description per image")
-            normalised[relative], original[relative] = text, key
-        canonical = [canonical_path(f, base) for f in files]
-        missing = [f for f, c in zip(files, canonical) if c not in normalised]
-        extra = sorted(set(normalised) - set(canonical))
-        if missing or extra:
-            parts = []
-            if missing:
-                parts.append(f"{len(missing)} images of {image_folder} have no description "
-                             f"(first: {', '.join(missing[:3])})")
-            if extra:
-                parts.append(f"{len(extra)} described paths are not in {image_folder} "
-                             f"(first: {', '.join(extra[:3])})")
-            raise UserError(f"{path}: " + "; ".join(parts) + "; paths must be relative to the train folder")
-        flagged = {canonical_path(key, base): ks for key, ks in flagged.items()}
-        found = DescriptionSet([normalised[c] for c in canonical], files, per_image,
-                               sum(len(ks) for ks in flagged.values()))
-        if drop_flagged and flagged:
-            _drop_flagged(found, {f: flagged[c] for f, c in zip(files, canonical) if c in flagged})
-        return found
+        return _keyed_set(path, raw, (files, base, image_folder), drop_flagged)
     if not isinstance(raw, (list, tuple)):
         raise UserError(f"{path} holds a {type(raw).__name__}, not a list of description strings")
     raw = list(raw)
@@ -286,7 +193,62 @@ def read_description_set(path, image_folder=None, drop_flagged=False):
     if files is not None and len(files) != len(raw):
         raise UserError(f"{path} has {len(raw)} descriptions but {image_folder} has {len(files)} "
                         f"images; entry k must describe image k of the train folder")
-    return DescriptionSet(raw, files)
+    return DescriptionSet(texts=raw, files=files)
+
+
+def _keyed_set(path, raw, folder, drop_flagged):
+    """read_description_set of a path-keyed input; ``folder``: ``(files, base, image_folder)``."""
+    files, base, image_folder = folder
+    flagged_keys = getattr(raw, "flagged", set())
+    per_image, flagged = 1, {}
+    if any(isinstance(k, tuple) for k in raw):
+        raw, flagged, per_image = _group_by_image(path, raw)
+    else:
+        flagged = {key: [0] for key in flagged_keys}
+    keys = list(raw)
+    if any(not isinstance(k, str) for k in keys):
+        raise UserError(f"{path}: a path-keyed input needs string keys (image paths)")
+    if per_image == 1:
+        _check_texts(path, [raw[k] for k in keys], [repr(k) for k in keys])
+    else:
+        _check_texts(path, [t for k in keys for t in raw[k]],
+                     [f"{k!r} #{j}" for k in keys for j in range(per_image)])
+    if files is None:
+        raise UserError(f"{path} maps image paths to descriptions; pass --data <train folder> "
+                        f"so that rows can be written in ImageFolder order")
+    normalised, canonical = _in_folder_order(path, raw, folder)
+    flagged = {canonical_path(key, base): ks for key, ks in flagged.items()}
+    found = DescriptionSet(texts=[normalised[c] for c in canonical], files=files, per_image=per_image,
+                           flagged=sum(len(ks) for ks in flagged.values()))
+    if drop_flagged and flagged:
+        _drop_flagged(found, {f: flagged[c] for f, c in zip(files, canonical) if c in flagged})
+    return found
+
+
+def _in_folder_order(path, raw, folder):
+    """``({canonical path: description}, canonical paths of the folder's files)``; two keys naming one
+    image, an image without a description and a description of no image are UserErrors."""
+    files, base, image_folder = folder
+    normalised, original = {}, {}
+    for key, text in raw.items():
+        relative = canonical_path(key, base)
+        if relative in normalised:
+            raise UserError(f"{path}: {original[relative]!r} and {key!r} name the same image; keep one "
+                            f"description per image")
+        normalised[relative], original[relative] = text, key
+    canonical = [canonical_path(f, base) for f in files]
+    missing = [f for f, c in zip(files, canonical) if c not in normalised]
+    extra = sorted(set(normalised) - set(canonical))
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} images of {image_folder} have no description "
+                         f"(first: {', '.join(missing[:3])})")
+        if extra:
+            parts.append(f"{len(extra)} described paths are not in {image_folder} "
+                         f"(first: {', '.join(extra[:3])})")
+        raise UserError(f"{path}: " + "; ".join(parts) + "; paths must be relative to the train folder")
+    return normalised, canonical
 
 
 def _drop_flagged(found, flagged):

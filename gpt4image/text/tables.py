@@ -1,6 +1,7 @@
 """The embedding table written by description2embedding.py, and datasets that carry its rows."""
 import json
 import os
+from typing import Any
 
 import torch
 
@@ -17,7 +18,7 @@ class TextEmbeddings:
     in the page cache. Rows are returned in the stored dtype; cast per batch on the device.
     """
 
-    def __init__(self, table, path, metadata=None):
+    def __init__(self, table: torch.Tensor, path: str, metadata: dict[str, Any] | None = None):
         self.table = table
         self.path = path
         self.metadata = metadata or {}
@@ -36,10 +37,10 @@ class TextEmbeddings:
         return super().__reduce__()
 
     @property
-    def dim(self):
+    def dim(self) -> int:
         return self.table.shape[1]
 
-    def file_list(self):
+    def file_list(self) -> list[str] | None:
         """The ordered train-file list recorded by description2embedding.py, or None."""
         name = self.metadata.get("file_list")
         if not name:
@@ -47,7 +48,7 @@ class TextEmbeddings:
         path = os.path.join(os.path.dirname(os.path.abspath(self.path)), name)
         if not os.path.isfile(path):
             return None
-        from .descriptions import text_lines
+        from ..describe.listing import text_lines
         with open(path, encoding="utf-8", newline="") as f:
             return text_lines(f.read())
 
@@ -77,7 +78,7 @@ def _validate(table, path, chunk_rows=65536):
                             f"not 1; rows must be L2-normalised (description2embedding.py writes them so)")
 
 
-def load_text_embeddings(path, validate=True, flag="--text_emb"):
+def load_text_embeddings(path: str, validate: bool = True, flag: str = "--text_emb") -> TextEmbeddings:
     """Memory-map the table at ``path`` (and read ``<path>.json`` when present); validate it.
     ``flag``: the option that named it (--text_emb, or --val-text-emb for the validation set's).
 
@@ -128,7 +129,7 @@ def _reopen(path, metadata):
     return embeddings
 
 
-def dataset_file_list(dataset):
+def dataset_file_list(dataset: Any) -> list[str] | None:
     """Relative sample paths of an ImageFolder-like dataset (``root`` and ``samples``), else None."""
     samples = getattr(dataset, "samples", None)
     root = getattr(dataset, "root", None)
@@ -142,7 +143,8 @@ class WithTextEmbeddings(torch.utils.data.Dataset):
     where the embedding is row ``index`` of the table (the same index as the image). ``flag`` and
     ``split`` name the table's option and the image folder in messages."""
 
-    def __init__(self, dataset, embeddings, check_files=True, flag="--text_emb", split="train"):
+    def __init__(self, dataset: Any, embeddings: TextEmbeddings, check_files: bool = True, flag: str = "--text_emb",
+                 split: str = "train"):
         self.dataset = dataset
         self.embeddings = embeddings
         self.flag, self.split = flag, split
@@ -173,7 +175,7 @@ class WithTextEmbeddings(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.dataset)
 
-    def set_epoch(self, epoch):  # a table of several descriptions per image draws per epoch
+    def set_epoch(self, epoch: int) -> None:  # a table of several descriptions per image draws per epoch
         if hasattr(self.embeddings, "set_epoch"):
             self.embeddings.set_epoch(epoch)
 
@@ -185,7 +187,7 @@ class WithTextEmbeddings(torch.utils.data.Dataset):
 class SyntheticTextEmbeddings(TextEmbeddings):
     """A random table of unit rows kept in memory (for runs on generated data)."""
 
-    def __init__(self, num_rows, dim, seed=0):
+    def __init__(self, num_rows: int, dim: int, seed: int = 0):
         g = torch.Generator().manual_seed(seed)
         table = torch.nn.functional.normalize(torch.randn(num_rows, dim, generator=g), dim=1)
         super().__init__(table, "<generated>", {})
