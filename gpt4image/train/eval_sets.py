@@ -23,7 +23,7 @@ import torch
 
 from .data import build_eval_loader, load_image
 from ..log import logger
-from .engine import evaluate
+from .evaluate import evaluate
 from ..errors import UserError
 from ..io import refuse_repeated_dirs
 
@@ -105,7 +105,7 @@ class RestrictedLogits(torch.nn.Module):
 
 class LabelSets(torch.utils.data.Dataset):
     """(image, label distribution over the model's classes): the image's labels share its weight 1,
-    so a prediction scores when it is any of them (engine.evaluate's rule for 2-d targets)."""
+    so a prediction scores when it is any of them (evaluate.evaluate's rule for 2-d targets)."""
 
     def __init__(self, paths, labels, num_classes, transform):
         self.paths, self.labels, self.num_classes, self.transform = paths, labels, num_classes, transform
