@@ -199,9 +199,9 @@ def test_sigmoid_standardised_per_step_schedule_is_learned_kept_and_resumed_exac
         [weight(e + (steps - 1) / steps) for e in range(2)], abs=1e-12)
     for run in ("straight", "resumed"):
         scalars = _step_scalars(tmp_path / run, "step/text_weight")
-        assert sorted(scalars) == list(range(1, 2 * steps + 1))
-        for global_step, value in scalars.items():
-            epoch, step = divmod(global_step - 1, steps)
+        assert sorted(scalars) == [8 * s for s in range(1, 2 * steps + 1)]  # x: images seen (batch 8, 1 process)
+        for seen, value in scalars.items():
+            epoch, step = divmod(seen // 8 - 1, steps)
             assert value == pytest.approx(weight(epoch + step / steps), rel=1e-6)
 
 

@@ -9,7 +9,8 @@ the step's loss or that norm is non-finite, all on the device. ``--nonfinite``:
   before every checkpoint inside an epoch and at the end of the epoch. The first non-finite step
   raises ``NonFiniteLoss`` naming its epoch, step and term, so no checkpoint is written from
   the weights it made non-finite.
-- ``skip``: a non-finite step is not applied and is counted. With an optimizer that takes
+- ``skip``: a step whose gradient is non-finite (which a non-finite loss makes it) is not applied
+  and is counted; the decision is the same on every rank, whose gradients are all-reduced. With an optimizer that takes
   ``found_inf`` on the device (PyTorch's fused SGD, Adam and AdamW: what GradScaler uses), nothing
   waits for the device; with any other optimizer the flag is read once per step (one host
   synchronisation per step). What a skipped step still does: the forward pass has updated
@@ -44,9 +45,9 @@ def add_guard_args(p) -> None:
 
 @dataclass(kw_only=True)
 class StepOutcome:
-    """An optimizer step, on the device: its gradient norm, whether its loss or gradient was
-    non-finite (``bad``), whether it was not applied (``skipped``), and whether a non-finite
-    gradient is an error (not under a GradScaler, whose overflows are routine)."""
+    """An optimizer step, on the device: its gradient norm, whether that was non-finite (``bad``),
+    whether the step was not applied (``skipped``), and whether a non-finite gradient is an error
+    (not under a GradScaler, whose overflows are routine)."""
     grad_norm: torch.Tensor
     bad: torch.Tensor
     skipped: torch.Tensor

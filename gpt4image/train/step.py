@@ -78,7 +78,7 @@ def backward_and_step(loss: torch.Tensor, step: TrainStep, update: bool = True,
         return None
     parameters = list(step.model.parameters() if parameters is None else parameters)
     norm = unscaled_grad_norm(parameters, step.optimizer, scaler, step.clip_grad).to(loss.device)
-    bad = ~(torch.isfinite(norm) & torch.isfinite(loss.detach()))
+    bad = ~torch.isfinite(norm)  # the same on every rank (all-reduced gradients); a non-finite loss makes it so
     skipped = guarded_step(step.optimizer, scaler, bad, step.nonfinite)
     return StepOutcome(grad_norm=norm, bad=bad, skipped=skipped, check_gradient=scaler is None)
 
