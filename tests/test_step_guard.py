@@ -3,6 +3,7 @@ the step is skipped and counted), the gradient norm logged, the per-step axis in
 host read-back per step."""
 import glob
 import json
+import math
 import os
 import subprocess
 import sys
@@ -72,7 +73,7 @@ def test_with_skip_a_nan_loss_is_skipped_counted_and_the_run_finishes(monkeypatc
                  f"--save_dir={run}"])
     rows = _log(run)
     assert [r["train_skipped_steps"] for r in rows] == [1, 1]
-    assert all(r["train_grad_norm"] > 0 for r in rows)
+    assert all(r["train_grad_norm"] > 0 and math.isfinite(r["train_loss"]) for r in rows)
     model = torch.load(run / "checkpoint.pth")["model"]
     assert all(torch.isfinite(v).all() for v in model.values() if v.is_floating_point())
 

@@ -43,10 +43,13 @@ class EpochSums:
             self.values[:len(partial)] += torch.tensor(partial, dtype=torch.float64, device=device)
 
     def add(self, losses: torch.Tensor, n: int, correct: Optional[torch.Tensor]) -> None:
-        self.values[:3] += losses * n
+        """A batch's [loss, ce, text], size and correct predictions; left out when a loss is not finite
+        (a step --nonfinite skip skipped), so the epoch's means stay those of the steps applied."""
+        finite = torch.isfinite(losses).all()
+        self.values[:3] += torch.where(finite, losses * n, 0.0)
         if correct is not None:
-            self.values[3] += correct
-        self.values[4] += n
+            self.values[3] += torch.where(finite, correct, 0)
+        self.values[4] += torch.where(finite, n, 0)
 
     def add_step(self, outcome: StepOutcome) -> None:
         """An optimizer step: its gradient norm when finite, and whether it was skipped (on rank 0 only:

@@ -20,7 +20,7 @@ def to_device(images: torch.Tensor, device: torch.device, prepare: Optional[Call
     return images
 
 
-def autocast(device: torch.device, amp_dtype: Optional[torch.dtype]):
+def autocast(device: torch.device, amp_dtype: Optional[torch.dtype]) -> contextlib.AbstractContextManager:
     """torch.autocast in ``amp_dtype`` on ``device``; nothing when it is None."""
     if amp_dtype is None:
         return contextlib.nullcontext()
@@ -52,7 +52,7 @@ class TrainStep:
     accumulated: list = field(default_factory=list)  # the kept batches of an exact accumulation
     outcome: Optional[StepOutcome] = None  # of the last optimizer step (train_step sets it; None between steps)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.nonfinite not in NONFINITE_CHOICES:
             raise ValueError(f"nonfinite must be one of {NONFINITE_CHOICES}, not {self.nonfinite!r}")
 
@@ -83,7 +83,7 @@ def backward_and_step(loss: torch.Tensor, step: TrainStep, update: bool = True,
     return StepOutcome(grad_norm=norm, bad=bad, skipped=skipped, check_gradient=scaler is None)
 
 
-def alignment_state(model: torch.nn.Module):
+def alignment_state(model: torch.nn.Module) -> Optional[torch.nn.Module]:
     """The alignment loss's state (losses.AlignmentState) of ``model``, under torch.compile and DDP; or None."""
     model = getattr(model, "_orig_mod", model)
     if isinstance(model, torch.nn.parallel.DistributedDataParallel):
@@ -91,7 +91,7 @@ def alignment_state(model: torch.nn.Module):
     return getattr(model, "alignment_state", None)
 
 
-def no_sync(model: torch.nn.Module, accumulating: bool):
+def no_sync(model: torch.nn.Module, accumulating: bool) -> contextlib.AbstractContextManager:
     """DDP's no_sync while gradients accumulate (no all-reduce until the batch that steps)."""
     ddp = getattr(model, "_orig_mod", model)  # under torch.compile
     if accumulating and isinstance(ddp, torch.nn.parallel.DistributedDataParallel):
