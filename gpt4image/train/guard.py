@@ -10,12 +10,13 @@ the step's loss or that norm is non-finite, all on the device. ``--nonfinite``:
   raises ``NonFiniteLoss`` naming its epoch, step and term, so no checkpoint is written from
   the weights it made non-finite.
 - ``skip``: a step whose gradient is non-finite (which a non-finite loss makes it) is not applied
-  and is counted; the decision is the same on every rank, whose gradients are all-reduced. With an optimizer that takes
-  ``found_inf`` on the device (PyTorch's fused SGD, Adam and AdamW: what GradScaler uses), nothing
-  waits for the device; with any other optimizer the flag is read once per step (one host
+  (weights and optimizer state, step count included, stay as they were) and is counted; the
+  decision is the same on every rank, whose gradients are all-reduced. With an optimizer that
+  takes ``found_inf`` on the device (PyTorch's fused SGD, Adam and AdamW: what GradScaler uses),
+  nothing waits for the device; with any other optimizer the flag is read once per step (one host
   synchronisation per step). What a skipped step still does: the forward pass has updated
   BatchNorm's running statistics, and the EMA takes its step towards the unchanged weights (as it
-  does after a GradScaler skip).
+  does after a GradScaler skip). A batch with a non-finite loss is left out of the epoch's means.
 
 Under float16 autocast the GradScaler already skips steps whose scaled gradient overflows (and
 lowers its scale): those are counted as skipped and never stop the run; only a non-finite loss does.
