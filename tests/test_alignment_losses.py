@@ -133,7 +133,7 @@ def test_standardisation_statistics_are_the_tables_per_dimension_mean_and_std():
 
 
 def test_retrieval_compares_the_projection_with_standardised_rows_when_training_did():
-    from gpt4image.train.engine import evaluate
+    from gpt4image.train.evaluate import evaluate
     g = torch.Generator().manual_seed(0)
     texts = F.normalize(torch.randn(12, 6, generator=g) + 3, dim=1)  # a large common component, as CLIP's
     state = AlignmentState("clip", 6, standardize=True)
@@ -201,16 +201,16 @@ def test_sigmoid_standardised_per_step_schedule_is_learned_kept_and_resumed_exac
         [weight(e + (steps - 1) / steps) for e in range(2)], abs=1e-12)
     for run in ("straight", "resumed"):
         scalars = _step_scalars(tmp_path / run, "step/text_weight")
-        assert sorted(scalars) == list(range(1, 2 * steps + 1))
-        for global_step, value in scalars.items():
-            epoch, step = divmod(global_step - 1, steps)
+        assert sorted(scalars) == [8 * s for s in range(1, 2 * steps + 1)]  # x: images seen (batch 8, 1 process)
+        for seen, value in scalars.items():
+            epoch, step = divmod(seen // 8 - 1, steps)
             assert value == pytest.approx(weight(epoch + step / steps), rel=1e-6)
 
 
 def test_supcon_under_mixup_takes_the_unmixed_labels(image_folder, embeddings, tmp_path):
     from gpt4image.recipes import deit as deit_main
     from gpt4image.recipes.deit_data import DeviceAugment, TextMixup
-    from gpt4image.train.engine import TrainStep, train_step
+    from gpt4image.train.step import TrainStep, train_step
 
     seen = []
 
@@ -223,8 +223,8 @@ def test_supcon_under_mixup_takes_the_unmixed_labels(image_folder, embeddings, t
     model = deit_main.build_model(args, 4, 8)
     mix = TextMixup(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1, num_classes=4)
     criterion, _ = deit_main.build_criterion(deit_main.get_args_parser().parse_args(["--loss_type=supcon"]), 4, "cpu")
-    step = TrainStep(model, torch.optim.SGD(model.parameters(), lr=0.1), criterion, torch.device("cpu"),
-                     Recording("supcon", 0.05), mix_fn=mix, prepare=DeviceAugment())
+    step = TrainStep(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), criterion=criterion,
+                     device=torch.device("cpu"), alignment=Recording("supcon", 0.05), mix_fn=mix, prepare=DeviceAugment())
     labels = torch.tensor([0, 1, 2, 3])
     values, _, _ = train_step(step, (torch.randint(0, 255, (4, 3, 32, 32), dtype=torch.uint8), labels,
                                      F.normalize(torch.randn(4, 8), dim=-1)))
@@ -282,10 +282,10 @@ def _batches(count, size, classes=4, dim=8, seed=0):
 
 
 def _one_step(model, batches, alignment):
-    from gpt4image.train.engine import TrainStep, train_step
+    from gpt4image.train.step import TrainStep, train_step
     criterion = lambda _, logits, y: F.cross_entropy(logits, y)  # noqa: E731
-    step = TrainStep(model, torch.optim.SGD(model.parameters(), lr=0.1), criterion, torch.device("cpu"), alignment,
-                     accum_iter=len(batches))
+    step = TrainStep(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), criterion=criterion,
+                     device=torch.device("cpu"), alignment=alignment, accum_iter=len(batches))
     for k, batch in enumerate(batches):
         train_step(step, batch, first=k == 0, update=k == len(batches) - 1)
 

@@ -168,7 +168,7 @@ def test_gradient_accumulation_equals_the_larger_batch(image_folder, tmp_path):
 
 
 def test_retrieval_figures_are_those_of_the_pairs():
-    from gpt4image.train.engine import retrieval_metrics
+    from gpt4image.train.metrics import retrieval_metrics
     torch.manual_seed(0)
     texts = torch.nn.functional.normalize(torch.randn(300, 16), dim=1)
     perfect = retrieval_metrics(texts * 3, texts, chunk=64)  # any scale: features are normalised

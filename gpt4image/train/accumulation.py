@@ -26,10 +26,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .engine import _no_sync, alignment_state, autocast, backward_and_step, to_device
+from .step import TrainStep, alignment_state, autocast, backward_and_step, no_sync, to_device
 
 
-@dataclass
+@dataclass(kw_only=True)
 class _Batch:
     images: torch.Tensor
     targets: torch.Tensor
@@ -50,11 +50,11 @@ def _set_random_state(state, device):
         torch.cuda.set_rng_state(state[1], device)
 
 
-def exact_accumulation_step(step, batch, first, update):
+def exact_accumulation_step(step: TrainStep, batch, first: bool, update: bool) -> tuple:
     """``train_step`` for a loss with negatives under --accum-iter: the first pass of ``batch``; at
     ``update`` the recomputes, the backward passes and the optimizer step. Returns (None, 0, None)
     until then, and then the step's (values [loss, ce, text] as float64 on the device, images,
-    correct top-1 or None) over all its batches."""
+    correct top-1 or None) over all its batches, and ``step.outcome`` is the optimizer step's."""
     if first:
         step.optimizer.zero_grad(set_to_none=True)
         step.accumulated = []
@@ -79,7 +79,8 @@ def _first_pass(step, batch):
     with torch.no_grad():
         for b, saved in zip(step.model.buffers(), buffers):
             b.copy_(saved)
-    return _Batch(images, targets, labels, text, projected.detach(), random_state)
+    return _Batch(images=images, targets=targets, labels=labels, text=text, projected=projected.detach(),
+                  random_state=random_state)
 
 
 def _recompute(step, batches):
@@ -91,14 +92,14 @@ def _recompute(step, batches):
     for k, b in enumerate(batches):
         last = k == count - 1
         _set_random_state(b.random_state, device)
-        with _no_sync(step.model, not last):
+        with no_sync(step.model, not last):
             with autocast(device, step.amp_dtype):
                 logits, projected = step.model(b.images)
                 ce = step.criterion(b.images, logits, b.targets)
                 features = torch.cat([projected if j == k else other.projected for j, other in enumerate(batches)])
                 alignment = step.alignment.loss(features, text, labels, state, live_parameters=last)
                 loss = ce / count + weight * alignment
-            backward_and_step(loss, step.optimizer, step.scaler, step.clip_grad, step.model.parameters(), last)
+            outcome = backward_and_step(loss, step, last)
         ces.append(ce.detach().float())
         text_loss = alignment.detach().float() if text_loss is None else text_loss
         if step.mix_fn is None and b.targets.dim() == 1:
@@ -107,7 +108,8 @@ def _recompute(step, batches):
             correct = hits if correct is None else correct + hits
     if step.ema is not None:
         step.ema.update(step.model)
+    step.outcome = outcome
     sizes = torch.tensor([len(b.images) for b in batches], device=device, dtype=torch.float32)
     ce = (torch.stack(ces) * sizes).sum() / sizes.sum()
     values = torch.stack([ce + weight * text_loss, ce, text_loss]).double()
-    return values, int(sizes.sum().item()), correct
+    return values, sum(len(b.images) for b in batches), correct  # the count from the host: no read-back

@@ -57,7 +57,7 @@ class _TargetMap:
 
 class LabelSets(torch.utils.data.Dataset):
     """(image, label distribution over the model's classes): the image's labels share its weight 1,
-    so a prediction scores when it is any of them (engine.evaluate's rule for 2-d targets)."""
+    so a prediction scores when it is any of them (evaluate.evaluate's rule for 2-d targets)."""
 
     def __init__(self, paths: list[str], labels: list[list[int]], num_classes: int, transform: Callable | None) -> None:
         self.paths, self.labels, self.num_classes, self.transform = paths, labels, num_classes, transform

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from .data import build_eval_loader
 from ..log import logger
-from .engine import evaluate
+from .evaluate import evaluate
 from ..errors import UserError
 from .eval_layouts import EvalSet, recognise
 

@@ -8,6 +8,7 @@ from .checkpoint import find_resume
 from .eval_sets import add_eval_set_args
 from .alignment import Alignment
 from .alignment_state import AlignmentState, needs_state
+from .guard import add_guard_args
 from .run_checks import FINGERPRINT_KEY, cap_workers, table_fingerprint
 from .run_record import require_wandb
 from .text_weight import add_alignment_args, check_alignment_args
@@ -58,6 +59,7 @@ def add_common_args(p):
     p.add_argument("--local-rank", "--local_rank", type=int, default=None, dest="local_rank",
                    help="set by the legacy torch.distributed.launch without --use_env")
     add_eval_set_args(p)
+    add_guard_args(p)
     add_text_target_args(p)
     return add_alignment_args(p)
 

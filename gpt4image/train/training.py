@@ -16,7 +16,9 @@ from .checkpoint import (CHECKPOINT, find_resume, load_checkpoint, load_classifi
 from .data import SkipCorrupt
 from .distributed import cleanup, heartbeat, init_distributed, start_watchdog, stop_watchdog
 from ..log import logger, setup_logging
-from .engine import NonFiniteLoss, Reporting, TrainStep, evaluate, train_one_epoch
+from .epoch import EpochControl, EpochStart, NonFiniteLoss, Reporting, train_one_epoch
+from .evaluate import evaluate
+from .step import TrainStep
 from ..errors import UserError, exit_on_user_error
 from .eval_sets import sets_in, summary as eval_sets_summary
 from ..io import atomic_torch_save
@@ -122,9 +124,11 @@ def fit(recipe, data, opts, dist_info):
 def _fit(recipe, data, opts, dist_info, progress, record, accum_note=""):
     recipe.step_scheduler(progress.epoch)
     train_model, recipe.model = wrap_distributed(recipe.model, dist_info, recipe.sync_bn)
-    step = TrainStep(torch.compile(train_model) if opts.compile else train_model, recipe.optimizer, recipe.criterion,
-                     dist_info.device, opts.alignment, opts.amp_dtype, recipe.scaler, recipe.mix_fn, recipe.ema,
-                     recipe.clip_grad, recipe.train_prepare, recipe.channels_last, opts.accum_iter)
+    step = TrainStep(model=torch.compile(train_model) if opts.compile else train_model, optimizer=recipe.optimizer,
+                     criterion=recipe.criterion, device=dist_info.device, alignment=opts.alignment,
+                     amp_dtype=opts.amp_dtype, scaler=recipe.scaler, mix_fn=recipe.mix_fn, ema=recipe.ema,
+                     clip_grad=recipe.clip_grad, prepare=recipe.train_prepare, channels_last=recipe.channels_last,
+                     accum_iter=opts.accum_iter, nonfinite=getattr(opts.args, "nonfinite", "stop"))
     control = RunControl(dist_info.control_group, 60.0 * opts.checkpoint_every_minutes, dist_info.is_main)
     last_epoch = opts.epochs if opts.stop_after is None else min(opts.epochs, progress.epoch + opts.stop_after)
     world, accum = dist_info.world_size, opts.accum_iter
@@ -207,9 +211,12 @@ def _train_epoch(recipe, data, opts, dist_info, loop, progress, epoch):
         logger.info(f"checkpoint at epoch {epoch}, step {step_in_epoch} saved to {path}")
 
     try:
-        return train_one_epoch(step, data.train_loader, epoch, start_step=start_step, partial=partial,
-                               control=control, on_checkpoint=save_position, seed=opts.seed + 1000 * dist_info.rank,
-                               reporting=Reporting(opts.print_freq, opts.epochs, record.log_step))
+        return train_one_epoch(step, data.train_loader, epoch, start=EpochStart(step=start_step, partial=partial),
+                               control=EpochControl(ask=control, on_checkpoint=save_position),
+                               seed=opts.seed + 1000 * dist_info.rank,
+                               reporting=Reporting(print_freq=opts.print_freq, num_epochs=opts.epochs,
+                                                   sink=record.log_step,
+                                                   samples_per_step=opts.batch_size * dist_info.world_size))
     except NonFiniteLoss as e:
         raise UserError(str(e)) from None
 

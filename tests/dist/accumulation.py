@@ -1,5 +1,5 @@
 """Exact accumulation across ranks: DeiT-tiny (32 px, drop-path 0, no EMA) with an alignment loss,
-trained for 2 optimizer steps of 8 images each on fixed tensors, through the engine's epoch loop.
+trained for 2 optimizer steps of 8 images each on fixed tensors, through the training epoch loop.
 
     python accumulation.py OUT BATCH ACCUM            (one process)
     torchrun --nproc_per_node=W accumulation.py OUT BATCH ACCUM
@@ -16,7 +16,8 @@ import torch.nn.functional as F
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import gpt4image  # noqa: E402
 from gpt4image.recipes.deit import build_model, get_args_parser  # noqa: E402
-from gpt4image.train.engine import TrainStep, train_one_epoch  # noqa: E402
+from gpt4image.train.epoch import train_one_epoch  # noqa: E402
+from gpt4image.train.step import TrainStep  # noqa: E402
 from gpt4image.train.alignment import Alignment  # noqa: E402
 from gpt4image.train.resumable import seed_all  # noqa: E402
 
@@ -54,9 +55,9 @@ def train(loss_type, exact, world, rank, batch, accum):
             part = slice(start, start + batch)
             loader.append((images[part], labels[part], text[part]))
     alignment = Alignment(loss_type, 0.05, 0.3, gather_with_grad=True, exact_accumulation=exact)
-    step = TrainStep(train_model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
-                     lambda _, logits, targets: F.cross_entropy(logits, targets), torch.device("cpu"), alignment,
-                     accum_iter=accum)
+    step = TrainStep(model=train_model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+                     criterion=lambda _, logits, targets: F.cross_entropy(logits, targets), device=torch.device("cpu"),
+                     alignment=alignment, accum_iter=accum)
     train_one_epoch(step, loader, 0)
     return model.state_dict()
 
