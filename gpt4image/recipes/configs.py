@@ -35,10 +35,6 @@ class ResNetConfig(CommonConfig):
     def run_dir(self) -> str:
         return self.save_dir
 
-    @property
-    def evaluate_only(self) -> bool:
-        return self.evaluate
-
 
 @dataclass(kw_only=True)
 class DeiTConfig(CommonConfig):
@@ -103,7 +99,3 @@ class DeiTConfig(CommonConfig):
     @property
     def run_dir(self) -> str:
         return self.output_dir
-
-    @property
-    def evaluate_only(self) -> bool:
-        return self.eval

@@ -70,11 +70,6 @@ class CommonConfig:
         raise NotImplementedError
 
     @property
-    def evaluate_only(self) -> bool:
-        """-e / --eval: evaluate --resume, train nothing."""
-        raise NotImplementedError
-
-    @property
     def autocast_dtype(self) -> Optional[torch.dtype]:
         """The torch dtype of --amp-dtype (None: float32)."""
         return getattr(torch, self.amp_dtype) if self.amp_dtype else None
