@@ -115,7 +115,7 @@ def measure(recipe, epochs, tmp):
     worst = 3.0
     return {"recipe": recipe, "model": FULL[recipe][0], "epochs": epochs, "new bests": bests,
             "tiny state MB": state / 1e6, "full writes": counter.full_writes, "best links": counter.links,
-            "tiny bytes/epoch": (counter.full_bytes + counter.small_bytes) / epochs, "small bytes/epoch": small,
+            "tiny MB/epoch": (counter.full_bytes + counter.small_bytes) / epochs / 1e6, "small bytes/epoch": small,
             "full state GB": full / 1e9,
             "before states/epoch": before, "after states/epoch": after,
             "before GB/epoch": before * full / 1e9, "worst before GB/epoch": worst * full / 1e9,
@@ -134,7 +134,8 @@ def main():
         rows = [measure(recipe, args.epochs, tmp) for recipe in args.recipes]
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print_table(rows, ["model", "epochs", "new bests", "full writes", "best links", "small bytes/epoch",
+    print_table(rows, ["model", "epochs", "new bests", "full writes", "best links", "tiny state MB", "tiny MB/epoch",
+                       "small bytes/epoch",
                        "full state GB", "before states/epoch", "after states/epoch", "before GB/epoch",
                        "worst before GB/epoch", "after GB/epoch"])
     write_json(args.json, {"rows": rows})
