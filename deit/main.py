@@ -11,7 +11,7 @@ The recipe itself is gpt4image/recipes/deit.py (importable as ``gpt4image.recipe
 import sys
 
 from gpt4image.recipes.deit import main
-from gpt4image.train.training import script_exit
+from gpt4image.train.launch import script_exit
 
 if __name__ == "__main__":
     script_exit(main, sys.argv[1:])

@@ -10,7 +10,7 @@ The recipe itself is gpt4image/recipes/resnet.py (importable as ``gpt4image.reci
 import sys
 
 from gpt4image.recipes.resnet import main
-from gpt4image.train.training import script_exit
+from gpt4image.train.launch import script_exit
 
 if __name__ == "__main__":
     script_exit(main, sys.argv[1:])

@@ -8,6 +8,7 @@ smoothing, EMA, AdamW with warm-up and cosine, optional distillation) on timm 1.
 alignment of the class token (after the final norm) with the stored text embeddings.
 """
 import sys
+from typing import Optional
 
 import gpt4image  # noqa: F401  (first: makes torchvision importable)
 import timm
@@ -15,10 +16,10 @@ import torch
 from timm.scheduler import CosineLRScheduler
 from timm.utils import ModelEmaV3
 
-from gpt4image.recipes.deit_criteria import DistillationLoss, base_criterion
-from gpt4image.recipes.deit_data import DeviceAugment, TextMixup, build_datasets
+from gpt4image.recipes.deit_criteria import build_criterion
+from gpt4image.recipes.deit_data import DeviceAugment, build_datasets
 from gpt4image import RASampler, TextAlignedModel, build_projection_head
-from gpt4image.train.checkpoint import cached_timm_weights, load_checkpoint, load_classifier_weights, load_pretrained
+from gpt4image.train.checkpoint import cached_timm_weights, load_pretrained
 from gpt4image.train.data import (SkipCorrupt, attach_text_embeddings, attach_val_text_embeddings, build_eval_loader,
                             build_train_loader)
 from gpt4image.log import logger
@@ -26,20 +27,22 @@ from gpt4image.errors import UserError
 from gpt4image.cli import ArgumentParser, at_least, in_range
 from gpt4image.train.eval_sets import build_eval_sets, run_classes
 from gpt4image.train.losses import LOSS_TYPES
+from gpt4image.recipes.configs import DeiTConfig
+from gpt4image.train.eval_only import Evaluation, adopt_checkpoint_settings, evaluate_checkpoint
+from gpt4image.train.launch import run_recipe, script_exit
 from gpt4image.train.options import (add_common_args, alignment_from_args, alignment_state_for, prepare_alignment_state,
-                               run_options, start_run)
+                                     start_run)
 from gpt4image.train.resumable import seed_all
 from gpt4image.train.run_checks import scaled_lr, warn_if_all_warmup
 from gpt4image.train.text_targets import TrainingTargets
-from gpt4image.train.training import (Data, Recipe, adopt_checkpoint_settings, evaluate_checkpoint, fit, run_recipe,
-                                script_exit)
+from gpt4image.train.trainer import Data, Trainer
 
 RECIPE = "deit"
 COUNT, POSITIVE = at_least(0), at_least(1)
 UNIT, UNIT_OPEN = in_range(minimum=0, maximum=1), in_range(minimum=0, below=1)
 
 
-def get_args_parser():
+def get_args_parser() -> ArgumentParser:
     p = ArgumentParser("GPT4Image DeiT recipe", description=__doc__)
     a = p.add_argument
     a("--batch-size", default=128, type=POSITIVE, help="per process (paper: 8 x 128)")
@@ -140,7 +143,7 @@ def get_args_parser():
     return add_common_args(p)
 
 
-def schedule_position(epoch, no_lag=False):
+def schedule_position(epoch: int, no_lag: bool = False) -> int:
     """The scheduler time whose lr epoch ``epoch`` trains at. The release stepped timm's scheduler
     with ``step(e)`` after epoch e, so epoch e trains at lr(e - 1): epochs 0 and 1 both at the warm-up
     start, the peak first in epoch warmup + 1. ``no_lag``: epoch e trains at lr(e). The same
@@ -148,7 +151,7 @@ def schedule_position(epoch, no_lag=False):
     return epoch if no_lag else max(epoch - 1, 0)
 
 
-def create_backbone(args, num_classes):
+def create_backbone(args, num_classes: int) -> torch.nn.Module:
     """``timm.create_model(--model)``: with ``img_size`` where the model takes it (ViTs), without it
     where it does not (convolutional networks adapt to any input size)."""
     if args.model not in timm.list_models():
@@ -164,7 +167,7 @@ def create_backbone(args, num_classes):
         return timm.create_model(args.model, **kwargs)
 
 
-def build_model(args, num_classes, text_dim):
+def build_model(args, num_classes: int, text_dim: Optional[int]) -> TextAlignedModel:
     backbone = create_backbone(args, num_classes)
     if args.distillation_type != "none":
         if not hasattr(backbone, "set_distilled_training"):
@@ -185,17 +188,7 @@ def build_model(args, num_classes, text_dim):
     return TextAlignedModel(backbone, head, alignment_state_for(args, text_dim))
 
 
-def build_teacher(args, num_classes, device):
-    if args.distillation_type == "none":
-        return None
-    if not args.teacher_path:
-        raise UserError("distillation needs --teacher-path (a local checkpoint of --teacher-model)")
-    teacher = timm.create_model(args.teacher_model, pretrained=False, num_classes=num_classes, global_pool="avg")
-    load_classifier_weights(teacher, load_checkpoint(args.teacher_path), args.teacher_path, flag="--teacher-path")
-    return teacher.to(device).eval()
-
-
-def build_optimizer(args, model, lr, device):
+def build_optimizer(args, model: torch.nn.Module, lr: float, device: torch.device) -> torch.optim.Optimizer:
     from timm.optim import param_groups_weight_decay
     skip = {f"backbone.{n}" for n in getattr(model.backbone, "no_weight_decay", lambda: set())()}
     groups = param_groups_weight_decay(model, args.weight_decay, no_weight_decay_list=skip)
@@ -203,92 +196,86 @@ def build_optimizer(args, model, lr, device):
     return torch.optim.AdamW(groups, lr=lr, eps=args.opt_eps, betas=betas, fused=device.type == "cuda")
 
 
-def main(argv=None):
-    return run_recipe(get_args_parser(), _run, argv)
+def main(argv: Optional[list] = None):
+    return run_recipe(get_args_parser(), DeiTConfig, _run, argv)
 
 
-def build_ema(model, args):
+def build_ema(model: torch.nn.Module, args) -> ModelEmaV3:
     """EMA of the whole wrapper (backbone and projection head): ema = decay * ema + (1 - decay) * model
     after every step, as DeiT's ModelEma, computed with timm's multi-tensor lerp (one kernel per
     group of tensors instead of four per tensor; benchmarks/train_step.py measures both)."""
     return ModelEmaV3(model, decay=args.model_ema_decay, device="cpu" if args.model_ema_force_cpu else None)
 
 
-def build_sampler(args, train_set, dist_info):
+def build_sampler(args, train_set, dist_info) -> torch.utils.data.Sampler:
     if args.repeated_aug:
         return RASampler(train_set, dist_info.rank, dist_info.world_size, shuffle=True, seed=args.seed)
     return torch.utils.data.DistributedSampler(train_set, dist_info.world_size, dist_info.rank, shuffle=True,
                                                seed=args.seed)
 
 
-def build_criterion(args, num_classes, device):
-    """(criterion, mix_fn): DeiT's Mixup/CutMix (None when off), smoothing or BCE, distillation."""
-    mixup_active = args.mixup > 0 or args.cutmix > 0.0 or args.cutmix_minmax is not None
-    mix_fn = None
-    if mixup_active:
-        mix_fn = TextMixup(mix_text=args.mix_text, mixup_alpha=args.mixup, cutmix_alpha=args.cutmix,
-                           cutmix_minmax=args.cutmix_minmax, prob=args.mixup_prob, switch_prob=args.mixup_switch_prob,
-                           mode=args.mixup_mode, label_smoothing=args.smoothing, num_classes=num_classes)
-    criterion = DistillationLoss(base_criterion(mixup_active, args.smoothing, args.bce_loss),
-                                 build_teacher(args, num_classes, device), args.distillation_type,
-                                 args.distillation_alpha, args.distillation_tau)
-    return criterion, mix_fn
-
-
-def _run(args, dist_info, device):
-    if args.amp_dtype is None and device.type == "cuda":
-        args.amp_dtype = "float16"  # the released recipe always trained under fp16 autocast
-    if args.eval and not args.resume:
+def _run(cfg: DeiTConfig, dist_info):
+    device = dist_info.device
+    if cfg.amp_dtype is None and device.type == "cuda":
+        cfg.amp_dtype = "float16"  # the released recipe always trained under fp16 autocast
+    if cfg.eval and not cfg.resume:
         raise UserError("--eval needs --resume PATH (our checkpoint or a timm state dict)")
-    state = adopt_checkpoint_settings(args, get_args_parser(), ["model", "input_size", "nb_classes"],
-                                      RECIPE) if args.eval else None
-    amp_dtype = start_run(args, dist_info)
-    train_set, val_set, num_classes = build_datasets(args)
-    train_set, embeddings = attach_text_embeddings(train_set, None if args.eval else args.text_emb,
-                                                   args.data_path is None, args.text_per_step, args.seed,
-                                                   None if args.eval else TrainingTargets.from_args(args, num_classes))
-    val_set = attach_val_text_embeddings(val_set, args.val_text_emb, embeddings)
-    eval_sets = build_eval_sets(args, run_classes(train_set, state), val_set, dist_info, int(1.5 * args.batch_size),
-                                args.num_workers, args.pin_mem and device.type == "cuda")
-    if args.skip_corrupt_images:
+    state = adopt_checkpoint_settings(cfg, get_args_parser(), ["model", "input_size", "nb_classes"],
+                                      RECIPE) if cfg.eval else None
+    amp_dtype = start_run(cfg, dist_info)
+    train_set, val_set, num_classes = build_datasets(cfg)
+    train_set, embeddings = attach_text_embeddings(train_set, None if cfg.eval else cfg.text_emb,
+                                                   cfg.data_path is None, cfg.text_per_step, cfg.seed,
+                                                   None if cfg.eval else TrainingTargets.from_args(cfg, num_classes))
+    val_set = attach_val_text_embeddings(val_set, cfg.val_text_emb, embeddings)
+    eval_sets = build_eval_sets(cfg, run_classes(train_set, state), val_set, dist_info, int(1.5 * cfg.batch_size),
+                                cfg.num_workers, cfg.pin_mem and device.type == "cuda")
+    if cfg.skip_corrupt_images:
         train_set = SkipCorrupt(train_set)
-    text_dim = embeddings.dim if embeddings is not None else None
-    logger.info(f"evaluation: resize {int(args.input_size / args.eval_crop_ratio)}, centre crop {args.input_size} "
-                f"(crop ratio {args.eval_crop_ratio})")
+    logger.info(f"evaluation: resize {int(cfg.input_size / cfg.eval_crop_ratio)}, centre crop {cfg.input_size} "
+                f"(crop ratio {cfg.eval_crop_ratio})")
 
-    seed_all(args.seed, device)
-    model = build_model(args, num_classes, text_dim).to(device)
-    prepare_alignment_state(model, args, embeddings, args.output_dir)
-    pin = args.pin_mem and device.type == "cuda"
-    val_loader = build_eval_loader(val_set, dist_info, int(1.5 * args.batch_size), args.num_workers, pin)
-    if args.eval:
-        return evaluate_checkpoint(model, state, args.resume, val_loader, device, amp_dtype, prepare=DeviceAugment(),
-                                   recipe=RECIPE, eval_sets=eval_sets)
+    seed_all(cfg.seed, device)
+    model = build_model(cfg, num_classes, embeddings.dim if embeddings is not None else None).to(device)
+    prepare_alignment_state(model, cfg, embeddings, cfg.output_dir)
+    pin = cfg.pin_mem and device.type == "cuda"
+    val_loader = build_eval_loader(val_set, dist_info, int(1.5 * cfg.batch_size), cfg.num_workers, pin)
+    if cfg.eval:
+        return evaluate_checkpoint(model, state, cfg.resume, val_loader, Evaluation(
+            device=device, amp_dtype=amp_dtype, prepare=DeviceAugment(), recipe=RECIPE, eval_sets=eval_sets))
+    train_loader, sampler = build_train_loader(train_set, build_sampler(cfg, train_set, dist_info), cfg.batch_size,
+                                               cfg.num_workers, pin, cfg.seed + 1000 * dist_info.rank)
+    data = Data(train_set=train_set, train_loader=train_loader, sampler=sampler, val_loader=val_loader,
+                eval_sets=eval_sets)
+    return build_trainer(cfg, dist_info, model, data, embeddings, num_classes).fit()
 
-    lr, lr_note = scaled_lr(args.lr, args.batch_size * dist_info.world_size * args.accum_iter, 512, args.unscale_lr,
+
+def build_trainer(cfg: DeiTConfig, dist_info, model, data: Data, embeddings, num_classes: int) -> Trainer:
+    """AdamW with DeiT's warm-up and cosine, Mixup/CutMix with smoothing (or BCE), EMA, distillation."""
+    device = dist_info.device
+    lr, lr_note = scaled_lr(cfg.lr, cfg.batch_size * dist_info.world_size * cfg.accum_iter, 512, cfg.unscale_lr,
                             "--unscale-lr")
-    optimizer = build_optimizer(args, model, lr, device)
-    scheduler = CosineLRScheduler(optimizer, t_initial=args.epochs, lr_min=args.min_lr, warmup_lr_init=args.warmup_lr,
-                                  warmup_t=args.warmup_epochs, cycle_limit=1, t_in_epochs=True)
-    warn_if_all_warmup(args.epochs, args.warmup_epochs, lr, args.warmup_lr,
-                       [schedule_position(e, args.sched_no_lag) for e in range(args.epochs)], "--sched-no-lag")
-    criterion, mix_fn = build_criterion(args, num_classes, device)
-    recipe = Recipe(RECIPE, args.model, model, optimizer, scheduler,
-                    step_scheduler=lambda done: scheduler.step(schedule_position(done, args.sched_no_lag)),
-                    criterion=criterion, scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
-                    text_dim=text_dim, train_prepare=DeviceAugment(args.reprob, args.remode, args.recount),
-                    eval_prepare=DeviceAugment(), mix_fn=mix_fn, ema=build_ema(model, args) if args.model_ema else None,
-                    ema_device=torch.device("cpu") if args.model_ema_force_cpu else None, clip_grad=args.clip_grad,
-                    best_name="best_checkpoint.pth", classes=run_classes(train_set),
-                    classifier_hint=f"timm.create_model('{args.model}', num_classes={num_classes}, "
-                                    f"img_size={args.input_size}).load_state_dict(torch.load('classifier.pth'))",
-                    log_extra={"n_parameters": sum(p.numel() for p in model.backbone.parameters() if p.requires_grad),
-                               "eval_crop_ratio": args.eval_crop_ratio})
-    train_loader, sampler = build_train_loader(train_set, build_sampler(args, train_set, dist_info), args.batch_size,
-                                               args.num_workers, pin, args.seed + 1000 * dist_info.rank)
-    alignment = alignment_from_args(args, embeddings, dist_info.world_size)
-    opts = run_options(args, args.output_dir, args.start_epoch, args.batch_size, amp_dtype, alignment, lr_note)
-    return fit(recipe, Data(train_set, train_loader, sampler, val_loader, eval_sets), opts, dist_info)
+    optimizer = build_optimizer(cfg, model, lr, device)
+    scheduler = CosineLRScheduler(optimizer, t_initial=cfg.epochs, lr_min=cfg.min_lr, warmup_lr_init=cfg.warmup_lr,
+                                  warmup_t=cfg.warmup_epochs, cycle_limit=1, t_in_epochs=True)
+    warn_if_all_warmup(cfg.epochs, cfg.warmup_epochs, lr, cfg.warmup_lr,
+                       [schedule_position(e, cfg.sched_no_lag) for e in range(cfg.epochs)], "--sched-no-lag")
+    criterion, mix_fn = build_criterion(cfg, num_classes, device)
+    return Trainer(config=cfg, dist_info=dist_info, data=data, name=RECIPE, arch=cfg.model, model=model,
+                   optimizer=optimizer, scheduler=scheduler,
+                   step_scheduler=lambda done: scheduler.step(schedule_position(done, cfg.sched_no_lag)),
+                   criterion=criterion, scaler=torch.amp.GradScaler(device.type,
+                                                                    enabled=cfg.autocast_dtype == torch.float16),
+                   alignment=alignment_from_args(cfg, embeddings, dist_info.world_size),
+                   text_dim=embeddings.dim if embeddings is not None else None,
+                   train_prepare=DeviceAugment(cfg.reprob, cfg.remode, cfg.recount), eval_prepare=DeviceAugment(),
+                   mix_fn=mix_fn, ema=build_ema(model, cfg) if cfg.model_ema else None,
+                   ema_device=torch.device("cpu") if cfg.model_ema_force_cpu else None, clip_grad=cfg.clip_grad,
+                   best_name="best_checkpoint.pth", classes=run_classes(data.train_set), lr_note=lr_note,
+                   classifier_hint=f"timm.create_model('{cfg.model}', num_classes={num_classes}, "
+                                   f"img_size={cfg.input_size}).load_state_dict(torch.load('classifier.pth'))",
+                   log_extra={"n_parameters": sum(p.numel() for p in model.backbone.parameters() if p.requires_grad),
+                              "eval_crop_ratio": cfg.eval_crop_ratio})
 
 
 if __name__ == "__main__":

@@ -1,8 +1,15 @@
 """Classification criteria of the DeiT recipe, including knowledge distillation from a teacher."""
+from typing import Optional
+
+import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
+from gpt4image.errors import UserError
+from gpt4image.recipes.deit_data import TextMixup
+from gpt4image.train.checkpoint import load_checkpoint, load_classifier_weights
 
 
 class BinaryCrossEntropy(nn.Module):
@@ -14,7 +21,7 @@ class BinaryCrossEntropy(nn.Module):
         return F.binary_cross_entropy_with_logits(logits, targets.gt(0.0).to(logits.dtype))
 
 
-def base_criterion(mixup_active, smoothing, bce_loss):
+def base_criterion(mixup_active: bool, smoothing: float, bce_loss: bool) -> nn.Module:
     if bce_loss:
         return BinaryCrossEntropy()
     if mixup_active:
@@ -58,3 +65,27 @@ class DistillationLoss(nn.Module):
         else:
             kd = F.cross_entropy(dist_outputs, teacher_logits.argmax(dim=1))
         return loss * (1 - self.alpha) + kd * self.alpha
+
+
+def build_teacher(args, num_classes: int, device) -> Optional[nn.Module]:
+    if args.distillation_type == "none":
+        return None
+    if not args.teacher_path:
+        raise UserError("distillation needs --teacher-path (a local checkpoint of --teacher-model)")
+    teacher = timm.create_model(args.teacher_model, pretrained=False, num_classes=num_classes, global_pool="avg")
+    load_classifier_weights(teacher, load_checkpoint(args.teacher_path), args.teacher_path, flag="--teacher-path")
+    return teacher.to(device).eval()
+
+
+def build_criterion(args, num_classes: int, device) -> tuple:
+    """(criterion, mix_fn): DeiT's Mixup/CutMix (None when off), smoothing or BCE, distillation."""
+    mixup_active = args.mixup > 0 or args.cutmix > 0.0 or args.cutmix_minmax is not None
+    mix_fn = None
+    if mixup_active:
+        mix_fn = TextMixup(mix_text=args.mix_text, mixup_alpha=args.mixup, cutmix_alpha=args.cutmix,
+                           cutmix_minmax=args.cutmix_minmax, prob=args.mixup_prob, switch_prob=args.mixup_switch_prob,
+                           mode=args.mixup_mode, label_smoothing=args.smoothing, num_classes=num_classes)
+    criterion = DistillationLoss(base_criterion(mixup_active, args.smoothing, args.bce_loss),
+                                 build_teacher(args, num_classes, device), args.distillation_type,
+                                 args.distillation_alpha, args.distillation_tau)
+    return criterion, mix_fn

@@ -22,7 +22,7 @@ class LocalCIFAR100(datasets.CIFAR100):
     meta = {**datasets.CIFAR100.meta, "md5": None}  # no MD5: presence and readability are checked
 
 
-def build_transform(is_train, args):
+def build_transform(is_train: bool, args) -> transforms.Compose:
     """DeiT's transforms up to uint8 tensors; ToTensor's scaling, Normalize and (in training) random
     erasing run on the device, in ``DeviceAugment``: the loader ships a quarter of the bytes."""
     if is_train:
@@ -60,7 +60,7 @@ class DeviceAugment:
         return images
 
 
-def build_datasets(args):
+def build_datasets(args) -> tuple:
     """(train, val, number of classes) for --data-set / --data-path (generated data without a path)."""
     train_tf, val_tf = build_transform(True, args), build_transform(False, args)
     if args.data_path is None:

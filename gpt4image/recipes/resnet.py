@@ -7,6 +7,7 @@ Also runs under ``python -m torch.distributed.launch --use_env``, ``srun`` and a
 (GPU or CPU). Without ``--data`` it trains on generated images (as the original's FakeData).
 """
 import sys
+from typing import Optional
 
 import gpt4image  # noqa: F401  (first: makes torchvision importable)
 import torch
@@ -23,13 +24,15 @@ from gpt4image.errors import UserError
 from gpt4image.cli import ArgumentParser, at_least, in_range
 from gpt4image.train.eval_sets import build_eval_sets, run_classes
 from gpt4image.train.losses import LOSS_TYPES
+from gpt4image.recipes.configs import ResNetConfig
+from gpt4image.train.eval_only import Evaluation, adopt_checkpoint_settings, evaluate_checkpoint
+from gpt4image.train.launch import run_recipe, script_exit
 from gpt4image.train.options import (add_common_args, alignment_from_args, alignment_state_for, prepare_alignment_state,
-                               run_options, start_run)
+                                     start_run)
 from gpt4image.train.resumable import seed_all
 from gpt4image.train.run_checks import scaled_lr
 from gpt4image.train.text_targets import TrainingTargets
-from gpt4image.train.training import (Data, Recipe, adopt_checkpoint_settings, evaluate_checkpoint, fit, run_recipe,
-                                script_exit)
+from gpt4image.train.trainer import Data, Trainer
 
 RECIPE = "resnet"
 COUNT, POSITIVE = at_least(0), at_least(1)
@@ -39,7 +42,7 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 NORMALIZE = DeviceNormalize(MEAN, STD)
 
 
-def get_args_parser():
+def get_args_parser() -> ArgumentParser:
     p = ArgumentParser("GPT4Image ResNet recipe", description=__doc__)
     p.add_argument("--data", default=None, help="ImageNet root with train/ and val/ (default: generated data)")
     p.add_argument("--save_dir", default="./outputs", help="checkpoints, log.txt, args.json, tensorboard/")
@@ -86,7 +89,7 @@ def get_args_parser():
     return add_common_args(p)
 
 
-def transforms_for(input_size):
+def transforms_for(input_size: int) -> tuple:
     """The original's transforms up to uint8 tensors; ``NORMALIZE`` does ToTensor's scaling and
     Normalize on the device (same numbers, a quarter of the bytes through the loader)."""
     train = transforms.Compose([transforms.RandomResizedCrop(input_size), transforms.RandomHorizontalFlip(),
@@ -96,7 +99,7 @@ def transforms_for(input_size):
     return train, val
 
 
-def build_model(args, num_classes, text_dim):
+def build_model(args, num_classes: int, text_dim: Optional[int]) -> TextAlignedModel:
     backbone = torchvision.models.__dict__[args.arch](num_classes=num_classes)
     if args.pretrained:
         path = cached_torchvision_weights(args.arch) if args.pretrained == "cache" else args.pretrained
@@ -108,11 +111,11 @@ def build_model(args, num_classes, text_dim):
     return TextAlignedModel(backbone, head, alignment_state_for(args, text_dim))
 
 
-def main(argv=None):
-    return run_recipe(get_args_parser(), _run, argv)
+def main(argv: Optional[list] = None):
+    return run_recipe(get_args_parser(), ResNetConfig, _run, argv)
 
 
-def build_data(args, dist_info):
+def build_data(args, dist_info) -> tuple:
     """(train set with its embeddings, val set, number of classes, TextEmbeddings or None)."""
     train_tf, val_tf = transforms_for(args.input_size)
     generated = args.data is None
@@ -132,54 +135,62 @@ def build_data(args, dist_info):
     return train_set, val_set, num_classes, embeddings
 
 
-def _run(args, dist_info, device):
-    if args.use_amp and args.amp_dtype is None:
-        args.amp_dtype = "float16"
-    if args.evaluate and not args.resume:
+def _run(cfg: ResNetConfig, dist_info):
+    if cfg.use_amp and cfg.amp_dtype is None:
+        cfg.amp_dtype = "float16"
+    if cfg.evaluate and not cfg.resume:
         raise UserError("--evaluate needs --resume PATH (our checkpoint or a torchvision state dict)")
-    state = adopt_checkpoint_settings(args, get_args_parser(), ["arch", "input_size", "num_classes"],
-                                      RECIPE) if args.evaluate else None
-    amp_dtype = start_run(args, dist_info)
-    train_set, val_set, num_classes, embeddings = build_data(args, dist_info)
-    eval_sets = build_eval_sets(args, run_classes(train_set, state), val_set, dist_info, args.batch_size, args.workers,
+    state = adopt_checkpoint_settings(cfg, get_args_parser(), ["arch", "input_size", "num_classes"],
+                                      RECIPE) if cfg.evaluate else None
+    amp_dtype = start_run(cfg, dist_info)
+    train_set, val_set, num_classes, embeddings = build_data(cfg, dist_info)
+    eval_sets = build_eval_sets(cfg, run_classes(train_set, state), val_set, dist_info, cfg.batch_size, cfg.workers,
                                 torch.cuda.is_available())
     text_dim = embeddings.dim if embeddings is not None else None
-    seed_all(args.seed, device)  # same initial weights on every rank
-    model = build_model(args, num_classes, text_dim).to(device)
-    prepare_alignment_state(model, args, embeddings, args.save_dir)
-    if args.channels_last:
+    seed_all(cfg.seed, dist_info.device)  # same initial weights on every rank
+    model = build_model(cfg, num_classes, text_dim).to(dist_info.device)
+    prepare_alignment_state(model, cfg, embeddings, cfg.save_dir)
+    if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
     pin = torch.cuda.is_available()
-    val_loader = build_eval_loader(val_set, dist_info, args.batch_size, args.workers, pin)
-    if args.evaluate:
-        return evaluate_checkpoint(model, state, args.resume, val_loader, device, amp_dtype, args.channels_last,
-                                   NORMALIZE, RECIPE, eval_sets)
+    val_loader = build_eval_loader(val_set, dist_info, cfg.batch_size, cfg.workers, pin)
+    if cfg.evaluate:
+        return evaluate_checkpoint(model, state, cfg.resume, val_loader, Evaluation(
+            device=dist_info.device, amp_dtype=amp_dtype, channels_last=cfg.channels_last, prepare=NORMALIZE,
+            recipe=RECIPE, eval_sets=eval_sets))
+    sampler = torch.utils.data.DistributedSampler(train_set, dist_info.world_size, dist_info.rank, shuffle=True,
+                                                  seed=cfg.seed, drop_last=True)
+    train_loader, resumable = build_train_loader(train_set, sampler, cfg.batch_size, cfg.workers, pin,
+                                                 cfg.seed + 1000 * dist_info.rank)
+    data = Data(train_set=train_set, train_loader=train_loader, sampler=resumable, val_loader=val_loader,
+                eval_sets=eval_sets)
+    return build_trainer(cfg, dist_info, model, data, embeddings).fit()
 
-    lr, lr_note = scaled_lr(args.lr, dist_info.world_size * args.batch_size * args.accum_iter, 256, args.no_scale_lr,
+
+def build_trainer(cfg: ResNetConfig, dist_info, model, data: Data, embeddings) -> Trainer:
+    """SGD with momentum, a cosine schedule stepped once per epoch, cross-entropy (and the alignment)."""
+    lr, lr_note = scaled_lr(cfg.lr, dist_info.world_size * cfg.batch_size * cfg.accum_iter, 256, cfg.no_scale_lr,
                             "--no_scale_lr")
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=args.momentum, weight_decay=args.wd)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs, eta_min=args.min_lr)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=cfg.momentum, weight_decay=cfg.wd)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs, eta_min=cfg.min_lr)
 
     def step_scheduler(epochs_done):  # one step per epoch; a resumed scheduler is already in place
         while scheduler.last_epoch < epochs_done:
             scheduler.step()
 
     ce = nn.CrossEntropyLoss()
-    recipe = Recipe(RECIPE, args.arch, model, optimizer, scheduler, step_scheduler,
-                    criterion=lambda _, logits, targets: ce(logits, targets),
-                    scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16), text_dim=text_dim,
-                    train_prepare=NORMALIZE, eval_prepare=NORMALIZE, sync_bn=args.sync_bn,
-                    channels_last=args.channels_last, best_name="best_model.pth.tar", classes=run_classes(train_set),
-                    classifier_hint=f"torchvision.models.{args.arch}(num_classes={num_classes})"
-                                    f".load_state_dict(torch.load('classifier.pth'))",
-                    log_extra={"n_parameters": sum(p.numel() for p in model.backbone.parameters())})
-    sampler = torch.utils.data.DistributedSampler(train_set, dist_info.world_size, dist_info.rank, shuffle=True,
-                                                  seed=args.seed, drop_last=True)
-    train_loader, resumable = build_train_loader(train_set, sampler, args.batch_size, args.workers, pin,
-                                                 args.seed + 1000 * dist_info.rank)
-    alignment = alignment_from_args(args, embeddings, dist_info.world_size)
-    opts = run_options(args, args.save_dir, args.start_epoch, args.batch_size, amp_dtype, alignment, lr_note)
-    return fit(recipe, Data(train_set, train_loader, resumable, val_loader, eval_sets), opts, dist_info)
+    num_classes = model.backbone.fc.out_features
+    return Trainer(config=cfg, dist_info=dist_info, data=data, name=RECIPE, arch=cfg.arch, model=model,
+                   optimizer=optimizer, scheduler=scheduler, step_scheduler=step_scheduler,
+                   criterion=lambda _, logits, targets: ce(logits, targets),
+                   scaler=torch.amp.GradScaler(dist_info.device.type, enabled=cfg.autocast_dtype == torch.float16),
+                   alignment=alignment_from_args(cfg, embeddings, dist_info.world_size),
+                   text_dim=embeddings.dim if embeddings is not None else None, train_prepare=NORMALIZE,
+                   eval_prepare=NORMALIZE, sync_bn=cfg.sync_bn, channels_last=cfg.channels_last,
+                   best_name="best_model.pth.tar", classes=run_classes(data.train_set), lr_note=lr_note,
+                   classifier_hint=f"torchvision.models.{cfg.arch}(num_classes={num_classes})"
+                                   f".load_state_dict(torch.load('classifier.pth'))",
+                   log_extra={"n_parameters": sum(p.numel() for p in model.backbone.parameters())})
 
 
 if __name__ == "__main__":

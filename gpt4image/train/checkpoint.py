@@ -1,24 +1,26 @@
 """The one checkpoint format of both recipes: written atomically, read back, checked, resumed from."""
 import os
+from typing import Optional
 
 import torch
 
 from ..log import logger
 from ..errors import UserError
 from ..io import atomic_torch_save, load_error
+from .checkpoints import Progress, no_best
 from .run_checks import note_unfingerprinted
 from .state_dicts import CHECKPOINT, check_fits, checkpoint_file, class_count_error, state_dict_of, what_it_holds
 from .text_targets import fixed_on_resume
 
 
-def save_checkpoint(state, path, is_main=True):
+def save_checkpoint(state: dict, path: str, is_main: bool = True) -> None:
     """Write ``state`` (a dict of tensors / plain values) to ``path`` on the main rank only; a kill at
     any moment leaves either the previous file or the new one."""
     if is_main:
         atomic_torch_save(state, path)
 
 
-def load_checkpoint(path):
+def load_checkpoint(path: str):
     """Read a checkpoint written by ``save_checkpoint`` (or a plain state dict) onto the CPU; a run
     folder stands for its checkpoint.pth."""
     path = checkpoint_file(path)
@@ -30,7 +32,7 @@ def load_checkpoint(path):
         raise UserError(f"cannot read checkpoint {path!r}: {load_error(e, path)}") from None
 
 
-def check_compatible(checkpoint, path, recipe, arch, text_dim):
+def check_compatible(checkpoint, path: str, recipe: str, arch: str, text_dim: Optional[int]) -> None:
     """Refuse a checkpoint of the other recipe, another architecture or another embedding width."""
     if not isinstance(checkpoint, dict) or "recipe" not in checkpoint:
         return
@@ -48,25 +50,25 @@ def check_compatible(checkpoint, path, recipe, arch, text_dim):
                         f"or another output folder for a new run")
 
 
-def training_state(recipe, epoch, best, args, **position):
-    """The checkpoint of ``recipe`` (a ``training.Recipe``) after ``epoch``; ``position`` (step_in_epoch,
-    partial) marks a checkpoint taken inside the epoch."""
-    model, ema, scaler = recipe.model, recipe.ema, recipe.scaler
-    return {"recipe": recipe.name, "arch": recipe.arch, "text_dim": recipe.text_dim, "epoch": epoch, "best": best,
-            "model": model.backbone.state_dict(),
+def training_state(trainer, epoch: int, **position) -> dict:
+    """The checkpoint of ``trainer`` (a ``Trainer``) after ``epoch``; ``position`` (step_in_epoch,
+    partial; unevaluated: the epoch's training metrics, before its evaluation) marks where it stands."""
+    model, ema, scaler = trainer.model, trainer.ema, trainer.scaler
+    return {"recipe": trainer.name, "arch": trainer.arch, "text_dim": trainer.text_dim, "epoch": epoch,
+            "best": dict(trainer.progress.best), "model": model.backbone.state_dict(),
             "projection_head": model.projection_head.state_dict() if model.projection_head is not None else None,
             "model_ema": ema.module.state_dict() if ema is not None else None,
             "alignment_state": _alignment_state(model).state_dict() if _alignment_state(model) is not None else None,
-            "optimizer": recipe.optimizer.state_dict(), "scheduler": recipe.scheduler.state_dict(),
-            "scaler": scaler.state_dict() if scaler.is_enabled() else None, "args": vars(args),
-            "classes": getattr(recipe, "classes", None), **position}
+            "optimizer": trainer.optimizer.state_dict(), "scheduler": trainer.scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler.is_enabled() else None, "args": trainer.config.recorded(),
+            "classes": trainer.classes, **position}
 
 
 def _alignment_state(model):
     return getattr(model, "alignment_state", None)
 
 
-def find_resume(resume, output_dir):
+def find_resume(resume: str, output_dir: str) -> Optional[str]:
     """Checkpoint to resume from: ``--resume PATH``, else ``<output_dir>/checkpoint.pth`` if present."""
     if resume:
         return resume
@@ -74,7 +76,7 @@ def find_resume(resume, output_dir):
     return path if os.path.isfile(path) else None
 
 
-def resume_position(checkpoint):
+def resume_position(checkpoint: dict) -> tuple:
     """(epoch to start, step inside it, partial sums) from a checkpoint; mid-epoch after a stop."""
     if checkpoint.get("step_in_epoch"):
         return checkpoint["epoch"], checkpoint["step_in_epoch"], checkpoint.get("partial")
@@ -103,16 +105,18 @@ OPERATIONAL = {"data", "data_path", "save_dir", "output_dir", "resume", "workers
                "start_epoch", "evaluate", "eval", "compile", "skip_corrupt_images", "pin_mem", "dist_eval", "text_emb",
                "config", "wandb_project", "wandb_mode", "channels_last", "val_text_emb"}
 OPERATIONAL |= {"eval_set", "eval_sets_every_epoch"}  # extra evaluation only
+OPERATIONAL |= {"nonfinite"}  # what to do if a step goes non-finite: a rerun may choose to skip
 
 
-def run_differences(saved_args, args):
-    """The run-defining arguments (not in OPERATIONAL) whose values differ: [(name, saved, now)]."""
+def run_differences(saved_args: dict, args) -> list:
+    """The run-defining arguments (not in OPERATIONAL) whose values differ: [(name, saved, now)];
+    ``args``: a config (or parsed arguments)."""
     now = vars(args)
     return [(k, saved_args[k], now[k]) for k in sorted(now) if k in saved_args and k not in OPERATIONAL
             and saved_args[k] != now[k]]
 
 
-def check_same_run(checkpoint, path, args, explicit):
+def check_same_run(checkpoint: dict, path: str, args, explicit: bool) -> None:
     """Resume automatically only a run of the same arguments; ``explicit`` (--resume given) continues
     anyway and says what changed."""
     changed = run_differences(checkpoint.get("args") or {}, args)
@@ -131,18 +135,29 @@ def check_same_run(checkpoint, path, args, explicit):
                     f"run, or pass --resume {path} to continue that run with these arguments anyway")
 
 
-def restore(recipe, path, epochs, args=None, explicit=False):
-    """Load the checkpoint at ``path`` into ``recipe``'s model, EMA, optimizer, scheduler and scaler.
-
-    Returns (start epoch, step inside it, partial epoch sums, best, the training metrics of an epoch
-    whose evaluation had not finished, or None)."""
+def restore(trainer, path: str, explicit: bool = False) -> Progress:
+    """Load the checkpoint at ``path`` into ``trainer``'s model, EMA, optimizer, scheduler and scaler,
+    after checking that it continues this run; returns where the run stands."""
     checkpoint = load_checkpoint(path)
-    _check_resumable(checkpoint, path, epochs)
-    check_compatible(checkpoint, path, recipe.name, recipe.arch, recipe.text_dim)
-    if args is not None:
-        check_same_run(checkpoint, path, args, explicit)
-        note_unfingerprinted(checkpoint.get("args"), path, args)
-    model = recipe.model
+    _check_resumable(checkpoint, path, trainer.config.epochs)
+    check_compatible(checkpoint, path, trainer.name, trainer.arch, trainer.text_dim)
+    check_same_run(checkpoint, path, trainer.config, explicit)
+    note_unfingerprinted(checkpoint.get("args"), path, trainer.config)
+    _load_model(trainer.model, checkpoint, path)
+    if trainer.ema is not None and checkpoint.get("model_ema"):
+        trainer.ema.module.load_state_dict(checkpoint["model_ema"])
+    trainer.optimizer.load_state_dict(checkpoint["optimizer"])
+    trainer.scheduler.load_state_dict(checkpoint["scheduler"])
+    if checkpoint.get("scaler"):
+        trainer.scaler.load_state_dict(checkpoint["scaler"])
+    epoch, step, partial = resume_position(checkpoint)
+    logger.info(f"resuming from {path}: continuing at epoch {epoch}, step {step}")
+    return Progress(epoch=epoch, step=step, partial=partial, unevaluated=checkpoint.get("unevaluated"),
+                    best={**no_best(), **(checkpoint.get("best") or {})})
+
+
+def _load_model(model, checkpoint, path):
+    """The backbone, projection head and alignment-loss state of a TextAlignedModel."""
     if check_fits(model.backbone, checkpoint["model"], path, "--resume", checkpoint.get("arch")):
         raise class_count_error(model.backbone, checkpoint["model"], path, "--resume",
                                 "the classes of the train folder, or --num-classes / --nb-classes")
@@ -156,18 +171,9 @@ def restore(recipe, path, epochs, args=None, explicit=False):
                             f"--text-emb-standardize's statistics), which this run's --loss_type or "
                             f"--text-emb-standardize keep; resume it with the alignment flags it was trained with")
         state.load_state_dict(checkpoint["alignment_state"])
-    if recipe.ema is not None and checkpoint.get("model_ema"):
-        recipe.ema.module.load_state_dict(checkpoint["model_ema"])
-    recipe.optimizer.load_state_dict(checkpoint["optimizer"])
-    recipe.scheduler.load_state_dict(checkpoint["scheduler"])
-    if checkpoint.get("scaler"):
-        recipe.scaler.load_state_dict(checkpoint["scaler"])
-    epoch, step, partial = resume_position(checkpoint)
-    logger.info(f"resuming from {path}: continuing at epoch {epoch}, step {step}")
-    return epoch, step, partial, checkpoint.get("best"), checkpoint.get("unevaluated")
 
 
-def load_pretrained(backbone, path):
+def load_pretrained(backbone: torch.nn.Module, path: str) -> None:
     """Initialise ``backbone`` from weights on disk (a torchvision/timm state dict, a .safetensors file
     such as those in timm's Hugging Face cache, or our checkpoint): the classifier is dropped when its
     class count differs (as DeiT's --finetune does) and a ViT's position embedding is resampled to
@@ -201,7 +207,7 @@ def load_pretrained(backbone, path):
                 + (f", {len(unexpected)} of the file's not used" if unexpected else ""))
 
 
-def cached_torchvision_weights(arch):
+def cached_torchvision_weights(arch: str) -> str:
     """The file of torchvision's default weights for ``arch`` in torch hub's cache (never downloaded)."""
     import torch.hub
     import torchvision
@@ -213,7 +219,7 @@ def cached_torchvision_weights(arch):
     return path
 
 
-def cached_timm_weights(backbone, name):
+def cached_timm_weights(backbone: torch.nn.Module, name: str) -> str:
     """The file of timm's pretrained weights of ``backbone`` in the Hugging Face cache (never downloaded)."""
     from huggingface_hub import try_to_load_from_cache
     repo = (getattr(backbone, "pretrained_cfg", None) or {}).get("hf_hub_id")
@@ -226,7 +232,8 @@ def cached_timm_weights(backbone, name):
                     f"(timm.create_model({name!r}, pretrained=True)) or pass --pretrained PATH")
 
 
-def load_classifier_weights(backbone, state, path, recipe=None, flag="--resume"):
+def load_classifier_weights(backbone: torch.nn.Module, state, path: str, recipe: Optional[str] = None,
+                            flag: str = "--resume") -> None:
     """Load a plain torchvision/timm state dict, or our checkpoint's ``model`` entry, into ``backbone``
     (``flag``: the option that named the file, for messages)."""
     if recipe and isinstance(state, dict) and state.get("recipe") not in (None, recipe):

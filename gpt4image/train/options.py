@@ -1,4 +1,7 @@
 """Command-line flags both recipes share beyond their original ones, and what they turn into."""
+import argparse
+from typing import Optional
+
 import torch
 
 from ..log import logger
@@ -15,10 +18,9 @@ from .text_weight import add_alignment_args, check_alignment_args
 from .text_per_step import add_text_per_step_args
 from .target_rows import row_blocks
 from .text_targets import CLASS_LEVEL, add_text_target_args
-from .training import RunOptions
 
 
-def add_common_args(p):
+def add_common_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Flags that both recipes share beyond their original ones."""
     p.add_argument("-c", "--config", default=None, metavar="FILE.yaml",
                    help="defaults from a YAML file whose keys are flag names (timm's convention); the command line "
@@ -64,8 +66,9 @@ def add_common_args(p):
     return add_alignment_args(p)
 
 
-def start_run(args, dist_info):
-    """Checks and the arguments log line both recipes begin with; returns the autocast dtype (None: fp32)."""
+def start_run(args, dist_info) -> Optional[torch.dtype]:
+    """Checks both recipes begin with (``args``: the recipe's config); records the world size and caps
+    the loader workers; returns the autocast dtype (None: fp32)."""
     if args.local_loss and not args.gather_with_grad:
         raise UserError("--local-loss needs --gather-with-grad")
     check_alignment_args(args)
@@ -75,7 +78,7 @@ def start_run(args, dist_info):
     return getattr(torch, args.amp_dtype) if args.amp_dtype else None
 
 
-def alignment_from_args(args, embeddings, world_size):
+def alignment_from_args(args, embeddings, world_size: int) -> Optional[Alignment]:
     """The run's Alignment (None: the baseline), logged with its effective weight; the table's
     fingerprint joins the run's arguments (a resume checks it)."""
     setattr(args, FINGERPRINT_KEY, table_fingerprint(embeddings))
@@ -89,14 +92,14 @@ def alignment_from_args(args, embeddings, world_size):
     return alignment
 
 
-def alignment_state_for(args, text_dim):
+def alignment_state_for(args, text_dim: Optional[int]) -> Optional[AlignmentState]:
     """The ``AlignmentState`` a model with a projection head keeps (None when its loss needs none)."""
     if text_dim is None or not needs_state(args.loss_type, args.text_emb_standardize):
         return None
     return AlignmentState(args.loss_type, text_dim, args.text_emb_standardize)
 
 
-def prepare_alignment_state(model, args, embeddings, output_dir):
+def prepare_alignment_state(model: torch.nn.Module, args, embeddings, output_dir: str) -> None:
     """--text-emb-standardize: the training table's statistics, computed once at the start of a run
     (a resumed run takes those of its checkpoint). Call before the optimizer and EMA are built."""
     state = getattr(model, "alignment_state", None)
@@ -109,13 +112,3 @@ def prepare_alignment_state(model, args, embeddings, output_dir):
     logger.info(f"--text-emb-standardize: per-dimension mean and std of {len(embeddings)} text rows computed "
                 f"(mean |mean| {state.text_mean.abs().mean().item():.3g}, "
                 f"mean std {state.text_std.mean().item():.3g}); kept in the checkpoint")
-
-
-def run_options(args, output_dir, start_epoch, batch_size, amp_dtype, alignment, lr_note=""):
-    """The loop's settings from a recipe's parsed arguments (the recipes name a few flags differently)."""
-    return RunOptions(args=args, output_dir=output_dir, epochs=args.epochs, batch_size=batch_size, seed=args.seed,
-                      print_freq=args.print_freq, resume=args.resume, start_epoch=start_epoch,
-                      stop_after=args.stop_after,
-                      checkpoint_every_minutes=args.checkpoint_every_minutes, requeue=args.requeue,
-                      stall_timeout=args.stall_timeout, accum_iter=args.accum_iter,
-                      amp_dtype=amp_dtype, alignment=alignment, compile=args.compile, lr_note=lr_note)

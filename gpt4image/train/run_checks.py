@@ -3,6 +3,7 @@ table, loader workers against the cores this process may use, --accum-iter again
 epoch, and the learning rate actually trained at (its scaling, a run that never leaves warm-up)."""
 import hashlib
 import os
+from typing import Optional
 
 from ..log import logger
 from ..errors import UserError
@@ -11,7 +12,7 @@ FINGERPRINT_BYTES = 1 << 20  # read from each end of the table
 FINGERPRINT_KEY = "text_emb_fingerprint"
 
 
-def table_fingerprint(embeddings):
+def table_fingerprint(embeddings) -> Optional[str]:
     """What identifies a text-embedding table, cheaply (a table of ImageNet is 2.6 GB and is never
     read whole for this): sha256 of its size, its first and last MiB (the first and last rows, and
     torch.save's header and index) and, when the table has its ``<table>.json`` sidecar, the encoder
@@ -35,7 +36,7 @@ def table_fingerprint(embeddings):
     return digest.hexdigest()[:16]
 
 
-def note_unfingerprinted(checkpoint_args, path, args):
+def note_unfingerprinted(checkpoint_args: Optional[dict], path: str, args) -> None:
     """A checkpoint written before tables were fingerprinted still resumes; say once that its table
     cannot be checked."""
     if getattr(args, FINGERPRINT_KEY, None) and FINGERPRINT_KEY not in (checkpoint_args or {}):
@@ -43,7 +44,7 @@ def note_unfingerprinted(checkpoint_args, path, args):
                     f"taken as the one the run started with (not checked); checkpoints from now on record it")
 
 
-def available_cores():
+def available_cores() -> int:
     """The cores this process may run on (its CPU affinity, which a job scheduler may narrow)."""
     try:
         return len(os.sched_getaffinity(0))
@@ -51,7 +52,7 @@ def available_cores():
         return os.cpu_count() or 1
 
 
-def cap_workers(args, flag):
+def cap_workers(args, flag: str) -> None:
     """Loader workers beyond the cores available only compete with each other (and torch warns at
     every loader): cap ``args.<flag>`` at the cores available, said once at start."""
     name = flag.lstrip("-").replace("-", "_")
@@ -62,7 +63,7 @@ def cap_workers(args, flag):
                     f"data with {cores} worker(s)")
 
 
-def check_accumulation(accum_iter, batches_per_epoch, batch_size, world_size):
+def check_accumulation(accum_iter: int, batches_per_epoch: int, batch_size: int, world_size: int) -> str:
     """Refuse --accum-iter larger than the batches an epoch has per process: no step would ever see the effective batch the lr is scaled for. Returns the remark for the start line when the
     epoch's last step sums fewer batches."""
     if accum_iter > batches_per_epoch:
@@ -73,7 +74,7 @@ def check_accumulation(accum_iter, batches_per_epoch, batch_size, world_size):
     return f" (an epoch's last step sums the {left} remaining)" if accum_iter > 1 and left else ""
 
 
-def scaled_lr(lr, global_batch, reference, unscaled, unscaled_flag):
+def scaled_lr(lr: float, global_batch: int, reference: int, unscaled: bool, unscaled_flag: str) -> tuple:
     """(the lr to train at, how it came about): ``lr x global batch / reference`` as released, or
     ``lr`` as given with ``unscaled_flag``."""
     if unscaled:
@@ -81,7 +82,8 @@ def scaled_lr(lr, global_batch, reference, unscaled, unscaled_flag):
     return lr * global_batch / reference, f"--lr {lr:g} scaled to it by the global batch {global_batch} / {reference}"
 
 
-def warn_if_all_warmup(epochs, warmup_epochs, peak, warmup_lr, positions, lag_flag):
+def warn_if_all_warmup(epochs: int, warmup_epochs: int, peak: float, warmup_lr: float, positions: list,
+                       lag_flag: str) -> None:
     """DeiT: a run whose every epoch is in the linear warm-up never trains at its peak lr; warn once
     at start with the lrs it will train at and the fix. ``positions``: the scheduler time of each epoch."""
     last = max(positions)

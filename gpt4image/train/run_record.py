@@ -2,15 +2,13 @@
 import json
 import os
 import socket
+from typing import Callable, Optional
 
 from ..log import logger
 from ..errors import UserError
 from ..io import append_durably, atomic_write_json, atomic_write_text, ensure_writable_dir
 
-LOCK = "run.lock"
-
-
-def epoch_row(epoch, train_stats, test_stats, ema_stats=None, **extra):
+def epoch_row(epoch: int, train_stats: dict, test_stats: dict, ema_stats: Optional[dict] = None, **extra) -> dict:
     """One log.txt line: train_* and test_* (and ema_test_*) metrics, timing, and ``extra``."""
     row = {"epoch": epoch, "lr": train_stats["lr"]}
     row.update({f"train_{k}": v for k, v in train_stats.items() if k not in ("images_per_s", "epoch_time_s", "steps")})
@@ -24,22 +22,22 @@ def epoch_row(epoch, train_stats, test_stats, ema_stats=None, **extra):
 class RunRecord:
     """args.json, log.txt (one JSON object per epoch) and TensorBoard scalars, on the main rank."""
 
-    def __init__(self, output_dir, args, is_main, recipe=None):
+    def __init__(self, output_dir: str, args: dict, is_main: bool, recipe: Optional[str] = None):
         self.output_dir, self.is_main = output_dir, is_main
         self.writer = self.wandb = None
         if is_main:
             ensure_writable_dir(output_dir)
             # the recipe's name first: the report tells our runs from another tool's args.json by it
-            atomic_write_json(os.path.join(output_dir, "args.json"), {"recipe": recipe, **vars(args)})
+            atomic_write_json(os.path.join(output_dir, "args.json"), {"recipe": recipe, **args})
             try:
                 from torch.utils.tensorboard import SummaryWriter
                 self.writer = SummaryWriter(os.path.join(output_dir, "tensorboard"))
             except ImportError:
                 logger.warning("tensorboard is not installed: no TensorBoard scalars")
-            if getattr(args, "wandb_project", None):
+            if args.get("wandb_project"):
                 self.wandb = start_wandb(args, output_dir)
 
-    def log_step(self, global_step, scalars):
+    def log_step(self, global_step: int, scalars: dict) -> None:
         """Per-step scalars (every print step) to TensorBoard and W&B."""
         if not self.is_main:
             return
@@ -49,7 +47,7 @@ class RunRecord:
         if self.wandb is not None:
             self.wandb.log(scalars, step=global_step)
 
-    def log_epoch(self, stats):
+    def log_epoch(self, stats: dict) -> None:
         if not self.is_main:
             return
         path = os.path.join(self.output_dir, "log.txt")
@@ -63,7 +61,7 @@ class RunRecord:
         if self.wandb is not None:
             self.wandb.log({f"epoch/{k}": v for k, v in stats.items() if isinstance(v, (int, float))})
 
-    def truncate_after(self, epoch):
+    def truncate_after(self, epoch: int) -> None:
         """On resume, drop log lines of epochs the checkpoint does not hold (a run killed mid-way), and
         any line that is not a JSON object (one cut short by a kill)."""
         path = os.path.join(self.output_dir, "log.txt")
@@ -72,14 +70,14 @@ class RunRecord:
         rows = read_log(path)
         atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows if r.get("epoch", -1) < epoch))
 
-    def close(self):
+    def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
         if self.wandb is not None:
             self.wandb.finish()
 
 
-def require_wandb(args):
+def require_wandb(args) -> None:
     """Checked with the other arguments, before anything is written: --wandb-project needs wandb."""
     if getattr(args, "wandb_project", None):
         try:
@@ -97,19 +95,19 @@ def _online():
         return False
 
 
-def start_wandb(args, output_dir):
-    """A W&B run in ``output_dir`` with every argument as its config; offline (synced later with
+def start_wandb(args: dict, output_dir: str):
+    """A W&B run in ``output_dir`` with every argument (``args``: as recorded) as its config; offline (synced later with
     ``wandb sync``) when W&B cannot be reached or --wandb-mode says so."""
     import wandb
-    mode = args.wandb_mode or os.environ.get("WANDB_MODE") or ("online" if _online() else "offline")
+    mode = args["wandb_mode"] or os.environ.get("WANDB_MODE") or ("online" if _online() else "offline")
     if mode == "offline":
         logger.info(f"W&B: offline, in {output_dir}/wandb (upload later with 'wandb sync')")
-    return wandb.init(project=args.wandb_project, name=os.path.basename(os.path.abspath(output_dir)),
-                      dir=output_dir, config=vars(args), mode=mode, resume="allow",
-                      id=f"{os.path.basename(os.path.abspath(output_dir))}-{args.seed}")
+    return wandb.init(project=args["wandb_project"], name=os.path.basename(os.path.abspath(output_dir)),
+                      dir=output_dir, config=args, mode=mode, resume="allow",
+                      id=f"{os.path.basename(os.path.abspath(output_dir))}-{args['seed']}")
 
 
-def read_log(path, warn=None):
+def read_log(path: str, warn: Optional[Callable[[str], None]] = None) -> list:
     """The rows of a log.txt; blank lines are skipped, and so is a line that is not a JSON object (a
     kill between a write and its newline), with ``warn(message)`` naming the file and the line."""
     rows = []
@@ -138,78 +136,3 @@ def _drop_partial_last_line(path):
             return
         f.truncate(data.rfind(b"\n") + 1)
         logger.warning(f"{path}: removed a partial last line (a run stopped while writing it)")
-
-
-def _job_id():
-    return os.environ.get("TORCHELASTIC_RUN_ID") or os.environ.get("SLURM_JOB_ID")
-
-
-class RunLock:
-    """One run at a time per output folder: ``<output_dir>/run.lock`` holds the host, PID and job of the
-    run that owns it. A lock of a dead process on this host, or of the same torchrun/SLURM job (a
-    restart or a requeue), is taken over and said so; any other is refused at once. Only the main
-    rank locks. A refused or failed start removes the folder again when it created it empty."""
-
-    def __init__(self, output_dir, is_main):
-        self.output_dir, self.is_main = output_dir, is_main
-        self.path = os.path.join(output_dir, LOCK)
-        self.created_dir = False
-
-    def __enter__(self):
-        if not self.is_main:
-            return self
-        self.created_dir = not os.path.exists(self.output_dir)
-        ensure_writable_dir(self.output_dir)
-        mine = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "job": _job_id()})
-        try:
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
-        except FileExistsError:
-            self._take_over_or_refuse()
-            atomic_write_text(self.path, mine + "\n")
-            return self
-        with os.fdopen(fd, "w") as f:
-            f.write(mine + "\n")
-        return self
-
-    def _take_over_or_refuse(self):
-        try:
-            with open(self.path, encoding="utf-8") as f:
-                holder = json.loads(f.read() or "{}")
-        except (OSError, ValueError):
-            holder = {}
-        host, pid, job = holder.get("host"), holder.get("pid"), holder.get("job")
-        if job and job == _job_id():
-            logger.warning(f"{self.path}: taking over the lock of an earlier process of this job ({job})")
-            return
-        if host == socket.gethostname() and isinstance(pid, int) and not _alive(pid):
-            logger.warning(f"{self.path}: taking over a stale lock (process {pid} on {host} is gone)")
-            return
-        if not holder:
-            logger.warning(f"{self.path}: taking over an unreadable lock")
-            return
-        raise UserError(f"{self.output_dir!r} is in use by another run (process {pid} on {host}, see {self.path}); "
-                        f"use another output folder, or, if that run is no longer running, delete {self.path}")
-
-    def __exit__(self, *exc):
-        if not self.is_main:
-            return False
-        try:
-            os.unlink(self.path)
-        except OSError:
-            pass
-        if self.created_dir:
-            try:
-                os.rmdir(self.output_dir)  # only when empty: a refused start leaves nothing behind
-            except OSError:
-                pass
-        return False
-
-
-def _alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -3,6 +3,7 @@ folder stands for its checkpoint.pth, a DDP-saved (``module.``-prefixed) state d
 and a file that is not weights of this model (a text-embedding table, another architecture, another
 number of classes) is named in one line instead of a state-dict traceback."""
 import os
+from typing import Optional
 
 import torch
 
@@ -13,7 +14,7 @@ CLASSIFIER_PREFIXES = ("fc.", "head.", "head_dist.", "classifier.")
 RESAMPLED = ("pos_embed",)  # resampled to the input size by load_pretrained, never an architecture mismatch
 
 
-def checkpoint_file(path):
+def checkpoint_file(path: str) -> str:
     """``path`` itself, or the checkpoint.pth of a run folder; a folder without one is refused."""
     if os.path.isdir(path):
         inside = os.path.join(path, CHECKPOINT)
@@ -26,7 +27,7 @@ def checkpoint_file(path):
     return path
 
 
-def what_it_holds(obj):
+def what_it_holds(obj) -> str:
     """A few words on a loaded object that is not a state dict."""
     if isinstance(obj, torch.Tensor):
         shape = "x".join(str(s) for s in obj.shape)
@@ -37,7 +38,7 @@ def what_it_holds(obj):
     return f"a {type(obj).__name__}"
 
 
-def state_dict_of(obj, path, flag):
+def state_dict_of(obj, path: str, flag: str) -> dict:
     """The model weights in ``obj`` (a state dict, our checkpoint's ``model``, a ``state_dict``
     entry), with a DDP ``module.`` prefix removed; anything else is a UserError naming what it is."""
     if isinstance(obj, dict):
@@ -54,11 +55,11 @@ def state_dict_of(obj, path, flag):
     return state
 
 
-def is_classifier(key):
+def is_classifier(key: str) -> bool:
     return key.startswith(CLASSIFIER_PREFIXES)
 
 
-def architecture_of(state, model):
+def architecture_of(state: dict, model: torch.nn.Module) -> Optional[str]:
     """The name of the architecture whose weights ``state`` are, among those of ``model``'s family
     (torchvision ResNets, or timm models sharing the first word of its name); None when none fits."""
     for name, build in _family(model):
@@ -73,7 +74,7 @@ def architecture_of(state, model):
     return None
 
 
-def model_name(model):
+def model_name(model: torch.nn.Module) -> str:
     """This model's architecture name (timm records it; a torchvision one is recognised by its weights)."""
     name = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
     return name or architecture_of(model.state_dict(), model) or type(model).__name__
@@ -93,7 +94,7 @@ def _family(model):
     return []
 
 
-def check_fits(model, state, path, flag, recorded_arch=None):
+def check_fits(model: torch.nn.Module, state: dict, path: str, flag: str, recorded_arch: Optional[str] = None) -> list:
     """Refuse ``state`` for ``model`` in one line: another number of classes (naming both counts) or
     another architecture (naming both). Returns the classifier keys whose class count differs (for
     --pretrained, which drops them) when everything else fits."""
@@ -111,7 +112,7 @@ def check_fits(model, state, path, flag, recorded_arch=None):
     return [k for k in differing if is_classifier(k)]
 
 
-def class_count_error(model, state, path, flag, where):
+def class_count_error(model: torch.nn.Module, state: dict, path: str, flag: str, where: str) -> UserError:
     """The UserError for a checkpoint that classifies another number of classes than this run."""
     own = model.state_dict()
     key = next(k for k in state if is_classifier(k) and k in own and state[k].shape != own[k].shape)

@@ -1,0 +1,79 @@
+"""The typed settings of a run: one keyword-only dataclass per recipe, built once from the parsed
+command line (``Config.from_args``). The loop reads its settings from it, and args.json and the
+checkpoint's "args" record it (``recorded()``), so every setting has one source.
+
+``CommonConfig`` holds the flags of ``options.add_common_args``; a recipe's config adds its own."""
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+
+@dataclass(kw_only=True)
+class CommonConfig:
+    """Flags both recipes share (options.add_common_args); ``world_size`` and
+    ``text_emb_fingerprint`` are filled in at start (recorded with the arguments)."""
+    config: Optional[str]
+    amp_dtype: Optional[str]
+    compile: bool
+    gather_with_grad: bool
+    local_loss: bool
+    val_text_emb: Optional[str]
+    text_per_step: Optional[str]
+    device: Optional[str]
+    skip_corrupt_images: bool
+    stop_after: Optional[int]
+    checkpoint_every_minutes: float
+    accum_iter: int
+    stall_timeout: float
+    wandb_project: Optional[str]
+    wandb_mode: Optional[str]
+    requeue: bool
+    local_rank: Optional[int]
+    eval_set: list
+    eval_sets_every_epoch: bool
+    text_target: str
+    label_noise: float
+    train_fraction: float
+    shots: Optional[float]
+    text_weight_schedule: str
+    text_weight_every: str
+    text_emb_standardize: bool
+    accum_alignment: str
+    nonfinite: str = "stop"  # --nonfinite {stop,skip} (train/guard.py's add_guard_args)
+    # the run-wide fields every recipe has under the same name
+    epochs: int
+    batch_size: int
+    seed: int
+    print_freq: int
+    resume: str
+    start_epoch: int
+    text_emb: str
+    world_size: int = 1
+    text_emb_fingerprint: Optional[str] = None
+
+    @classmethod
+    def from_args(cls, args) -> "CommonConfig":
+        """The config of parsed ``args`` (an argparse Namespace); a flag without a field is a
+        programming error named here (declare the field)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        values = vars(args)
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise TypeError(f"{cls.__name__} has no field for the parsed argument(s) {unknown}: declare them")
+        return cls(**values)
+
+    @property
+    def run_dir(self) -> str:
+        """Where the run writes (the recipes name the flag differently: --save_dir, --output_dir)."""
+        raise NotImplementedError
+
+    @property
+    def autocast_dtype(self) -> Optional[torch.dtype]:
+        """The torch dtype of --amp-dtype (None: float32)."""
+        return getattr(torch, self.amp_dtype) if self.amp_dtype else None
+
+    def recorded(self) -> dict:
+        """The resolved arguments as args.json and the checkpoint's "args" record them."""
+        return dict(vars(self))
