@@ -1,7 +1,25 @@
+"""Shared fixtures and helpers of the suite.
+
+- Everything a test, torchrun, a loader worker or torch.compile writes to a temporary folder lands
+  under pytest's base folder (TMPDIR is set there for the session), which a passing run removes.
+- ``ran`` / ``refused`` run an entry point's ``main(argv)`` in this process, as its command line
+  would; ``run_script`` runs it in a fresh interpreter where the process itself is what is tested
+  (exit codes of the scripts as scripts, signals, kills, launchers, fresh imports).
+- Every test leaves the process as it found it: the package logger's handlers, the RNG states, torch's
+  thread count, the process group and the working folder are restored after each test.
+- Reference runs that several tests compare against are built once per session.
+"""
+import contextlib
+import io
 import os
+import random
+import shutil
 import subprocess
 import sys
+import tempfile
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -10,7 +28,144 @@ import gpt4image  # noqa: F401
 from gpt4image.synthetic import describe_image_folder, make_image_folder, save_tiny_clip
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESNET = os.path.join(REPO, "resnet", "main.py")
+DEIT = os.path.join(REPO, "deit", "main.py")
+D2E = os.path.join(REPO, "description2embedding.py")
+GENERATE = os.path.join(REPO, "generate_descriptions.py")
+# the smallest ResNet run most tests train: resnet18 at 32 px, batches of 4, no loader workers, seeded
+SMALL = ["-a", "resnet18", "-b", "4", "--input-size", "32", "-j", "0", "--seed", "0"]
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
+
+# ----------------------------------------------------------------------------------------- temporary files
+
+@pytest.fixture(scope="session", autouse=True)
+def _temporary_files_under_pytest(tmp_path_factory):
+    """TMPDIR (this process and every child: torchrun's torchelastic_*, multiprocessing's pymp-*) and
+    the inductor cache go under pytest's base folder, which a passing run removes."""
+    tmp = tmp_path_factory.getbasetemp() / "tmp"
+    tmp.mkdir(exist_ok=True)
+    saved = {k: os.environ.get(k) for k in ("TMPDIR", "TORCHINDUCTOR_CACHE_DIR")}
+    saved_tempdir = tempfile.tempdir
+    os.environ["TMPDIR"] = str(tmp)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(tmp / "torchinductor")
+    ENV.update(TMPDIR=str(tmp), TORCHINDUCTOR_CACHE_DIR=str(tmp / "torchinductor"))
+    tempfile.tempdir = str(tmp)
+    yield tmp
+    tempfile.tempdir = saved_tempdir
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+# ------------------------------------------------------------------------------------- in-process harness
+
+@contextlib.contextmanager
+def process_state_restored():
+    """Put back what an entry point run in this process changes: the package logger's handlers (the new
+    ones closed), the RNG states, torch's thread count, the process group, the working folder."""
+    import logging
+
+    import torch.distributed as dist
+    logger = logging.getLogger("gpt4image")
+    handlers, level, propagate = list(logger.handlers), logger.level, logger.propagate
+    rng = torch.get_rng_state(), np.random.get_state(), random.getstate()
+    threads, cwd = torch.get_num_threads(), os.getcwd()
+    try:
+        yield
+    finally:
+        for handler in logger.handlers:
+            if handler not in handlers:
+                handler.close()
+        logger.handlers[:] = handlers
+        logger.setLevel(level)
+        logger.propagate = propagate
+        torch.set_rng_state(rng[0])
+        np.random.set_state(rng[1])
+        random.setstate(rng[2])
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+        os.chdir(cwd)
+
+
+@pytest.fixture(autouse=True)
+def _restore_process_state():
+    with process_state_restored():
+        yield
+
+
+def entry_point(script):
+    """``main(argv)`` of one of our scripts: resnet/main.py, deit/main.py, a top-level ``<tool>.py`` of
+    the repository, or ``-m <module>``."""
+    import importlib
+    if script == RESNET:
+        return importlib.import_module("gpt4image.recipes.resnet").main
+    if script == DEIT:
+        return importlib.import_module("gpt4image.recipes.deit").main
+    if script.startswith("-m "):
+        return importlib.import_module(script[3:]).main
+    return tool_main(os.path.splitext(os.path.basename(script))[0])
+
+
+def _split(cmd):
+    if cmd[0] == "-m":
+        return entry_point(f"-m {cmd[1]}"), list(cmd[2:])
+    return entry_point(cmd[0]), list(cmd[1:])
+
+
+def ran(cmd, cwd=REPO):
+    """Run ``cmd`` (a script of ours and its arguments, or ``-m module ...``) in this process, as its
+    command line would, and return its output as ``.stdout`` / ``.stderr`` and what ``main`` returned as
+    ``.result`` (a failure raises, as a bug should)."""
+    main, argv = _split(cmd)
+    err, out = io.StringIO(), io.StringIO()
+    here = os.getcwd()
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+            result = main(argv)
+    finally:
+        os.chdir(here)
+    return SimpleNamespace(stdout=out.getvalue(), stderr=err.getvalue(), result=result)
+
+
+def refused(cmd, *expected, cwd=REPO):
+    """Run ``cmd`` (as ``ran``) the way its command line would (exit_on_user_error); assert exit code 2,
+    one line on stderr starting with 'error:', no traceback (any other exception propagates and fails the
+    test), and every ``expected`` text in it. Returns the line."""
+    from gpt4image.errors import exit_on_user_error
+    main, argv = _split(cmd)
+    err, out = io.StringIO(), io.StringIO()
+    here = os.getcwd()
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out), pytest.raises(SystemExit) as e:
+            exit_on_user_error(main, argv)
+    finally:
+        os.chdir(here)
+    line = err.getvalue().strip()
+    assert e.value.code == 2, (e.value.code, out.getvalue()[-2000:], line[-2000:])
+    assert len(line.splitlines()) == 1 and line.startswith("error: "), line
+    for text in expected:
+        assert text in line, (text, line)
+    return line
+
+
+def tool_main(tool):
+    """``main`` of the repository's script ``<tool>.py`` (description2embedding, generate_descriptions, ...)."""
+    sys.path.insert(0, REPO)
+    try:
+        import importlib
+        return importlib.import_module(tool).main
+    finally:
+        sys.path.remove(REPO)
+
+
+# --------------------------------------------------------------------------------------- fresh processes
 
 def run_script(args, cwd=None, timeout=300, env=None, check=True):
     """Run a python entry point of the repo in a fresh interpreter; return CompletedProcess."""
@@ -22,6 +177,11 @@ def run_script(args, cwd=None, timeout=300, env=None, check=True):
         raise AssertionError(f"{args} exited {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\n"
                              f"stderr:\n{proc.stderr[-4000:]}")
     return proc
+
+
+def torchrun(*args, nproc=2):
+    """The command line of ``torchrun --standalone --nproc_per_node=<nproc> <args>``."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
 
 
 def kill_once_written(cmd, part, lines, env=None, timeout=300):
@@ -37,6 +197,34 @@ def kill_once_written(cmd, part, lines, env=None, timeout=300):
     return open(part, "rb").read().count(b"\n")
 
 
+def children(pid):
+    """PIDs of the processes whose parent is ``pid``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = open(f"/proc/{entry}/stat").read()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry))
+    return found
+
+
+# ------------------------------------------------------------------------------------------------ files
+
+def snapshot(folder):
+    """Every file below ``folder`` with its bytes (None when the folder does not exist)."""
+    if not os.path.exists(folder):
+        return None
+    found = {}
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            found[os.path.relpath(path, folder)] = open(path, "rb").read()
+    return found
+
+
 def described_paths(output):
     """Image paths of every record in generate_descriptions' part files for ``output``, repeats kept."""
     import json
@@ -44,6 +232,8 @@ def described_paths(output):
     return [json.loads(line)["path"] for name in sorted(os.listdir(parts)) if name.endswith(".jsonl")
             for line in open(os.path.join(parts, name), encoding="utf-8")]
 
+
+# ----------------------------------------------------------------------------------------- session data
 
 @pytest.fixture(scope="session")
 def tiny_clip(tmp_path_factory):
@@ -70,10 +260,11 @@ def image_folder(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def embeddings(image_folder, tiny_clip, tmp_path_factory):
-    """Embedding table of the generated ImageFolder, made by description2embedding.py."""
+    """Embedding table of the generated ImageFolder, made by description2embedding.py (in this process)."""
     out = str(tmp_path_factory.mktemp("emb") / "emb.pth")
-    run_script(["description2embedding.py", f"--caption={image_folder}/captions.pth", f"--model={tiny_clip}",
-                f"--output={out}", f"--data={image_folder}/train", "--workers=0", "--quiet"])
+    with process_state_restored():
+        ran([D2E, f"--caption={image_folder}/captions.pth", f"--model={tiny_clip}", f"--output={out}",
+             f"--data={image_folder}/train", "--workers=0", "--quiet"])
     return out
 
 
@@ -91,11 +282,32 @@ def photos(tmp_path_factory):
     return str(root)
 
 
-def tool_main(tool):
-    """``main`` of the repository's script ``<tool>.py`` (description2embedding, generate_descriptions, ...)."""
-    sys.path.insert(0, REPO)
-    try:
-        import importlib
-        return importlib.import_module(tool).main
-    finally:
-        sys.path.remove(REPO)
+# ------------------------------------------------------------------------------------ session reference runs
+
+@pytest.fixture(scope="session")
+def first_of_two_epochs(image_folder, embeddings, tmp_path_factory):
+    """(Built once) an output folder holding one finished epoch of a 2-epoch resnet18 run (SMALL)."""
+    run = tmp_path_factory.mktemp("first_of_two_epochs") / "run"
+    with process_state_restored():
+        ran([RESNET, f"--data={image_folder}", f"--text_emb={embeddings}", "--epochs=2", *SMALL,
+             f"--save_dir={run}", "--stop-after=1"])
+    return run
+
+
+def copy_run(run, to):
+    """A copy of the run folder ``run`` at ``to`` (for a test that changes it); returns ``to``."""
+    shutil.copytree(run, to)
+    return to
+
+
+@pytest.fixture(scope="session")
+def two_rank_run(image_folder, embeddings, tmp_path_factory):
+    """(Built once) an uninterrupted 2-epoch, 2-process torchrun of resnet18 (batches of 4, one loader
+    worker): what the interrupted, killed and restarted runs must equal."""
+    run = tmp_path_factory.mktemp("two_rank_run")
+    proc = subprocess.run(torchrun(RESNET, f"--data={image_folder}", f"--text_emb={embeddings}", "--epochs=2",
+                                   "-a", "resnet18", "-b", "4", "--input-size", "32", "-j", "1", "--seed", "0",
+                                   "-p", "1", f"--save_dir={run}"),
+                          capture_output=True, text=True, env=ENV, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return run

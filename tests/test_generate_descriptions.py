@@ -92,6 +92,7 @@ def single_run(vlm, photos, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_two_ranks_describe_every_image_once_and_merge_what_one_process_writes(vlm, photos, single_run, tmp_path):
     out = tmp_path / "d.jsonl"
     run_script(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", SCRIPT, f"--data={photos}",
@@ -121,6 +122,7 @@ def test_job_array_shards_and_merge_equal_one_process(vlm, photos, single_run, t
     assert out.read_bytes() == single_run.read_bytes()
 
 
+@pytest.mark.slow
 def test_a_run_killed_part_way_resumes_without_describing_an_image_twice(vlm, photos, single_run, tmp_path):
     out = tmp_path / "d.jsonl"
     cmd = [sys.executable, SCRIPT, f"--data={photos}", f"--model={vlm['qwen2_vl']}", f"--output={out}",
@@ -136,6 +138,7 @@ def test_a_run_killed_part_way_resumes_without_describing_an_image_twice(vlm, ph
     assert out.read_bytes() == single_run.read_bytes()
 
 
+@pytest.mark.slow
 def test_generated_descriptions_become_the_embedding_row_of_their_own_image(vlm, photos, single_run, tiny_clip,
                                                                           tmp_path):
     from gpt4image._compat import import_clip
@@ -292,6 +295,7 @@ def test_merge_refuses_parts_made_with_other_settings_and_class_names_are_compar
     assert meta["class_names_sha256"] == sha256_file(names) and meta["model"]["name"]
 
 
+@pytest.mark.slow
 def test_ctrl_c_ends_with_one_line_exit_130_and_the_same_command_goes_on(vlm, photos, tmp_path):
     import signal
     out = tmp_path / "d.jsonl"
