@@ -298,7 +298,7 @@ def test_help_shows_each_default_once(entry):
     import importlib
     import sys
     if entry in ("resnet", "deit"):
-        main = importlib.import_module(f"{entry}_main").main
+        main = importlib.import_module(f"gpt4image.recipes.{entry}").main
     elif entry == "report":
         from gpt4image.report import main
     else:
