@@ -1,14 +1,7 @@
-"""Shared fixtures and helpers of the suite.
-
-- Everything a test, torchrun, a loader worker or torch.compile writes to a temporary folder lands
-  under pytest's base folder (TMPDIR is set there for the session), which a passing run removes.
-- ``ran`` / ``refused`` run an entry point's ``main(argv)`` in this process, as its command line
-  would; ``run_script`` runs it in a fresh interpreter where the process itself is what is tested
-  (exit codes of the scripts as scripts, signals, kills, launchers, fresh imports).
-- Every test leaves the process as it found it: the package logger's handlers, the RNG states, torch's
-  thread count, the process group and the working folder are restored after each test.
-- Reference runs that several tests compare against are built once per session.
-"""
+"""Shared fixtures and helpers. TMPDIR and the inductor cache go under pytest's base folder (a passing run
+deletes it); ``ran``/``refused`` run an entry point's ``main(argv)`` in this process, ``run_script`` in a
+fresh interpreter (where the process is what is tested); each test leaves the logger, RNG states, thread
+count, process group and working folder as it found them; shared reference runs are built once."""
 import contextlib
 import io
 import os
@@ -37,8 +30,6 @@ SMALL = ["-a", "resnet18", "-b", "4", "--input-size", "32", "-j", "0", "--seed",
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
 
-# ----------------------------------------------------------------------------------------- temporary files
-
 @pytest.fixture(scope="session", autouse=True)
 def _temporary_files_under_pytest(tmp_path_factory):
     """TMPDIR (this process and every child: torchrun's torchelastic_*, multiprocessing's pymp-*) and
@@ -59,8 +50,6 @@ def _temporary_files_under_pytest(tmp_path_factory):
         else:
             os.environ[key] = value
 
-
-# ------------------------------------------------------------------------------------- in-process harness
 
 @contextlib.contextmanager
 def process_state_restored():
@@ -165,8 +154,6 @@ def tool_main(tool):
         sys.path.remove(REPO)
 
 
-# --------------------------------------------------------------------------------------- fresh processes
-
 def run_script(args, cwd=None, timeout=300, env=None, check=True):
     """Run a python entry point of the repo in a fresh interpreter; return CompletedProcess."""
     full_env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
@@ -211,8 +198,6 @@ def children(pid):
     return found
 
 
-# ------------------------------------------------------------------------------------------------ files
-
 def snapshot(folder):
     """Every file below ``folder`` with its bytes (None when the folder does not exist)."""
     if not os.path.exists(folder):
@@ -232,8 +217,6 @@ def described_paths(output):
     return [json.loads(line)["path"] for name in sorted(os.listdir(parts)) if name.endswith(".jsonl")
             for line in open(os.path.join(parts, name), encoding="utf-8")]
 
-
-# ----------------------------------------------------------------------------------------- session data
 
 @pytest.fixture(scope="session")
 def tiny_clip(tmp_path_factory):
@@ -282,8 +265,6 @@ def photos(tmp_path_factory):
     return str(root)
 
 
-# ------------------------------------------------------------------------------------ session reference runs
-
 @pytest.fixture(scope="session")
 def first_of_two_epochs(image_folder, embeddings, tmp_path_factory):
     """(Built once) an output folder holding one finished epoch of a 2-epoch resnet18 run (SMALL)."""
@@ -296,8 +277,7 @@ def first_of_two_epochs(image_folder, embeddings, tmp_path_factory):
 
 def copy_run(run, to):
     """A copy of the run folder ``run`` at ``to`` (for a test that changes it); returns ``to``."""
-    shutil.copytree(run, to)
-    return to
+    return shutil.copytree(run, to)
 
 
 @pytest.fixture(scope="session")
