@@ -1,7 +1,18 @@
+"""Shared fixtures and helpers. TMPDIR and the inductor cache go under pytest's base folder (a passing run
+deletes it); ``ran``/``refused`` run an entry point's ``main(argv)`` in this process, ``run_script`` in a
+fresh interpreter (where the process is what is tested); each test leaves the logger, RNG states, thread
+count, process group and working folder as it found them; shared reference runs are built once."""
+import contextlib
+import io
 import os
+import random
+import shutil
 import subprocess
 import sys
+import tempfile
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -10,6 +21,137 @@ import gpt4image  # noqa: F401
 from gpt4image.synthetic import describe_image_folder, make_image_folder, save_tiny_clip
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESNET = os.path.join(REPO, "resnet", "main.py")
+DEIT = os.path.join(REPO, "deit", "main.py")
+D2E = os.path.join(REPO, "description2embedding.py")
+GENERATE = os.path.join(REPO, "generate_descriptions.py")
+# the smallest ResNet run most tests train: resnet18 at 32 px, batches of 4, no loader workers, seeded
+SMALL = ["-a", "resnet18", "-b", "4", "--input-size", "32", "-j", "0", "--seed", "0"]
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _temporary_files_under_pytest(tmp_path_factory):
+    """TMPDIR (this process and every child: torchrun's torchelastic_*, multiprocessing's pymp-*) and
+    the inductor cache go under pytest's base folder, which a passing run removes."""
+    tmp = tmp_path_factory.getbasetemp() / "tmp"
+    tmp.mkdir(exist_ok=True)
+    saved = {k: os.environ.get(k) for k in ("TMPDIR", "TORCHINDUCTOR_CACHE_DIR")}
+    saved_tempdir = tempfile.tempdir
+    os.environ["TMPDIR"] = str(tmp)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(tmp / "torchinductor")
+    ENV.update(TMPDIR=str(tmp), TORCHINDUCTOR_CACHE_DIR=str(tmp / "torchinductor"))
+    tempfile.tempdir = str(tmp)
+    yield tmp
+    tempfile.tempdir = saved_tempdir
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@contextlib.contextmanager
+def process_state_restored():
+    """Put back what an entry point run in this process changes: the package logger's handlers (the new
+    ones closed), the RNG states, torch's thread count, the process group, the working folder."""
+    import logging
+
+    import torch.distributed as dist
+    logger = logging.getLogger("gpt4image")
+    handlers, level, propagate = list(logger.handlers), logger.level, logger.propagate
+    rng = torch.get_rng_state(), np.random.get_state(), random.getstate()
+    threads, cwd = torch.get_num_threads(), os.getcwd()
+    try:
+        yield
+    finally:
+        for handler in logger.handlers:
+            if handler not in handlers:
+                handler.close()
+        logger.handlers[:] = handlers
+        logger.setLevel(level)
+        logger.propagate = propagate
+        torch.set_rng_state(rng[0])
+        np.random.set_state(rng[1])
+        random.setstate(rng[2])
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+        os.chdir(cwd)
+
+
+@pytest.fixture(autouse=True)
+def _restore_process_state():
+    with process_state_restored():
+        yield
+
+
+def entry_point(script):
+    """``main(argv)`` of one of our scripts: resnet/main.py, deit/main.py, a top-level ``<tool>.py`` of
+    the repository, or ``-m <module>``."""
+    import importlib
+    if script == RESNET:
+        return importlib.import_module("gpt4image.recipes.resnet").main
+    if script == DEIT:
+        return importlib.import_module("gpt4image.recipes.deit").main
+    if script.startswith("-m "):
+        return importlib.import_module(script[3:]).main
+    return tool_main(os.path.splitext(os.path.basename(script))[0])
+
+
+def _split(cmd):
+    if cmd[0] == "-m":
+        return entry_point(f"-m {cmd[1]}"), list(cmd[2:])
+    return entry_point(cmd[0]), list(cmd[1:])
+
+
+def ran(cmd, cwd=REPO):
+    """Run ``cmd`` (a script of ours and its arguments, or ``-m module ...``) in this process, as its
+    command line would, and return its output as ``.stdout`` / ``.stderr`` and what ``main`` returned as
+    ``.result`` (a failure raises, as a bug should)."""
+    main, argv = _split(cmd)
+    err, out = io.StringIO(), io.StringIO()
+    here = os.getcwd()
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+            result = main(argv)
+    finally:
+        os.chdir(here)
+    return SimpleNamespace(stdout=out.getvalue(), stderr=err.getvalue(), result=result)
+
+
+def refused(cmd, *expected, cwd=REPO):
+    """Run ``cmd`` (as ``ran``) the way its command line would (exit_on_user_error); assert exit code 2,
+    one line on stderr starting with 'error:', no traceback (any other exception propagates and fails the
+    test), and every ``expected`` text in it. Returns the line."""
+    from gpt4image.errors import exit_on_user_error
+    main, argv = _split(cmd)
+    err, out = io.StringIO(), io.StringIO()
+    here = os.getcwd()
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out), pytest.raises(SystemExit) as e:
+            exit_on_user_error(main, argv)
+    finally:
+        os.chdir(here)
+    line = err.getvalue().strip()
+    assert e.value.code == 2, (e.value.code, out.getvalue()[-2000:], line[-2000:])
+    assert len(line.splitlines()) == 1 and line.startswith("error: "), line
+    for text in expected:
+        assert text in line, (text, line)
+    return line
+
+
+def tool_main(tool):
+    """``main`` of the repository's script ``<tool>.py`` (description2embedding, generate_descriptions, ...)."""
+    sys.path.insert(0, REPO)
+    try:
+        import importlib
+        return importlib.import_module(tool).main
+    finally:
+        sys.path.remove(REPO)
 
 
 def run_script(args, cwd=None, timeout=300, env=None, check=True):
@@ -24,6 +166,11 @@ def run_script(args, cwd=None, timeout=300, env=None, check=True):
     return proc
 
 
+def torchrun(*args, nproc=2):
+    """The command line of ``torchrun --standalone --nproc_per_node=<nproc> <args>``."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
+
+
 def kill_once_written(cmd, part, lines, env=None, timeout=300):
     """Start ``cmd``, SIGKILL it as soon as the file ``part`` holds ``lines`` lines; return how many it holds."""
     import signal
@@ -35,6 +182,32 @@ def kill_once_written(cmd, part, lines, env=None, timeout=300):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     return open(part, "rb").read().count(b"\n")
+
+
+def children(pid):
+    """PIDs of the processes whose parent is ``pid``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = open(f"/proc/{entry}/stat").read()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry))
+    return found
+
+
+def snapshot(folder):
+    """Every file below ``folder`` with its bytes (None when the folder does not exist)."""
+    if not os.path.exists(folder):
+        return None
+    found = {}
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            found[os.path.relpath(path, folder)] = open(path, "rb").read()
+    return found
 
 
 def described_paths(output):
@@ -70,10 +243,11 @@ def image_folder(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def embeddings(image_folder, tiny_clip, tmp_path_factory):
-    """Embedding table of the generated ImageFolder, made by description2embedding.py."""
+    """Embedding table of the generated ImageFolder, made by description2embedding.py (in this process)."""
     out = str(tmp_path_factory.mktemp("emb") / "emb.pth")
-    run_script(["description2embedding.py", f"--caption={image_folder}/captions.pth", f"--model={tiny_clip}",
-                f"--output={out}", f"--data={image_folder}/train", "--workers=0", "--quiet"])
+    with process_state_restored():
+        ran([D2E, f"--caption={image_folder}/captions.pth", f"--model={tiny_clip}", f"--output={out}",
+             f"--data={image_folder}/train", "--workers=0", "--quiet"])
     return out
 
 
@@ -91,11 +265,47 @@ def photos(tmp_path_factory):
     return str(root)
 
 
-def tool_main(tool):
-    """``main`` of the repository's script ``<tool>.py`` (description2embedding, generate_descriptions, ...)."""
-    sys.path.insert(0, REPO)
-    try:
-        import importlib
-        return importlib.import_module(tool).main
-    finally:
-        sys.path.remove(REPO)
+@pytest.fixture(scope="session")
+def first_of_two_epochs(image_folder, embeddings, tmp_path_factory):
+    """(Built once) an output folder holding one finished epoch of a 2-epoch resnet18 run (SMALL)."""
+    run = tmp_path_factory.mktemp("first_of_two_epochs") / "run"
+    with process_state_restored():
+        ran([RESNET, f"--data={image_folder}", f"--text_emb={embeddings}", "--epochs=2", *SMALL,
+             f"--save_dir={run}", "--stop-after=1"])
+    return run
+
+
+def copy_run(run, to):
+    """A copy of the run folder ``run`` at ``to`` (for a test that changes it); returns ``to``."""
+    return shutil.copytree(run, to)
+
+
+@pytest.fixture(scope="session")
+def two_rank_run(image_folder, embeddings, tmp_path_factory):
+    """(Built once) an uninterrupted 2-epoch, 2-process torchrun of resnet18 (batches of 4, one loader
+    worker): what the interrupted, killed and restarted runs must equal."""
+    run = tmp_path_factory.mktemp("two_rank_run")
+    proc = subprocess.run(torchrun(RESNET, f"--data={image_folder}", f"--text_emb={embeddings}", "--epochs=2",
+                                   "-a", "resnet18", "-b", "4", "--input-size", "32", "-j", "1", "--seed", "0",
+                                   "-p", "1", f"--save_dir={run}"),
+                          capture_output=True, text=True, env=ENV, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return run
+
+
+def own_generate(model_dir, image_path, prompt, max_new_tokens):
+    """What the model's own processor and generate give for one image, with nothing of ours."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    processor = AutoProcessor.from_pretrained(model_dir)
+    model = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
+    if processor.chat_template:
+        text = processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}],
+            add_generation_prompt=True)
+    else:
+        text = prompt
+    inputs = processor(text=[text], images=[Image.open(image_path).convert("RGB")], return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    new = out[0, inputs["input_ids"].shape[1]:]
+    return processor.tokenizer.decode(new, skip_special_tokens=True).strip()

@@ -74,6 +74,7 @@ def test_supcon_positives_are_the_same_class_or_the_same_text_row():
     assert abs(merged - apart) > 0.05
 
 
+@pytest.mark.slow
 def test_ddp_gradient_of_every_loss_with_negatives_equals_one_process(tmp_path):
     out = tmp_path / "report.json"
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -257,14 +258,20 @@ def test_one_process_batch_b_accumulating_2_equals_batch_2b(loss_type, image_fol
 
 
 def _accumulation_runs(out, world, batch, accum):
+    """tests/dist/accumulation.py on ``world`` ranks (torchrun), or in this process for one."""
     script = os.path.join(HERE, "dist", "accumulation.py")
-    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}"] if world > 1 else []
-    proc = subprocess.run([sys.executable, *launcher, script, str(out), str(batch), str(accum)],
+    if world == 1:
+        import runpy
+        runpy.run_path(script)["main"](str(out), batch, accum)
+        return torch.load(out)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
+                           script, str(out), str(batch), str(accum)],
                           capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     return torch.load(out)
 
 
+@pytest.mark.slow
 def test_two_ranks_batch_b_accumulating_2_equal_one_process_batch_4b_with_clip_and_supcon(tmp_path):
     single = _accumulation_runs(tmp_path / "single.pth", 1, 8, 1)
     ranks = _accumulation_runs(tmp_path / "ranks.pth", 2, 2, 2)
@@ -329,7 +336,7 @@ def test_the_recompute_draws_the_same_dropout_and_drop_path_masks_as_the_first_p
     ("deit", ["--loss_type=sigmoid", "--gather-with-grad", "--local-loss"], ["--local-loss", "clip"]),
 ])
 def test_bad_combinations_are_one_line_exit_2_before_anything_is_written(recipe, flags, expected, tmp_path):
-    from test_hardening import refused
+    from conftest import refused
     out = tmp_path / "out"
     where = ["--save_dir", str(out)] if recipe == "resnet" else ["--output_dir", str(out)]
     refused([os.path.join(REPO, recipe, "main.py"), *where, *flags], *expected)

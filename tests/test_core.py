@@ -51,6 +51,7 @@ def test_local_loss_without_gather_with_grad_is_refused():
         alignment_loss(torch.randn(2, 4), torch.randn(2, 4), local_loss=True)
 
 
+@pytest.mark.slow
 def test_ddp_gradient_contract_gather_with_grad_equals_one_process_and_default_is_one_over_world(tmp_path):
     out = tmp_path / "report.json"
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",

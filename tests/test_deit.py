@@ -21,6 +21,7 @@ def _log(d):
     return [json.loads(line) for line in open(os.path.join(d, "log.txt"))]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["torchrun", "launch", "single"])
 def test_two_epochs_with_ema_and_the_final_line(launcher, image_folder, embeddings, tmp_path):
     args = [MAIN, f"--data-path={image_folder}", f"--text_emb={embeddings}", f"--output_dir={tmp_path}",
@@ -204,6 +205,7 @@ def test_uint8_loader_and_device_augment_give_deits_inputs():
         assert box.float().mean() > 0.99 and mask.sum() == box.numel()
 
 
+@pytest.mark.slow
 def test_compiled_run_resumes_exactly_and_exports_plain_weights(image_folder, embeddings, tmp_path):
     """Under --compile too, drop-path and the other per-step randomness come from the step's seed:
     stopping after one epoch and continuing gives the weights of an uninterrupted run."""
@@ -255,6 +257,7 @@ def _released_lrs(epochs, warmup, lr, warmup_lr, min_lr, lag=True):
     return lrs
 
 
+@pytest.mark.slow
 def test_lr_per_epoch_is_the_released_schedule_also_after_a_resume_and_no_lag_is_one_epoch_ahead(
         image_folder, embeddings, tmp_path):
     from gpt4image.recipes import deit as deit_main

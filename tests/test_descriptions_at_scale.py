@@ -183,7 +183,7 @@ def test_k_descriptions_per_image_land_in_their_rows_of_the_table(qwen, photos, 
     from gpt4image._compat import import_clip
     from gpt4image.text.clip_text import load_clip
     from gpt4image.text.tables import load_text_embeddings
-    from test_generate_descriptions import _own_generate
+    from conftest import own_generate
     prompts = ["Describe this image in detail.", "What does this {class_name} look like?", "Name one colour."]
     prompt_file = tmp_path / "prompts.txt"
     prompt_file.write_text("\n".join(prompts) + "\n")
@@ -195,7 +195,7 @@ def test_k_descriptions_per_image_land_in_their_rows_of_the_table(qwen, photos, 
                                                       for k in range(3)]
     for r in records[:3] + records[-3:]:  # description k answers prompt k (class name filled in)
         prompt = prompts[r["k"]].replace("{class_name}", r["class"])
-        assert r["description"] == _own_generate(qwen, os.path.join(photos, r["path"]), prompt, 5), r
+        assert r["description"] == own_generate(qwen, os.path.join(photos, r["path"]), prompt, 5), r
     table = str(tmp_path / "emb.pth")
     d2e_main([f"--caption={out}", f"--data={photos}", f"--model={tiny_clip}", f"--output={table}", "--workers=0",
               "--quiet", "--dtype=float32"])

@@ -10,11 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO, run_script
-from test_hardening import ran, refused
+from conftest import DEIT, REPO, RESNET, ran, refused, run_script
 
-RESNET = os.path.join(REPO, "resnet", "main.py")
-DEIT = os.path.join(REPO, "deit", "main.py")
 ANCHORS = [20, 60, 100, 140, 180, 220]  # the fixed classifier predicts the class whose anchor is nearest the red
 IMAGENET_INDEX = [0, 2, 7, 10, 500, 999]  # the training classes: these ImageNet-1k classes (sorted wnids)
 SMALL = ["-a", "resnet18", "-b", "4", "--input-size", "16", "-j", "0"]
@@ -138,6 +135,7 @@ def test_the_cases_that_tell_a_protocol_apart_are_in_the_data():
     assert 0 < e["r"][0] < 100 and 0 < e["real"][0] < 100 and 0 < e["v2"][0] < 100
 
 
+@pytest.mark.slow
 def test_each_layout_scores_as_computed_by_hand_and_two_ranks_equal_one_process(sets, tmp_path):
     from gpt4image.recipes import resnet as resnet_main
     classes = [wnid(i) for i in IMAGENET_INDEX]

@@ -36,13 +36,13 @@ def _torchrun(args):
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", RESNET, *args]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_mid_epoch_stops_at_a_step_and_the_same_command_continues_exactly(sig, image_folder, embeddings,
-                                                                                 tmp_path):
+                                                                                 two_rank_run, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     args = [f"--data={image_folder}", f"--text_emb={embeddings}", "--epochs=2", "-p", "1", *SMALL]
-    subprocess.run(_torchrun([*args, f"--save_dir={tmp_path}/straight"]), check=True, capture_output=True, env=env,
-                   cwd=REPO, timeout=300)
+    straight = two_rank_run  # the same arguments, uninterrupted (built once per session)
     cmd = _torchrun([*args, f"--save_dir={tmp_path}/stopped"])
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO,
                             start_new_session=True)
@@ -61,10 +61,11 @@ def test_a_signal_mid_epoch_stops_at_a_step_and_the_same_command_continues_exact
     rerun = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     assert f"continuing at epoch 1, step {stopped['step_in_epoch']}" in rerun.stdout
-    assert _same_weights(tmp_path / "straight" / "checkpoint.pth", tmp_path / "stopped" / "checkpoint.pth")
-    assert _strip_timing(_log(tmp_path / "straight")) == _strip_timing(_log(tmp_path / "stopped"))
+    assert _same_weights(straight / "checkpoint.pth", tmp_path / "stopped" / "checkpoint.pth")
+    assert _strip_timing(_log(straight)) == _strip_timing(_log(tmp_path / "stopped"))
 
 
+@pytest.mark.slow
 def test_a_single_process_stopped_by_sigterm_exits_75(image_folder, embeddings, tmp_path):
     cmd = [sys.executable, RESNET, f"--data={image_folder}", f"--text_emb={embeddings}", "--epochs=1", "-p", "1",
            *SMALL, f"--save_dir={tmp_path}"]
@@ -90,6 +91,7 @@ while True:
 """
 
 
+@pytest.mark.slow
 def test_sigkill_while_a_checkpoint_is_written_never_leaves_a_broken_file(tmp_path):
     path = tmp_path / "checkpoint.pth"
     for delay in (0.05, 0.2, 0.35, 0.6, 0.9):
@@ -102,6 +104,7 @@ def test_sigkill_while_a_checkpoint_is_written_never_leaves_a_broken_file(tmp_pa
         assert torch.all(state["weights"] == float(state["version"]))
 
 
+@pytest.mark.slow
 def test_a_rank_that_dies_ends_the_whole_job_quickly(image_folder, tmp_path):
     script = tmp_path / "one_rank_fails.py"
     script.write_text(

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from conftest import REPO, described_paths, kill_once_written, run_script
+from conftest import REPO, described_paths, kill_once_written, own_generate, run_script
 from gpt4image.describe.prompts import DEFAULT_CLASS_PROMPT
 from gpt4image.errors import exit_on_user_error
 from gpt4image.io import sha256_file
@@ -33,24 +33,6 @@ def _records(path):
     return [json.loads(line) for line in open(path, encoding="utf-8")]
 
 
-def _own_generate(model_dir, image_path, prompt, max_new_tokens):
-    """What the model's own processor and generate give for one image, with nothing of ours."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-    processor = AutoProcessor.from_pretrained(model_dir)
-    model = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
-    if processor.chat_template:
-        text = processor.apply_chat_template(
-            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}],
-            add_generation_prompt=True)
-    else:
-        text = prompt
-    inputs = processor(text=[text], images=[Image.open(image_path).convert("RGB")], return_tensors="pt")
-    with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    new = out[0, inputs["input_ids"].shape[1]:]
-    return processor.tokenizer.decode(new, skip_special_tokens=True).strip()
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_each_family_gives_in_batches_what_its_own_generate_gives_one_image_at_a_time(family, vlm, photos, gd_main,
                                                                                       tmp_path):
@@ -61,7 +43,7 @@ def test_each_family_gives_in_batches_what_its_own_generate_gives_one_image_at_a
     assert [r["path"] for r in records] == sorted(r["path"] for r in records) and len(records) == 13
     assert all(r["class"] == r["path"].split("/")[0] for r in records)
     for r in records:
-        assert r["description"] == _own_generate(vlm[family], os.path.join(photos, r["path"]),
+        assert r["description"] == own_generate(vlm[family], os.path.join(photos, r["path"]),
                                                  "Describe this image in detail.", 6), r["path"]
     assert len({r["description"] for r in records}) > 1  # the image reaches the model
     meta = json.load(open(f"{out}.json"))
@@ -80,7 +62,7 @@ def test_class_prompt_names_the_class_from_the_class_names_file(vlm, photos, gd_
              f"--class-names={names}", "--max-new-tokens=6", "--workers=0", "--quiet"])
     record = next(r for r in _records(out) if r["class"] == "n01484850")
     prompt = "This is a photo of a great white shark. Describe this image in detail."
-    assert record["description"] == _own_generate(vlm["llava"], os.path.join(photos, record["path"]), prompt, 6)
+    assert record["description"] == own_generate(vlm["llava"], os.path.join(photos, record["path"]), prompt, 6)
     assert json.load(open(f"{out}.json"))["class_prompt"] == "This is a photo of a {class_name}. Describe this image in detail."
 
 
@@ -92,6 +74,7 @@ def single_run(vlm, photos, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_two_ranks_describe_every_image_once_and_merge_what_one_process_writes(vlm, photos, single_run, tmp_path):
     out = tmp_path / "d.jsonl"
     run_script(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", SCRIPT, f"--data={photos}",
@@ -121,6 +104,7 @@ def test_job_array_shards_and_merge_equal_one_process(vlm, photos, single_run, t
     assert out.read_bytes() == single_run.read_bytes()
 
 
+@pytest.mark.slow
 def test_a_run_killed_part_way_resumes_without_describing_an_image_twice(vlm, photos, single_run, tmp_path):
     out = tmp_path / "d.jsonl"
     cmd = [sys.executable, SCRIPT, f"--data={photos}", f"--model={vlm['qwen2_vl']}", f"--output={out}",
@@ -136,6 +120,7 @@ def test_a_run_killed_part_way_resumes_without_describing_an_image_twice(vlm, ph
     assert out.read_bytes() == single_run.read_bytes()
 
 
+@pytest.mark.slow
 def test_generated_descriptions_become_the_embedding_row_of_their_own_image(vlm, photos, single_run, tiny_clip,
                                                                           tmp_path):
     from gpt4image._compat import import_clip
@@ -292,6 +277,7 @@ def test_merge_refuses_parts_made_with_other_settings_and_class_names_are_compar
     assert meta["class_names_sha256"] == sha256_file(names) and meta["model"]["name"]
 
 
+@pytest.mark.slow
 def test_ctrl_c_ends_with_one_line_exit_130_and_the_same_command_goes_on(vlm, photos, tmp_path):
     import signal
     out = tmp_path / "d.jsonl"

@@ -9,20 +9,17 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, run_script
-from test_hardening import ran, refused, snapshot
+from conftest import DEIT, REPO, RESNET, SMALL, process_state_restored, ran, refused, run_script, snapshot
 
-RESNET = os.path.join(REPO, "resnet", "main.py")
-DEIT = os.path.join(REPO, "deit", "main.py")
-SMALL = ["-a", "resnet18", "-b", "4", "--input-size", "32", "-j", "0", "--seed", "0"]
 TINY = ["--model", "deit_tiny_patch16_224", "--input-size", "32", "--batch-size", "4", "--num_workers", "0"]
 
 
 @pytest.fixture(scope="module")
 def resnet_run(image_folder, embeddings, tmp_path_factory):
     run = tmp_path_factory.mktemp("resnet_run")
-    proc = run_script([RESNET, f"--data={image_folder}", f"--text_emb={embeddings}", "--epochs=1", *SMALL,
-                       f"--save_dir={run}"])
+    with process_state_restored():
+        proc = ran([RESNET, f"--data={image_folder}", f"--text_emb={embeddings}", "--epochs=1", *SMALL,
+                    f"--save_dir={run}"])
     return run, proc.stdout
 
 
@@ -180,6 +177,7 @@ def test_retrieval_figures_are_those_of_the_pairs():
     assert retrieval_metrics(half, texts)["i2t_r1"] == pytest.approx(50.0, abs=1)
 
 
+@pytest.mark.slow
 def test_val_text_emb_adds_retrieval_over_every_validation_image_once(image_folder, embeddings, tiny_clip, tmp_path):
     from gpt4image.synthetic import describe_image_folder
     texts, _ = describe_image_folder(os.path.join(image_folder, "val"))
@@ -196,7 +194,7 @@ def test_val_text_emb_adds_retrieval_over_every_validation_image_once(image_fold
     for key in ("test_i2t_r1", "test_i2t_r5", "test_t2i_r1", "test_t2i_r5"):
         assert 0 <= row[key] <= 100 and (row[key] / 6.25) == pytest.approx(round(row[key] / 6.25))  # over 16 images
     assert -1 <= row["test_pair_cosine"] <= 1
-    report = run_script(["-m", "gpt4image.report", str(run)]).stdout
+    report = ran(["-m", "gpt4image.report", str(run)]).stdout
     assert f"{row['test_i2t_r1']:.1f}/{row['test_t2i_r1']:.1f}" in report
     refused([RESNET, f"--data={image_folder}", "--text_emb=none", f"--val-text-emb={tmp_path}/val_emb.pth",
              *SMALL, f"--save_dir={tmp_path}/x"], "--val-text-emb", "--text_emb")

@@ -12,87 +12,13 @@ import time
 import pytest
 import torch
 
-from conftest import REPO, run_script
-
-RESNET = os.path.join(REPO, "resnet", "main.py")
-DEIT = os.path.join(REPO, "deit", "main.py")
-D2E = os.path.join(REPO, "description2embedding.py")
-SMALL = ["-a", "resnet18", "-b", "4", "--input-size", "32", "-j", "0", "--seed", "0"]
-ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-
-
-def snapshot(folder):
-    """Every file below ``folder`` with its bytes (None when the folder does not exist)."""
-    if not os.path.exists(folder):
-        return None
-    found = {}
-    for root, _, files in os.walk(folder):
-        for name in files:
-            path = os.path.join(root, name)
-            found[os.path.relpath(path, folder)] = open(path, "rb").read()
-    return found
-
-
-def _entry_point(script):
-    """The ``main`` of one of our scripts, imported (as the tests' conftest loads the recipes)."""
-    import importlib
-    if script == D2E:
-        sys.path.insert(0, REPO)
-        try:
-            return importlib.import_module("description2embedding").main
-        finally:
-            sys.path.remove(REPO)
-    return importlib.import_module("gpt4image.recipes.resnet" if script == RESNET else "gpt4image.recipes.deit").main
-
-
-def ran(cmd, cwd=REPO):
-    """Run ``cmd`` (a script of ours and its arguments) in this process, as its command line would,
-    and return its output as ``.stdout`` / ``.stderr`` (a failure raises, as a bug should)."""
-    import contextlib
-    import io
-    from types import SimpleNamespace
-    err, out = io.StringIO(), io.StringIO()
-    here = os.getcwd()
-    os.chdir(cwd)
-    try:
-        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
-            _entry_point(cmd[0])(list(cmd[1:]))
-    finally:
-        os.chdir(here)
-    return SimpleNamespace(stdout=out.getvalue(), stderr=err.getvalue())
-
-
-def refused(cmd, *expected, cwd=REPO):
-    """Run ``cmd`` (a script of ours and its arguments) in this process, as its command line would;
-    assert exit code 2, one line on stderr starting with 'error:', no traceback (any other exception
-    propagates and fails the test), and every ``expected`` text in it. Returns the line."""
-    import contextlib
-    import io
-    from gpt4image.errors import exit_on_user_error
-    err, out = io.StringIO(), io.StringIO()
-    here = os.getcwd()
-    os.chdir(cwd)
-    try:
-        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out), pytest.raises(SystemExit) as e:
-            exit_on_user_error(_entry_point(cmd[0]), list(cmd[1:]))
-    finally:
-        os.chdir(here)
-    line = err.getvalue().strip()
-    assert e.value.code == 2, (e.value.code, out.getvalue()[-2000:], line[-2000:])
-    assert len(line.splitlines()) == 1 and line.startswith("error: "), line
-    for text in expected:
-        assert text in line, (text, line)
-    return line
+from conftest import D2E, DEIT, ENV, REPO, RESNET, SMALL, copy_run, ran, refused, snapshot
 
 
 @pytest.fixture
-def previous_run(image_folder, embeddings, tmp_path):
-    """An output folder holding one finished epoch of a 2-epoch resnet18 run."""
-    from gpt4image.recipes import resnet as resnet_main
-    run = tmp_path / "run"
-    resnet_main.main([f"--data={image_folder}", f"--text_emb={embeddings}", "--epochs=2", *SMALL, f"--save_dir={run}",
-                      "--stop-after=1"])
-    return run
+def previous_run(first_of_two_epochs, tmp_path):
+    """An output folder holding one finished epoch of a 2-epoch resnet18 run (a copy of the session's)."""
+    return copy_run(first_of_two_epochs, tmp_path / "run")
 
 
 RESNET_BAD = [(["--lr", "-0.1"], "--lr"), (["-b", "0"], "--batch-size"), (["-j", "-1"], "--workers"),
@@ -212,7 +138,7 @@ def test_a_partial_last_log_line_never_blocks_a_resume_and_the_report_names_what
     assert [r["epoch"] for r in rows] == [0, 1]
     with open(previous_run / "log.txt", "a") as f:
         f.write('\n\n{"epoch": 2, "broken\n')
-    proc = run_script(["-m", "gpt4image.report", str(previous_run), "--plot", str(previous_run / "new" / "c.png")])
+    proc = ran(["-m", "gpt4image.report", str(previous_run), "--plot", str(previous_run / "new" / "c.png")])
     assert "2/2 (done)" in proc.stdout
     assert "log.txt:5" in proc.stderr and os.path.isfile(previous_run / "new" / "c.png")
 
@@ -236,6 +162,7 @@ def test_a_full_disk_is_one_line_the_previous_checkpoint_stays_and_the_epoch_is_
     assert [json.loads(line)["epoch"] for line in open(previous_run / "log.txt")] == [0, 1]
 
 
+@pytest.mark.slow
 def test_outputs_are_created_with_the_users_umask(image_folder, embeddings, tmp_path):
     subprocess.run([sys.executable, RESNET, f"--data={image_folder}", f"--text_emb={embeddings}", "--epochs=1",
                     *SMALL, f"--save_dir={tmp_path}/run"], check=True, capture_output=True, env=ENV, cwd=REPO,
@@ -300,6 +227,7 @@ def _start(cmd):
                             env=ENV, cwd=REPO)
 
 
+@pytest.mark.slow
 def test_two_runs_into_one_folder_the_second_is_refused_at_once_and_a_stale_lock_is_taken_over(
         image_folder, embeddings, tmp_path):
     import socket
@@ -326,6 +254,7 @@ def test_two_runs_into_one_folder_the_second_is_refused_at_once_and_a_stale_lock
     assert [json.loads(line)["epoch"] for line in open(stale / "log.txt")] == [0]
 
 
+@pytest.mark.slow
 def test_many_short_two_rank_epochs_with_evaluation_and_loader_workers_never_hang(image_folder, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", RESNET,
                            f"--data={image_folder}", "--text_emb=none", "--epochs=12", "-a", "resnet18", "-b", "8",
@@ -335,15 +264,16 @@ def test_many_short_two_rank_epochs_with_evaluation_and_loader_workers_never_han
     assert len(open(tmp_path / "log.txt").read().splitlines()) == 12
 
 
+@pytest.mark.slow
 def test_a_rank_that_stops_making_progress_ends_the_job_with_its_rank_and_phase(image_folder, tmp_path):
     cmd = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", RESNET, f"--data={image_folder}",
-           "--text_emb=none", "--epochs=3", *SMALL, "-p", "1", "--stall-timeout=4", f"--save_dir={tmp_path}"]
+           "--text_emb=none", "--epochs=3", *SMALL, "-p", "1", "--stall-timeout=10", f"--save_dir={tmp_path}"]
     agent = _start(cmd)
     output = []
     for line in agent.stdout:
         output.append(line)
         if "[3/6]" in line:
-            from test_restarts import _children
+            from conftest import children as _children
             stuck = max(_children(agent.pid))
             os.kill(stuck, signal.SIGSTOP)  # alive but making no progress (a deadlock, a hung device)
             stopped_at = time.time()

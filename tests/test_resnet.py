@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, run_script
+from conftest import D2E, REPO, ran, run_script
 from gpt4image.synthetic import make_image_folder
 
 MAIN = os.path.join(REPO, "resnet", "main.py")
@@ -23,6 +23,7 @@ def _torchrun(*args):
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["torchrun", "launch", "single"])
 def test_two_epochs_log_every_key_and_print_the_final_line(launcher, image_folder, embeddings, tmp_path):
     args = [MAIN, f"--data={image_folder}", f"--text_emb={embeddings}", f"--save_dir={tmp_path}", "--epochs=2",
@@ -52,6 +53,7 @@ def learnable(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("text", [True, False])
 def test_a_learnable_dataset_is_learned_with_and_without_text_alignment(text, learnable, tiny_clip, tmp_path):
     text_emb = "none"
@@ -60,11 +62,11 @@ def test_a_learnable_dataset_is_learned_with_and_without_text_alignment(text, le
         texts, _ = describe_image_folder(os.path.join(learnable, "train"))
         torch.save(texts, tmp_path / "c.pth")
         text_emb = str(tmp_path / "emb.pth")
-        run_script(["description2embedding.py", f"--caption={tmp_path}/c.pth", f"--model={tiny_clip}",
-                    f"--output={text_emb}", f"--data={learnable}/train", "--workers=0", "--quiet"])
-    run_script([MAIN, f"--data={learnable}", f"--text_emb={text_emb}", f"--save_dir={tmp_path}/run", "--epochs=4",
-                "-j", "0", "-a", "resnet18", "-b", "16", "--input-size", "32", "--lr", "0.2", "--no_scale_lr"],
-               cwd=os.path.join(REPO, "resnet"))
+        ran([D2E, f"--caption={tmp_path}/c.pth", f"--model={tiny_clip}", f"--output={text_emb}",
+             f"--data={learnable}/train", "--workers=0", "--quiet"])
+    ran([MAIN, f"--data={learnable}", f"--text_emb={text_emb}", f"--save_dir={tmp_path}/run", "--epochs=4",
+         "-j", "0", "-a", "resnet18", "-b", "16", "--input-size", "32", "--lr", "0.2", "--no_scale_lr"],
+        cwd=os.path.join(REPO, "resnet"))
     best = max(row["test_acc1"] for row in _log(f"{tmp_path}/run"))
     assert best >= 60.0, f"4 classes (chance 25%): best top-1 {best}"
 
@@ -139,6 +141,7 @@ def test_uint8_loader_and_device_normalisation_give_the_original_inputs(image_fo
             assert torch.equal(resnet_main.NORMALIZE(shipped[None]), expected[None])
 
 
+@pytest.mark.slow
 def test_compiled_training_matches_eager_and_its_checkpoint_resumes_without_compile(image_folder, embeddings,
                                                                                     tmp_path):
     import torchvision
@@ -159,6 +162,7 @@ def test_compiled_training_matches_eager_and_its_checkpoint_resumes_without_comp
     torchvision.models.resnet18(num_classes=4).load_state_dict(torch.load(tmp_path / "compiled" / "classifier.pth"))
 
 
+@pytest.mark.slow
 def test_two_ranks_report_the_top1_and_loss_of_the_checkpoint_rank_0_saves(image_folder, embeddings, tmp_path):
     # each rank's last training step leaves its own BatchNorm statistics; the saved model has rank 0's
     run_script(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", MAIN, f"--data={image_folder}",

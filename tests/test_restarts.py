@@ -10,11 +10,9 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import ENV, REPO, RESNET, children
 
-RESNET = os.path.join(REPO, "resnet", "main.py")
 SMALL = ["-a", "resnet18", "-b", "4", "--input-size", "32", "-j", "1", "--seed", "0", "-p", "1"]
-ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
 
 def _rows(run):
@@ -40,27 +38,12 @@ def _args(image_folder, embeddings, run):
 
 
 @pytest.fixture(scope="module")
-def straight(image_folder, embeddings, tmp_path_factory):
-    """An uninterrupted 2-process run: what every interrupted run below must equal."""
-    run = tmp_path_factory.mktemp("straight")
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", RESNET,
-                    *_args(image_folder, embeddings, run)], check=True, capture_output=True, env=ENV, cwd=REPO,
-                   timeout=300)
-    return run
+def straight(two_rank_run):
+    """An uninterrupted 2-process run: what every interrupted run below must equal (built once per session)."""
+    return two_rank_run
 
 
-def _children(pid):
-    """PIDs of the processes whose parent is ``pid``."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = open(f"/proc/{entry}/stat").read()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(entry))
-    return found
+_children = children
 
 
 def _run_until(cmd, marker, act, env=ENV):
@@ -76,6 +59,7 @@ def _run_until(cmd, marker, act, env=ENV):
     return proc.wait(timeout=300), "".join(output)
 
 
+@pytest.mark.slow
 def test_a_worker_killed_mid_epoch_is_restarted_by_torchrun_and_the_run_ends_as_an_uninterrupted_one(
         straight, image_folder, embeddings, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=3",
@@ -95,6 +79,7 @@ def test_a_worker_killed_mid_epoch_is_restarted_by_torchrun_and_the_run_ends_as_
     _assert_same_run(straight, tmp_path)
 
 
+@pytest.mark.slow
 def test_without_a_torchrun_restart_the_same_command_continues_from_the_checkpoint_inside_the_epoch(
         straight, image_folder, embeddings, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", RESNET,
@@ -120,6 +105,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_torchrun_agents_as_two_nodes_train_exactly_as_one_agent_with_two_processes(
         straight, image_folder, embeddings, tmp_path):
     port = _free_port()
@@ -134,6 +120,7 @@ def test_two_torchrun_agents_as_two_nodes_train_exactly_as_one_agent_with_two_pr
     _assert_same_run(straight, tmp_path)
 
 
+@pytest.mark.slow
 def test_slurm_sigusr1_saves_requeues_and_the_requeued_job_continues(image_folder, embeddings, tmp_path):
     bin_dir, calls = tmp_path / "bin", tmp_path / "scontrol_calls.txt"
     bin_dir.mkdir()

@@ -182,6 +182,7 @@ def test_unknown_family_missing_tokenizer_and_no_text_tower_are_refused(encoders
     assert not out.exists() and not os.path.exists(f"{out}.json")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["open_clip", "hf_clip", "hf_bert"])
 def test_one_training_epoch_on_a_table_of_each_family(family, encoders, image_folder, tmp_path):
     table = str(tmp_path / "emb.pth")

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import REPO, run_script
+from conftest import D2E, REPO, RESNET, ran, refused, run_script, snapshot
 from gpt4image.errors import UserError
 from gpt4image.train.losses import alignment_loss
 from gpt4image.train.alignment_state import AlignmentState
@@ -15,10 +15,7 @@ from gpt4image.text.tables import TextEmbeddings
 from gpt4image.train.class_descriptions import per_class_rows
 from gpt4image.train.label_subsets import balanced_subset, symmetric_label_noise
 from gpt4image.train.target_rows import ClassRows, IndexedRows, RandomRows, class_mean_table, row_blocks, shuffled_index
-from test_hardening import refused, snapshot
 
-RESNET = os.path.join(REPO, "resnet", "main.py")
-D2E = os.path.join(REPO, "description2embedding.py")
 SMALL = ["-a", "resnet18", "-b", "8", "--input-size", "32", "-j", "0", "-p", "100", "--seed", "3"]
 
 
@@ -209,10 +206,11 @@ def test_an_explicit_resume_with_another_seed_is_refused_only_when_the_seed_drew
     check_same_run({"args": paper}, "c.pth", Namespace(**dict(paper, seed=1)), explicit=True)
 
 
+@pytest.mark.slow
 def test_two_ranks_train_on_the_labels_of_one_process(image_folder, embeddings, tmp_path):
     common = [f"--data={image_folder}", f"--text_emb={embeddings}", "-a", "resnet18", "-b", "4", "--input-size", "16",
               "-j", "0", "--epochs=1", "--label-noise=0.4", "--train-fraction=0.75", "--text-target=class-mean"]
-    run_script([RESNET, *common, f"--save_dir={tmp_path}/one"], cwd=os.path.join(REPO, "resnet"))
+    ran([RESNET, *common, f"--save_dir={tmp_path}/one"], cwd=os.path.join(REPO, "resnet"))
     proc = run_script(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", RESNET, *common,
                        f"--save_dir={tmp_path}/two"], cwd=os.path.join(REPO, "resnet"))
     assert _labels(tmp_path / "one") == _labels(tmp_path / "two")
@@ -275,6 +273,7 @@ def test_bad_targets_and_labels_are_one_line_exit_2_and_nothing_is_written(flags
     assert not os.path.exists(tmp_path / "run")
 
 
+@pytest.mark.slow
 def test_the_quick_experiment_prints_a_table_of_every_condition_and_draws_the_plot(tmp_path):
     proc = run_script(["-m", "gpt4image.experiment", "--quick", f"--out={tmp_path}", "--jobs=1"], timeout=600)
     table = proc.stdout.split("mean ± std")[1]
@@ -286,11 +285,10 @@ def test_the_quick_experiment_prints_a_table_of_every_condition_and_draws_the_pl
     assert len(results) == 10 and all(0 <= r["acc1"] <= 100 for r in results)
     assert f"outputs in {tmp_path}" in proc.stdout.splitlines()[-1]
     # the same command again continues: nothing left to train, the same table
-    again = run_script(["-m", "gpt4image.experiment", "--quick", f"--out={tmp_path}", "--jobs=1"], timeout=600)
+    again = ran(["-m", "gpt4image.experiment", "--quick", f"--out={tmp_path}", "--jobs=1"])  # in this process
     assert "10 of 10 runs already measured, 0 to train" in again.stdout
     assert again.stdout.split("mean ± std")[1].split("experiment finished")[0] == table.split("experiment finished")[0]
     # other settings into the same folder: refused, the results untouched
     before = (tmp_path / "results.json").read_bytes()
-    refused = run_script(["-m", "gpt4image.experiment", "--quick", "--lamb=0.5", f"--out={tmp_path}"], check=False)
-    assert refused.returncode == 2 and "--lamb: None there, 0.5 now" in refused.stderr
+    refused(["-m", "gpt4image.experiment", "--quick", "--lamb=0.5", f"--out={tmp_path}"], "--lamb: None there, 0.5 now")
     assert (tmp_path / "results.json").read_bytes() == before

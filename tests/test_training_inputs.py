@@ -13,8 +13,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import REPO
-from test_hardening import DEIT, RESNET, ran, refused
+from conftest import DEIT, REPO, RESNET, ran, refused
 
 WORKERS = {RESNET: "-j", DEIT: "--num_workers"}
 TINY = {RESNET: ["-a", "resnet18", "-b", "4", "--input-size", "32", "--seed", "0", "-p", "50"],

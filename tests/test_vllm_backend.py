@@ -42,6 +42,7 @@ def _records(path):
     return [json.loads(line) for line in open(path, encoding="utf-8")]
 
 
+@pytest.mark.slow
 def test_vllm_gives_the_text_of_transformers_greedy_decoding_for_llava(models, photos, tmp_path):
     run_script([SCRIPT, f"--data={photos}", f"--model={models['llava']}", f"--output={tmp_path}/t.jsonl", *FLAGS])
     _vllm([f"--data={photos}", f"--model={models['llava']}", f"--output={tmp_path}/v.jsonl", *FLAGS])
@@ -50,6 +51,7 @@ def test_vllm_gives_the_text_of_transformers_greedy_decoding_for_llava(models, p
     assert meta["backend"].startswith("vllm ") and meta["counts"]["described"] == 13
 
 
+@pytest.mark.slow
 def test_a_killed_vllm_shard_resumes_and_the_shards_cover_every_image_once(models, photos, tmp_path):
     model = models["qwen2_vl"]
     run_script([SCRIPT, f"--data={photos}", f"--model={model}", f"--output={tmp_path}/t.jsonl", *FLAGS])
