@@ -6,7 +6,7 @@ import hashlib
 import json
 import os
 import tempfile
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 

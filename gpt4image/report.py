@@ -12,7 +12,8 @@ import json
 import math
 import os
 import sys
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
+from collections.abc import Callable
 
 from .cli import ArgumentParser
 

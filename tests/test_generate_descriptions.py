@@ -10,7 +10,6 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from conftest import REPO, described_paths, kill_once_written, own_generate, run_script
 from gpt4image.describe.prompts import DEFAULT_CLASS_PROMPT

@@ -7,7 +7,6 @@ Also runs under ``python -m torch.distributed.launch --use_env``, ``srun`` and a
 (GPU or CPU). Without ``--data`` it trains on generated images (as the original's FakeData).
 """
 import sys
-from typing import Optional
 
 import gpt4image  # noqa: F401  (first: makes torchvision importable)
 import torch
@@ -99,7 +98,7 @@ def transforms_for(input_size: int) -> tuple:
     return train, val
 
 
-def build_model(args, num_classes: int, text_dim: Optional[int]) -> TextAlignedModel:
+def build_model(args, num_classes: int, text_dim: int | None) -> TextAlignedModel:
     backbone = torchvision.models.__dict__[args.arch](num_classes=num_classes)
     if args.pretrained:
         path = cached_torchvision_weights(args.arch) if args.pretrained == "cache" else args.pretrained
@@ -111,7 +110,7 @@ def build_model(args, num_classes: int, text_dim: Optional[int]) -> TextAlignedM
     return TextAlignedModel(backbone, head, alignment_state_for(args, text_dim))
 
 
-def main(argv: Optional[list] = None):
+def main(argv: list | None = None):
     return run_recipe(get_args_parser(), ResNetConfig, _run, argv)
 
 

@@ -1,6 +1,5 @@
 """The one checkpoint format of both recipes: written atomically, read back, checked, resumed from."""
 import os
-from typing import Optional
 
 import torch
 
@@ -32,7 +31,7 @@ def load_checkpoint(path: str):
         raise UserError(f"cannot read checkpoint {path!r}: {load_error(e, path)}") from None
 
 
-def check_compatible(checkpoint, path: str, recipe: str, arch: str, text_dim: Optional[int]) -> None:
+def check_compatible(checkpoint, path: str, recipe: str, arch: str, text_dim: int | None) -> None:
     """Refuse a checkpoint of the other recipe, another architecture or another embedding width."""
     if not isinstance(checkpoint, dict) or "recipe" not in checkpoint:
         return
@@ -68,7 +67,7 @@ def _alignment_state(model):
     return getattr(model, "alignment_state", None)
 
 
-def find_resume(resume: str, output_dir: str) -> Optional[str]:
+def find_resume(resume: str, output_dir: str) -> str | None:
     """Checkpoint to resume from: ``--resume PATH``, else ``<output_dir>/checkpoint.pth`` if present."""
     if resume:
         return resume
@@ -232,7 +231,7 @@ def cached_timm_weights(backbone: torch.nn.Module, name: str) -> str:
                     f"(timm.create_model({name!r}, pretrained=True)) or pass --pretrained PATH")
 
 
-def load_classifier_weights(backbone: torch.nn.Module, state, path: str, recipe: Optional[str] = None,
+def load_classifier_weights(backbone: torch.nn.Module, state, path: str, recipe: str | None = None,
                             flag: str = "--resume") -> None:
     """Load a plain torchvision/timm state dict, or our checkpoint's ``model`` entry, into ``backbone``
     (``flag``: the option that named the file, for messages)."""

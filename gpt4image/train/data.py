@@ -3,7 +3,7 @@ and the loaders over them (resumable training order, exact distributed evaluatio
 from __future__ import annotations
 
 import os
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
