@@ -64,7 +64,7 @@ def test_any_pth_of_strings_gives_descriptions_or_one_user_error(value, train, t
     path = tmp_path / "d.pth"
     torch.save(value, path)
     for folder in (None, train):
-        _answers(lambda: read_descriptions(str(path), folder))
+        _answers(lambda folder=folder: read_descriptions(str(path), folder))
 
 
 @pytest.mark.parametrize("suffix", [".json", ".txt"])
