@@ -43,7 +43,8 @@ def check_compatible(checkpoint, path: str, recipe: str, arch: str, text_dim: in
                         f"pass the same model name or another checkpoint")
     saved_dim = checkpoint.get("text_dim")
     if saved_dim != text_dim:
-        saved = f"a projection head for {saved_dim}-d text embeddings" if saved_dim else "no text alignment (a baseline)"
+        saved = (f"a projection head for {saved_dim}-d text embeddings" if saved_dim
+                 else "no text alignment (a baseline)")
         given = f"--text_emb gives {text_dim}-d embeddings" if text_dim else "--text_emb none asks for a baseline"
         raise UserError(f"checkpoint {path!r} has {saved} but {given}; use the --text_emb the run started with, "
                         f"or another output folder for a new run")

@@ -63,8 +63,9 @@ def cap_workers(args, flag: str) -> None:
 
 
 def check_accumulation(accum_iter: int, batches_per_epoch: int, batch_size: int, world_size: int) -> str:
-    """Refuse --accum-iter larger than the batches an epoch has per process: no step would ever see the effective batch the lr is scaled for. Returns the remark for the start line when the
-    epoch's last step sums fewer batches."""
+    """Refuse --accum-iter larger than the batches an epoch has per process: no step would ever see the
+    effective batch the lr is scaled for. Returns the remark for the start line when the epoch's last step
+    sums fewer batches."""
     if accum_iter > batches_per_epoch:
         raise UserError(f"--accum-iter {accum_iter} is more than the {batches_per_epoch} batch(es) of {batch_size} an "
                         f"epoch has per process (over {world_size} process(es)), so no optimizer step would sum "
