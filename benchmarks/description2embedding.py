@@ -154,7 +154,8 @@ def main(argv=None):
         tok.append({"tokenisation": f"ours, {workers} worker processes" if workers else "ours, one process",
                     "descriptions/s": rate, "x released": rate / base})
     print_table(rows, ["approach", "descriptions/s", "seconds"])
-    print(f"\nspeed-up: {t_released / t_ours:.2f}x; {truncated} of {args.n} truncated; min cosine(ours, released) {agree:.4f}")
+    print(f"\nspeed-up: {t_released / t_ours:.2f}x; {truncated} of {args.n} truncated; "
+          f"min cosine(ours, released) {agree:.4f}")
     print(f"1.28M descriptions at this rate: {1281167 / (args.n / t_ours) / 60:.1f} min\n")
     print_table(tok, ["tokenisation", "descriptions/s", "x released"])
     families = family_rates(texts[:args.families], args.workers, args.bs, device) if args.families else []

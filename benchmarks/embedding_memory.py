@@ -108,7 +108,8 @@ def main(argv=None):
     p.add_argument("--ranks", type=int, default=2)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--released", action="store_true")
-    p.add_argument("--json", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "embedding_memory.json"))
+    p.add_argument("--json", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                                  "embedding_memory.json"))
     args = p.parse_args(argv)
     size_mib, pss_mib, processes, seconds = _measure(args.rows, args.dim, args)
     _, base_mib, _, _ = _measure(1, args.dim, args)  # same processes, a 1-row table: Python + torch

@@ -57,7 +57,7 @@ def batched(model, processor, prompts, items, device, generation, batch, workers
                                          num_workers=workers, prefetch_factor=4 if workers else None)
     waits = []
     start = tick = time.perf_counter()
-    for good, inputs, _ in loader:
+    for _good, inputs, _ in loader:
         waits.append(time.perf_counter() - tick)
         generate(model, processor, inputs, device, generation)
         tick = time.perf_counter()

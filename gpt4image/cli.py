@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import argparse
 import math
-from typing import Any, Callable, NoReturn, Sequence
+from typing import Any, NoReturn
+from collections.abc import Callable, Sequence
 
 from .errors import UserError
 

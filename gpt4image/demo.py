@@ -144,7 +144,8 @@ def explain(runs: list[str], nproc: int) -> None:
         chance = chance_text_loss(dict(args, world_size=args.get("world_size") or nproc))
         if chance is None or not rows:
             continue
-        print(f"  {os.path.basename(run)}: text loss {rows[0]['train_text_loss']:.2f} -> {rows[-1]['train_text_loss']:.2f} "
+        print(f"  {os.path.basename(run)}: text loss {rows[0]['train_text_loss']:.2f} -> "
+              f"{rows[-1]['train_text_loss']:.2f} "
               f"(chance: ln({chance[1]}) = {chance[0]:.2f}, the loss of embeddings unrelated to the images)")
     print("A tiny random text encoder cannot show the method's benefit (the baselines learn this task as well);\n"
           "the demo shows that every stage works. The paper's gains need a real VLM, CLIP and ImageNet (README).\n"

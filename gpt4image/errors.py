@@ -6,7 +6,8 @@ written; every other exception is a bug and keeps its traceback.
 from __future__ import annotations
 
 import sys
-from typing import Callable, TypeVar
+from typing import TypeVar
+from collections.abc import Callable
 
 Result = TypeVar("Result")
 

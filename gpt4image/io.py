@@ -6,7 +6,7 @@ import hashlib
 import json
 import os
 import tempfile
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 
@@ -104,7 +104,8 @@ def _disk_error(error, path, kept=None):
     except OSError:
         full = False
     if code in (errno.ENOSPC, errno.EDQUOT) or full:
-        return UserError(f"no space left on device while writing {path!r} (in {os.path.dirname(os.path.abspath(path))!r});"
+        return UserError(f"no space left on device while writing {path!r} "
+                         f"(in {os.path.dirname(os.path.abspath(path))!r});"
                          f" free space there or choose another output folder; {kept} is kept as it was")
     reason = error.strerror if isinstance(error, OSError) and error.strerror else " ".join(str(error).split())
     return UserError(f"cannot write {path!r} ({reason}); {kept} is kept as it was")

@@ -12,7 +12,8 @@ import json
 import math
 import os
 import sys
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
+from collections.abc import Callable
 
 from .cli import ArgumentParser
 
@@ -100,7 +101,8 @@ def summarise(run_dir: str, run: tuple[dict, list[dict]] | None = None, label: s
     if aligned and not {"lamb", "loss_type", "tau"} <= set(args):
         raise UserError(f"{os.path.join(run_dir, 'args.json')}: no lamb, loss_type or tau; is it a run of this repo?")
     if aligned:
-        gather = ("gather+grad" + (" local" if args.get("local_loss") else "")) if args.get("gather_with_grad") else "released"
+        gather = (("gather+grad" + (" local" if args.get("local_loss") else "")) if args.get("gather_with_grad")
+                  else "released")
         try:
             weight = f"{effective_text_weight(args['lamb'], args['loss_type'], args.get('gather_with_grad'), world):g}"
         except (TypeError, ValueError, KeyError):
@@ -123,7 +125,8 @@ def summarise(run_dir: str, run: tuple[dict, list[dict]] | None = None, label: s
         protocol = f"resize {int(size / 0.875)} crop {size}"
     fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
     last = rows[-1] if rows else {}
-    i2t, t2i, rate = _number(last.get("test_i2t_r1")), _number(last.get("test_t2i_r1")), _number(last.get("images_per_s"))
+    i2t, t2i = _number(last.get("test_i2t_r1")), _number(last.get("test_t2i_r1"))
+    rate = _number(last.get("images_per_s"))
     return {
         "run": label or os.path.basename(os.path.normpath(run_dir)), "recipe": recipe, "model": model,
         "alignment": alignment, "epochs": f"{len(rows)}/{args.get('epochs', '?')} ({state})",
@@ -216,7 +219,8 @@ def curves_figure(runs: list[tuple]) -> Figure:
             if chance:
                 axes[2].axhline(chance[0], ls=":", color=color,
                                 label=f"{label}: chance, log({chance[1]}) = {chance[0]:.2f} "
-                                      f"({'global' if run_args['loss_type'] == 'clip' else 'local'} batch of args.json)")
+                                      f"({'global' if run_args['loss_type'] == 'clip' else 'local'} "
+                                      f"batch of args.json)")
         if retrieval and any("test_i2t_r1" in r for r in rows):
             axes[3].plot(epochs, series(rows, "test_i2t_r1"), marker="o", color=color, label=label + " image->text")
             axes[3].plot(epochs, series(rows, "test_t2i_r1"), ls="--", color=color, label=label + " text->image")

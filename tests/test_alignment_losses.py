@@ -225,7 +225,8 @@ def test_supcon_under_mixup_takes_the_unmixed_labels(image_folder, embeddings, t
     mix = TextMixup(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1, num_classes=4)
     criterion, _ = deit_main.build_criterion(deit_main.get_args_parser().parse_args(["--loss_type=supcon"]), 4, "cpu")
     step = TrainStep(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), criterion=criterion,
-                     device=torch.device("cpu"), alignment=Recording("supcon", 0.05), mix_fn=mix, prepare=DeviceAugment())
+                     device=torch.device("cpu"), alignment=Recording("supcon", 0.05), mix_fn=mix,
+                     prepare=DeviceAugment())
     labels = torch.tensor([0, 1, 2, 3])
     values, _, _ = train_step(step, (torch.randint(0, 255, (4, 3, 32, 32), dtype=torch.uint8), labels,
                                      F.normalize(torch.randn(4, 8), dim=-1)))

@@ -117,7 +117,8 @@ def test_table_is_memory_mapped_in_its_stored_dtype(tmp_path):
 
 @pytest.mark.parametrize("table, message", [
     (torch.ones(4), "shape (4,)"),
-    (F.normalize(torch.ones(5, 4), dim=-1).index_put_((torch.tensor([3]), torch.tensor([1])), torch.tensor(float("nan"))),
+    (F.normalize(torch.ones(5, 4), dim=-1).index_put_((torch.tensor([3]), torch.tensor([1])),
+                                                      torch.tensor(float("nan"))),
      "row 3 is not finite"),
     (F.normalize(torch.ones(5, 4), dim=-1) * torch.tensor([[1.0], [1], [2], [1], [1]]), "row 2 has norm 2.0000"),
     (torch.ones(3, 4, dtype=torch.long), "dtype torch.int64"),

@@ -112,7 +112,8 @@ def _write_cifar100(root, n_train=40, n_test=20):
     os.makedirs(base)
     rng = np.random.default_rng(0)
     for name, n in (("train", n_train), ("test", n_test)):
-        entry = {"data": rng.integers(0, 255, size=(n, 3072), dtype=np.uint8), "fine_labels": list(rng.integers(0, 100, n)),
+        entry = {"data": rng.integers(0, 255, size=(n, 3072), dtype=np.uint8),
+                 "fine_labels": list(rng.integers(0, 100, n)),
                  "coarse_labels": [0] * n, "filenames": [f"{i}.png" for i in range(n)]}
         with open(os.path.join(base, name), "wb") as f:
             pickle.dump(entry, f)

@@ -174,7 +174,8 @@ def test_a_renamed_or_added_training_image_is_caught_by_the_file_list(capsys, fo
     base = [f"--data={folder_copy}", "--epochs=1", *SMALL, "-j", "0", f"--save_dir={tmp_path}/run",
             f"--text_emb={tmp_path}/emb.pth"]
     _fails(capsys, base, "train folder's files differ", "sample 0", first)
-    shutil.copy(folder_copy / "train" / "blue_triangle" / ("z" + first), folder_copy / "train" / "blue_triangle" / first)
+    shutil.copy(folder_copy / "train" / "blue_triangle" / ("z" + first),
+                folder_copy / "train" / "blue_triangle" / first)
     _fails(capsys, base, "49 samples")  # one added
 
 
@@ -182,7 +183,8 @@ def test_corrupt_images_are_named_or_skipped_and_counted(capsys, folder_copy, em
     victim = folder_copy / "train" / "green_square" / "train_0003.jpg"
     victim.write_bytes(victim.read_bytes()[:100])  # truncated JPEG
     base = [f"--data={folder_copy}", "--epochs=1", *SMALL, "-j", "1", f"--text_emb={embeddings}"]
-    _fails(capsys, [*base, f"--save_dir={tmp_path}/a"], "cannot decode image", "train_0003.jpg", "--skip-corrupt-images")
+    _fails(capsys, [*base, f"--save_dir={tmp_path}/a"], "cannot decode image", "train_0003.jpg",
+           "--skip-corrupt-images")
     from gpt4image.recipes import resnet as resnet_main
     resnet_main.main([*base, f"--save_dir={tmp_path}/b", "--skip-corrupt-images"])
     assert _log(tmp_path / "b")[0]["train_corrupt_images_skipped"] >= 1

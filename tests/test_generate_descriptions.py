@@ -10,7 +10,6 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from conftest import REPO, described_paths, kill_once_written, own_generate, run_script
 from gpt4image.describe.prompts import DEFAULT_CLASS_PROMPT
@@ -63,7 +62,8 @@ def test_class_prompt_names_the_class_from_the_class_names_file(vlm, photos, gd_
     record = next(r for r in _records(out) if r["class"] == "n01484850")
     prompt = "This is a photo of a great white shark. Describe this image in detail."
     assert record["description"] == own_generate(vlm["llava"], os.path.join(photos, record["path"]), prompt, 6)
-    assert json.load(open(f"{out}.json"))["class_prompt"] == "This is a photo of a {class_name}. Describe this image in detail."
+    assert (json.load(open(f"{out}.json"))["class_prompt"]
+            == "This is a photo of a {class_name}. Describe this image in detail.")
 
 
 @pytest.fixture(scope="module")

@@ -63,7 +63,8 @@ def test_a_rerun_with_other_arguments_is_refused_listing_them_and_resume_continu
 def test_a_finished_run_rerun_says_so_and_repeats_its_final_line(resnet_run, image_folder, embeddings):
     run, stdout = resnet_run
     before = snapshot(run)
-    proc = ran([RESNET, f"--data={image_folder}", f"--text_emb={embeddings}", "--epochs=1", *SMALL, f"--save_dir={run}"])
+    proc = ran([RESNET, f"--data={image_folder}", f"--text_emb={embeddings}", "--epochs=1", *SMALL,
+                f"--save_dir={run}"])
     assert "holds a finished run of 1 epochs" in proc.stdout
     assert proc.stdout.strip().splitlines()[-1].split(" ", 1)[1] == stdout.strip().splitlines()[-1].split(" ", 1)[1]
     assert "nan" not in proc.stdout.strip().splitlines()[-1]

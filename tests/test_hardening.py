@@ -250,7 +250,8 @@ def test_two_runs_into_one_folder_the_second_is_refused_at_once_and_a_stale_lock
     stale.mkdir()
     (stale / "run.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": gone.pid, "job": None}))
     proc = ran([*cmd, f"--save_dir={stale}", "--stop-after=1"])
-    assert "taking over a stale lock" in proc.stdout + proc.stderr and f"process {gone.pid}" in proc.stdout + proc.stderr
+    printed = proc.stdout + proc.stderr
+    assert "taking over a stale lock" in printed and f"process {gone.pid}" in printed
     assert [json.loads(line)["epoch"] for line in open(stale / "log.txt")] == [0]
 
 

@@ -66,8 +66,8 @@ def _deit_training(path):
 def _generate_descriptions(path):
     from gpt4image.describe.listing import ImageItem
     from gpt4image.describe.loading import PromptBatches
-    good, (prompts, images), failures = PromptBatches([ImageItem(index=0, path="a", file=path)], 1, None, lambda item: "p",
-                                                      preprocess=False)[0]
+    good, (prompts, images), failures = PromptBatches([ImageItem(index=0, path="a", file=path)], 1, None,
+                                                      lambda item: "p", preprocess=False)[0]
     assert not failures, failures
     return images[0]
 

@@ -40,7 +40,8 @@ def test_two_epochs_log_every_key_and_print_the_final_line(launcher, image_folde
     for row in log:
         assert LOG_KEYS <= set(row), LOG_KEYS - set(row)
         assert row["train_text_loss"] > 0
-    assert "best top-1" in proc.stdout.strip().splitlines()[-1] and "final top-1" in proc.stdout.strip().splitlines()[-1]
+    last = proc.stdout.strip().splitlines()[-1]
+    assert "best top-1" in last and "final top-1" in last
     world = 1 if launcher == "single" else 2
     assert f"world_size={world} effective text-loss weight={0.3 / world:g}" in proc.stdout
     assert json.load(open(tmp_path / "args.json"))["arch"] == "resnet18"

@@ -98,7 +98,8 @@ def test_per_class_rows_are_the_renormalised_mean_of_the_descriptions():
 E = math.e
 # Three images, t0 = t1 = e1, t2 = e2; z0 = e1, z1 = e2, z2 = e1; tau 1. Image-to-text logits: z0 [1, 1, 0],
 # z1 [0, 0, 1], z2 [1, 1, 0]; text-to-image: t0 and t1 [1, 0, 1], t2 [0, 1, 0].
-SHARED_I2T = (math.log((2 * E + 1) / (2 * E)) + math.log((2 + E) / 2) + math.log(2 * E + 1)) / 3  # -log mass on {t0, t1}
+# -log mass on {t0, t1}
+SHARED_I2T = (math.log((2 * E + 1) / (2 * E)) + math.log((2 + E) / 2) + math.log(2 * E + 1)) / 3
 SHARED_T2I = (2 * math.log((2 * E + 1) / (E + 1)) + math.log(2 + E)) / 3  # t0, t1: -log mass on {z0, z1}
 PAPER_I2T = (math.log((2 * E + 1) / E) + math.log(2 + E) + math.log(2 * E + 1)) / 3  # only the diagonal
 PAPER_T2I = (math.log((2 * E + 1) / E) + math.log(2 * E + 1) + math.log(2 + E)) / 3

@@ -117,7 +117,8 @@ def test_a_config_value_passes_the_checks_of_its_flag(recipe, text, expected):
 
 def _parser(recipe):
     import importlib
-    return importlib.import_module("gpt4image.recipes.resnet" if recipe == RESNET else "gpt4image.recipes.deit").get_args_parser()
+    module = "gpt4image.recipes.resnet" if recipe == RESNET else "gpt4image.recipes.deit"
+    return importlib.import_module(module).get_args_parser()
 
 
 def _refused_config(parser, text):
@@ -207,7 +208,8 @@ def test_a_table_given_as_pretrained_weights_is_named(recipe, image_folder, embe
 @RECIPES
 def test_resuming_a_checkpoint_of_another_class_count_names_both_counts(recipe, runs, embeddings, tmp_path):
     cmd = [recipe, f"--text_emb={embeddings}", *SMALL[recipe], f"{OUT[recipe]}={tmp_path / 'out'}", "--epochs=2",
-           "--generated-size", "48", "16", f"{CLASSES[recipe]}=5", f"--resume={runs[recipe]}"]  # a run folder: its checkpoint.pth
+           "--generated-size", "48", "16", f"{CLASSES[recipe]}=5",
+           f"--resume={runs[recipe]}"]  # a run folder: its checkpoint.pth
     refused(cmd, "classifies 4 classes", "this run has 5")
 
 
@@ -271,8 +273,8 @@ def test_the_start_line_says_scaled_only_when_scaling_and_workers_fit_the_cores(
     cores = len(os.sched_getaffinity(0))
     flag = {RESNET: "--no_scale_lr", DEIT: "--unscale-lr"}[recipe]
     many = cores + 3
-    cmd = [recipe, f"{DATA[recipe]}={image_folder}", "--text_emb=none", *TINY[recipe], WORKERS[recipe], str(many), f"{OUT[recipe]}={tmp_path / 'out'}",
-           "--epochs=1", *([] if scaled else [flag])]
+    cmd = [recipe, f"{DATA[recipe]}={image_folder}", "--text_emb=none", *TINY[recipe], WORKERS[recipe], str(many),
+           f"{OUT[recipe]}={tmp_path / 'out'}", "--epochs=1", *([] if scaled else [flag])]
     out = ran(cmd).stdout
     start = next(line for line in out.splitlines() if "process(es):" in line)
     assert ("scaled to it" in start) == scaled and (flag in start) != scaled, start
@@ -395,8 +397,8 @@ def test_the_curves_have_whole_epochs_a_chance_line_and_no_empty_retrieval_panel
 @given(log=st.one_of(st.binary(max_size=300),
                      st.lists(st.dictionaries(st.sampled_from(["epoch", "test_acc1", "ema_test_acc1", "images_per_s",
                                                                "test_i2t_r1", "test_t2i_r1", "train_text_loss"]),
-                                              st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=3)
-                                              | st.lists(st.integers(), max_size=2)),
+                                              st.none() | st.booleans() | st.integers() | st.floats()
+                                              | st.text(max_size=3) | st.lists(st.integers(), max_size=2)),
                               max_size=4).map(lambda rows: "\n".join(json.dumps(r) for r in rows).encode()),
                      st.just(b"[" * 5000 + b"\n")))
 def test_any_log_gives_rows_or_named_skips(log, tmp_path_factory):

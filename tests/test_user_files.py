@@ -64,7 +64,7 @@ def test_any_pth_of_strings_gives_descriptions_or_one_user_error(value, train, t
     path = tmp_path / "d.pth"
     torch.save(value, path)
     for folder in (None, train):
-        _answers(lambda: read_descriptions(str(path), folder))
+        _answers(lambda folder=folder: read_descriptions(str(path), folder))
 
 
 @pytest.mark.parametrize("suffix", [".json", ".txt"])
@@ -168,7 +168,7 @@ def test_one_image_spelled_two_ways_in_an_image_list_is_refused_once_named(spell
 @pytest.mark.parametrize("separator", ["\u2028", "\u2029", "\u0085", "\x0b", "\x0c", "\x1c", "\x1d", "\x1e", "\r"])
 def test_a_txt_description_file_ends_lines_only_at_newlines(separator, tmp_path):
     path = tmp_path / "d.txt"
-    path.write_bytes(f"a dog{separator}on grass\r\na cat\n".encode("utf-8"))
+    path.write_bytes(f"a dog{separator}on grass\r\na cat\n".encode())
     texts, _ = read_descriptions(str(path))
     assert texts == [f"a dog{separator}on grass", "a cat"]
 

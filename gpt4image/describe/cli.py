@@ -43,7 +43,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="local directory of a transformers image-text-to-text model "
                                    "(e.g. Qwen2-VL-2B-Instruct), or a hub id already in Hugging Face's cache")
     p.add_argument("--output", default="descriptions.jsonl", help="final JSON-lines file (default: %(default)s)")
-    p.add_argument("--prompt", default=DEFAULT_PROMPT, help="the request to the model (default: the paper's, %(default)r)")
+    p.add_argument("--prompt", default=DEFAULT_PROMPT,
+                   help="the request to the model (default: the paper's, %(default)r)")
     p.add_argument("--class-prompt", nargs="?", const=DEFAULT_CLASS_PROMPT, default=None, metavar="TEMPLATE",
                    help="class-conditioned prompt with a {class_name} placeholder filled from the class folder "
                         f"(default template: {DEFAULT_CLASS_PROMPT!r})")
@@ -54,7 +55,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding (not reproducible)")
     p.add_argument("--temperature", type=positive_float, default=1.0, help="with --do-sample")
     p.add_argument("--top-p", type=in_range(above=0, maximum=1), default=1.0, help="with --do-sample")
-    p.add_argument("--seed", type=non_negative_int, default=0, help="with --do-sample: seed of each rank's sampling (+ shard)")
+    p.add_argument("--seed", type=non_negative_int, default=0,
+                   help="with --do-sample: seed of each rank's sampling (+ shard)")
     p.add_argument("--backend", choices=["transformers", "vllm"], default="transformers",
                    help="transformers' generate (static batches), or vLLM's engine (continuous batching; "
                         "pip install -e .[vllm])")

@@ -80,7 +80,8 @@ def inspect_vlm(model: str, allow_download: bool = False) -> VLMSource:
     except Exception as e:  # noqa: BLE001
         processor = e
     if not hasattr(processor, "image_processor") or not hasattr(processor, "tokenizer"):
-        found = f"{type(processor).__name__}: {processor}" if isinstance(processor, Exception) else type(processor).__name__
+        found = (f"{type(processor).__name__}: {processor}" if isinstance(processor, Exception)
+                 else type(processor).__name__)
         raise UserError(f"{directory!r} has no processor for images and text ({found}); the folder needs the "
                         f"model's preprocessor_config.json and tokenizer files as downloaded".replace("\n", " "))
     processor.tokenizer.padding_side = "left"

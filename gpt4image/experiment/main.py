@@ -76,7 +76,8 @@ def previous_runs(results_path: str, args: argparse.Namespace) -> dict[tuple, di
                         f"delete it, or use another --out") from None
     differ = [k for k in RESULT_SETTINGS if before.get(k) != vars(args).get(k)]
     if differ:
-        shown = "; ".join(f"--{k.replace('_', '-')}: {before.get(k)!r} there, {vars(args).get(k)!r} now" for k in differ)
+        shown = "; ".join(f"--{k.replace('_', '-')}: {before.get(k)!r} there, {vars(args).get(k)!r} now"
+                          for k in differ)
         raise UserError(f"{results_path} holds runs measured with other settings ({shown}); use another --out, or "
                         f"delete it to start again")
     return measured

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -33,7 +33,8 @@ def run_argv(run: dict, paths: dict[str, str], settings: dict) -> list[str]:
         return [f"--data={paths['data']}", f"--save_dir={run['dir']}", "-a", "resnet18", "-b", "16", "-j", "0",
                 "--input-size", str(settings["resnet_size"]), "--lr", "0.05", "--no_scale_lr", *common]
     return [f"--data-path={paths['data']}", f"--output_dir={run['dir']}", "--model", "deit_tiny_patch16_224",
-            "--input-size", str(settings["size"]), "--batch-size", "16", "--num_workers", "0", "--lr", "1e-3", "--unscale-lr",
+            "--input-size", str(settings["size"]), "--batch-size", "16", "--num_workers", "0", "--lr", "1e-3",
+            "--unscale-lr",
             "--warmup-epochs", "1", "--mixup", "0", "--cutmix", "0", "--reprob", "0", "--aa", "none",
             "--drop-path", "0", "--model-ema-decay", "0.9", *common]
 
@@ -96,7 +97,8 @@ def train_all(runs: list[dict], paths: dict[str, str], settings: dict, jobs: int
             on_result(done)
         eta = (time.time() - started) / len(done) * (len(runs) - len(done))
         print(f"[{len(done)}/{len(runs)}] {item['recipe']:6s} {item['condition']:10s} noise {item['noise']:.1f} "
-              f"seed {item['seed']}: clean top-1 {item['acc1']:.1f}% ({item['seconds']:.0f} s, {item['cpu_seconds']:.0f} s of "
+              f"seed {item['seed']}: clean top-1 {item['acc1']:.1f}% ({item['seconds']:.0f} s, "
+              f"{item['cpu_seconds']:.0f} s of "
               f"CPU; ~{eta / 60:.0f} min left)",
               flush=True)
     for w in workers:

@@ -1,7 +1,6 @@
 """The typed config of each recipe: every flag of its parser as a field (``from_args`` refuses a
 parsed flag without one), beside the shared ones of ``CommonConfig``."""
 from dataclasses import dataclass
-from typing import Optional
 
 from gpt4image.train.config import CommonConfig
 
@@ -9,7 +8,7 @@ from gpt4image.train.config import CommonConfig
 @dataclass(kw_only=True)
 class ResNetConfig(CommonConfig):
     """resnet/main.py's flags (get_args_parser in recipes/resnet.py)."""
-    data: Optional[str]
+    data: str | None
     save_dir: str
     arch: str
     workers: int
@@ -50,8 +49,8 @@ class DeiTConfig(CommonConfig):
     model_ema_force_cpu: bool
     opt: str
     opt_eps: float
-    opt_betas: Optional[list]
-    clip_grad: Optional[float]
+    opt_betas: list | None
+    clip_grad: float | None
     momentum: float
     weight_decay: float
     sched: str
@@ -70,7 +69,7 @@ class DeiTConfig(CommonConfig):
     recount: int
     mixup: float
     cutmix: float
-    cutmix_minmax: Optional[list]
+    cutmix_minmax: list | None
     mixup_prob: float
     mixup_switch_prob: float
     mixup_mode: str
@@ -82,7 +81,7 @@ class DeiTConfig(CommonConfig):
     distillation_alpha: float
     distillation_tau: float
     finetune: str
-    data_path: Optional[str]
+    data_path: str | None
     data_set: str
     nb_classes: int
     generated_size: list

@@ -8,7 +8,6 @@ smoothing, EMA, AdamW with warm-up and cosine, optional distillation) on timm 1.
 alignment of the class token (after the final norm) with the stored text embeddings.
 """
 import sys
-from typing import Optional
 
 import gpt4image  # noqa: F401  (first: makes torchvision importable)
 import timm
@@ -167,7 +166,7 @@ def create_backbone(args, num_classes: int) -> torch.nn.Module:
         return timm.create_model(args.model, **kwargs)
 
 
-def build_model(args, num_classes: int, text_dim: Optional[int]) -> TextAlignedModel:
+def build_model(args, num_classes: int, text_dim: int | None) -> TextAlignedModel:
     backbone = create_backbone(args, num_classes)
     if args.distillation_type != "none":
         if not hasattr(backbone, "set_distilled_training"):
@@ -196,7 +195,7 @@ def build_optimizer(args, model: torch.nn.Module, lr: float, device: torch.devic
     return torch.optim.AdamW(groups, lr=lr, eps=args.opt_eps, betas=betas, fused=device.type == "cuda")
 
 
-def main(argv: Optional[list] = None):
+def main(argv: list | None = None):
     return run_recipe(get_args_parser(), DeiTConfig, _run, argv)
 
 

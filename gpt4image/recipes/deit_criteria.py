@@ -1,5 +1,4 @@
 """Classification criteria of the DeiT recipe, including knowledge distillation from a teacher."""
-from typing import Optional
 
 import timm
 import torch
@@ -67,7 +66,7 @@ class DistillationLoss(nn.Module):
         return loss * (1 - self.alpha) + kd * self.alpha
 
 
-def build_teacher(args, num_classes: int, device) -> Optional[nn.Module]:
+def build_teacher(args, num_classes: int, device) -> nn.Module | None:
     if args.distillation_type == "none":
         return None
     if not args.teacher_path:

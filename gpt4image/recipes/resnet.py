@@ -7,7 +7,6 @@ Also runs under ``python -m torch.distributed.launch --use_env``, ``srun`` and a
 (GPU or CPU). Without ``--data`` it trains on generated images (as the original's FakeData).
 """
 import sys
-from typing import Optional
 
 import gpt4image  # noqa: F401  (first: makes torchvision importable)
 import torch
@@ -60,8 +59,8 @@ def get_args_parser() -> ArgumentParser:
       help="SGD weight decay (on every parameter, as released)")
     p.add_argument("-p", "--print-freq", type=POSITIVE, default=10, help="log every N steps")
     p.add_argument("--pretrained", default="", metavar="PATH",
-                   help="initialise from weights on disk (a torchvision state dict or our checkpoint; fc dropped if its "
-                        "class count differs); 'cache': torchvision's weights of -a from torch hub's cache, never "
+                   help="initialise from weights on disk (a torchvision state dict or our checkpoint; fc dropped if "
+                        "its class count differs); 'cache': torchvision's weights of -a from torch hub's cache, never "
                         "downloaded")
     p.add_argument("--resume", default="", help="checkpoint to resume from (default: save_dir/checkpoint.pth)")
     p.add_argument("-e", "--evaluate", action="store_true", help="evaluate --resume on the validation set")
@@ -99,7 +98,7 @@ def transforms_for(input_size: int) -> tuple:
     return train, val
 
 
-def build_model(args, num_classes: int, text_dim: Optional[int]) -> TextAlignedModel:
+def build_model(args, num_classes: int, text_dim: int | None) -> TextAlignedModel:
     backbone = torchvision.models.__dict__[args.arch](num_classes=num_classes)
     if args.pretrained:
         path = cached_torchvision_weights(args.arch) if args.pretrained == "cache" else args.pretrained
@@ -111,7 +110,7 @@ def build_model(args, num_classes: int, text_dim: Optional[int]) -> TextAlignedM
     return TextAlignedModel(backbone, head, alignment_state_for(args, text_dim))
 
 
-def main(argv: Optional[list] = None):
+def main(argv: list | None = None):
     return run_recipe(get_args_parser(), ResNetConfig, _run, argv)
 
 
@@ -120,15 +119,16 @@ def build_data(args, dist_info) -> tuple:
     train_tf, val_tf = transforms_for(args.input_size)
     generated = args.data is None
     if generated:
-        train_set, val_set = generated_datasets(args.num_classes, args.input_size, *args.generated_size, train_tf, val_tf)
+        train_set, val_set = generated_datasets(args.num_classes, args.input_size, *args.generated_size,
+                                                train_tf, val_tf)
         logger.info(f"no --data: generated images ({len(train_set)} train, {len(val_set)} val)")
         num_classes = args.num_classes
     else:
         train_set, val_set = build_image_folders(args.data, train_tf, val_tf)
         num_classes = len(train_set.classes)
+    targets = None if args.evaluate else TrainingTargets.from_args(args, num_classes)
     train_set, embeddings = attach_text_embeddings(train_set, None if args.evaluate else args.text_emb, generated,
-                                                   args.text_per_step, args.seed,
-                                                   None if args.evaluate else TrainingTargets.from_args(args, num_classes))
+                                                   args.text_per_step, args.seed, targets)
     val_set = attach_val_text_embeddings(val_set, args.val_text_emb, embeddings)
     if args.skip_corrupt_images:
         train_set = SkipCorrupt(train_set)

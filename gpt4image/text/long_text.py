@@ -36,7 +36,7 @@ def _pack(units, count, room, additive=False):
 # that long; the work stays linear in the length of the text.
 LONGEST_COUNTED_WORD = 256
 LONGEST_WORD = 64
-_HUGE_WORD = re.compile(r"\S{%d,}" % (LONGEST_COUNTED_WORD + 1))
+_HUGE_WORD = re.compile(rf"\S{{{LONGEST_COUNTED_WORD + 1},}}")
 
 
 def _fits(text, count, room):

@@ -167,7 +167,8 @@ class WithTextEmbeddings(torch.utils.data.Dataset):
         if recorded is not None:
             k = next((i for i, (a, b) in enumerate(zip(recorded, files)) if a != b), min(len(recorded), len(files)))
             where = (f" first difference at sample {k}: table has "
-                     f"{recorded[k] if k < len(recorded) else '(end)'!r}, folder has {files[k] if k < len(files) else '(end)'!r};")
+                     f"{recorded[k] if k < len(recorded) else '(end)'!r}, "
+                     f"folder has {files[k] if k < len(files) else '(end)'!r};")
         raise UserError(f"the {self.split} folder's files differ from those {self.flag} {self.embeddings.path!r} was "
                         f"made for;{where} regenerate the table with description2embedding.py --data <{self.split} "
                         f"folder>")

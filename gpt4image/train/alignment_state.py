@@ -1,7 +1,7 @@
 """What the alignment loss keeps besides the model, saved and restored with it (``AlignmentState``)."""
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 import torch.nn as nn

@@ -1,6 +1,5 @@
 """The one checkpoint format of both recipes: written atomically, read back, checked, resumed from."""
 import os
-from typing import Optional
 
 import torch
 
@@ -32,7 +31,7 @@ def load_checkpoint(path: str):
         raise UserError(f"cannot read checkpoint {path!r}: {load_error(e, path)}") from None
 
 
-def check_compatible(checkpoint, path: str, recipe: str, arch: str, text_dim: Optional[int]) -> None:
+def check_compatible(checkpoint, path: str, recipe: str, arch: str, text_dim: int | None) -> None:
     """Refuse a checkpoint of the other recipe, another architecture or another embedding width."""
     if not isinstance(checkpoint, dict) or "recipe" not in checkpoint:
         return
@@ -44,7 +43,8 @@ def check_compatible(checkpoint, path: str, recipe: str, arch: str, text_dim: Op
                         f"pass the same model name or another checkpoint")
     saved_dim = checkpoint.get("text_dim")
     if saved_dim != text_dim:
-        saved = f"a projection head for {saved_dim}-d text embeddings" if saved_dim else "no text alignment (a baseline)"
+        saved = (f"a projection head for {saved_dim}-d text embeddings" if saved_dim
+                 else "no text alignment (a baseline)")
         given = f"--text_emb gives {text_dim}-d embeddings" if text_dim else "--text_emb none asks for a baseline"
         raise UserError(f"checkpoint {path!r} has {saved} but {given}; use the --text_emb the run started with, "
                         f"or another output folder for a new run")
@@ -68,7 +68,7 @@ def _alignment_state(model):
     return getattr(model, "alignment_state", None)
 
 
-def find_resume(resume: str, output_dir: str) -> Optional[str]:
+def find_resume(resume: str, output_dir: str) -> str | None:
     """Checkpoint to resume from: ``--resume PATH``, else ``<output_dir>/checkpoint.pth`` if present."""
     if resume:
         return resume
@@ -232,7 +232,7 @@ def cached_timm_weights(backbone: torch.nn.Module, name: str) -> str:
                     f"(timm.create_model({name!r}, pretrained=True)) or pass --pretrained PATH")
 
 
-def load_classifier_weights(backbone: torch.nn.Module, state, path: str, recipe: Optional[str] = None,
+def load_classifier_weights(backbone: torch.nn.Module, state, path: str, recipe: str | None = None,
                             flag: str = "--resume") -> None:
     """Load a plain torchvision/timm state dict, or our checkpoint's ``model`` entry, into ``backbone``
     (``flag``: the option that named the file, for messages)."""

@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 from dataclasses import dataclass, field
-from typing import Optional
 
 from ..io import atomic_write_json
 from ..log import logger
@@ -31,11 +30,11 @@ class Progress:
     been recorded, and the best top-1 (raw and EMA) so far."""
     epoch: int = 0
     step: int = 0
-    partial: Optional[list] = None
-    unevaluated: Optional[dict] = None
+    partial: list | None = None
+    unevaluated: dict | None = None
     best: dict = field(default_factory=no_best)
 
-    def update_best(self, test: dict, ema: Optional[dict], epoch: int) -> bool:
+    def update_best(self, test: dict, ema: dict | None, epoch: int) -> bool:
         """Take an epoch's evaluation into the best; True when its raw top-1 is a new best."""
         improved = test["acc1"] > self.best["acc1"]
         if improved:
@@ -45,7 +44,7 @@ class Progress:
         return improved
 
 
-def evaluation_record(checkpoint_path: str) -> Optional[dict]:
+def evaluation_record(checkpoint_path: str) -> dict | None:
     """The ``evaluated.json`` beside a checkpoint ({"epoch", "best"}), or None."""
     path = os.path.join(os.path.dirname(os.path.abspath(checkpoint_path)), EVALUATED)
     try:

@@ -33,7 +33,8 @@ def _class_entries(path):
                 objects = [json.load(f)]
     except (OSError, UnicodeDecodeError, ValueError) as e:
         raise UserError(f"cannot read per-class description file {path!r} ({type(e).__name__}: {e}); it must be "
-                        f"JSON {{\"class folder\": \"description\" or [descriptions]}} or JSONL of such objects") from None
+                        f"JSON {{\"class folder\": \"description\" or [descriptions]}} "
+                        f"or JSONL of such objects") from None
     pairs = []
     for k, obj in enumerate(objects):
         if not isinstance(obj, dict):

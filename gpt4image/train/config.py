@@ -5,7 +5,6 @@ checkpoint's "args" record it (``recorded()``), so every setting has one source.
 ``CommonConfig`` holds the flags of ``options.add_common_args``; a recipe's config adds its own."""
 import dataclasses
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
@@ -14,29 +13,29 @@ import torch
 class CommonConfig:
     """Flags both recipes share (options.add_common_args); ``world_size`` and
     ``text_emb_fingerprint`` are filled in at start (recorded with the arguments)."""
-    config: Optional[str]
-    amp_dtype: Optional[str]
+    config: str | None
+    amp_dtype: str | None
     compile: bool
     gather_with_grad: bool
     local_loss: bool
-    val_text_emb: Optional[str]
-    text_per_step: Optional[str]
-    device: Optional[str]
+    val_text_emb: str | None
+    text_per_step: str | None
+    device: str | None
     skip_corrupt_images: bool
-    stop_after: Optional[int]
+    stop_after: int | None
     checkpoint_every_minutes: float
     accum_iter: int
     stall_timeout: float
-    wandb_project: Optional[str]
-    wandb_mode: Optional[str]
+    wandb_project: str | None
+    wandb_mode: str | None
     requeue: bool
-    local_rank: Optional[int]
+    local_rank: int | None
     eval_set: list
     eval_sets_every_epoch: bool
     text_target: str
     label_noise: float
     train_fraction: float
-    shots: Optional[float]
+    shots: float | None
     text_weight_schedule: str
     text_weight_every: str
     text_emb_standardize: bool
@@ -51,7 +50,7 @@ class CommonConfig:
     start_epoch: int
     text_emb: str
     world_size: int = 1
-    text_emb_fingerprint: Optional[str] = None
+    text_emb_fingerprint: str | None = None
 
     @classmethod
     def from_args(cls, args) -> "CommonConfig":
@@ -70,7 +69,7 @@ class CommonConfig:
         raise NotImplementedError
 
     @property
-    def autocast_dtype(self) -> Optional[torch.dtype]:
+    def autocast_dtype(self) -> torch.dtype | None:
         """The torch dtype of --amp-dtype (None: float32)."""
         return getattr(torch, self.amp_dtype) if self.amp_dtype else None
 

@@ -3,7 +3,7 @@ and the loaders over them (resumable training order, exact distributed evaluatio
 from __future__ import annotations
 
 import os
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -125,7 +125,8 @@ def build_image_folders(root: str, train_transform: Callable | None,
         only_train = sorted(set(train.classes) - set(val.classes))[:3]
         only_val = sorted(set(val.classes) - set(train.classes))[:3]
         raise UserError(f"{root}: train has {len(train.classes)} classes and val {len(val.classes)}, and they differ "
-                        f"(only in train: {only_train}, only in val: {only_val}); both splits need the same class folders")
+                        f"(only in train: {only_train}, only in val: {only_val}); "
+                        f"both splits need the same class folders")
     return train, val
 
 
@@ -149,7 +150,8 @@ def attach_val_text_embeddings(val: Dataset, path: str | None, train_embeddings:
                         "(not a baseline or an evaluation)")
     embeddings = load_text_embeddings(path, flag="--val-text-emb")
     if embeddings.dim != train_embeddings.dim:
-        raise UserError(f"--val-text-emb {path!r} has {embeddings.dim}-d rows but --text_emb has {train_embeddings.dim}-d; "
+        raise UserError(f"--val-text-emb {path!r} has {embeddings.dim}-d rows "
+                        f"but --text_emb has {train_embeddings.dim}-d; "
                         f"make both with the same encoder")
     return WithTextEmbeddings(val, embeddings, flag="--val-text-emb", split="val")
 

@@ -49,7 +49,8 @@ def launch_environment(local_rank_arg: int | None = None) -> tuple[int, int, int
         local = env.get("LOCAL_RANK", local_rank_arg if local_rank_arg is not None else 0)
         return int(env["RANK"]), int(env["WORLD_SIZE"]), int(local)
     if int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in env:  # srun python main.py
-        env.setdefault("MASTER_ADDR", _first_slurm_host(env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "localhost"))))
+        nodes = env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "localhost"))
+        env.setdefault("MASTER_ADDR", _first_slurm_host(nodes))
         env.setdefault("MASTER_PORT", "29500")
         return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
     return 0, 1, 0
@@ -114,7 +115,8 @@ def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         nccl = dist.get_backend() == "nccl"
         for buffer in module.buffers():
-            if not (nccl and buffer.device.type == "cpu"):  # a CPU copy (e.g. an EMA kept on CPU) is the same everywhere
+            # a CPU copy (e.g. an EMA kept on CPU) is the same everywhere
+            if not (nccl and buffer.device.type == "cpu"):
                 dist.broadcast(buffer.data, src)
 
 

@@ -8,7 +8,7 @@ non-finite step exactly (guard.py).
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 
@@ -36,13 +36,13 @@ class EpochSums:
     ranks of the steps done before a mid-epoch checkpoint (counted once, on rank 0; a checkpoint of
     an older version has only the first five)."""
 
-    def __init__(self, device: torch.device, partial: Optional[list] = None):
+    def __init__(self, device: torch.device, partial: list | None = None):
         self.values = torch.zeros(len(SUM_NAMES), device=device, dtype=torch.float64)
         self.main = is_main_process()
         if partial is not None and self.main:
             self.values[:len(partial)] += torch.tensor(partial, dtype=torch.float64, device=device)
 
-    def add(self, losses: torch.Tensor, n: int, correct: Optional[torch.Tensor]) -> None:
+    def add(self, losses: torch.Tensor, n: int, correct: torch.Tensor | None) -> None:
         """A batch's [loss, ce, text], size and correct predictions; left out when a loss is not finite
         (a step --nonfinite skip skipped), so the epoch's means stay those of the steps applied."""
         finite = torch.isfinite(losses).all()
@@ -75,8 +75,8 @@ class Reporting:
     (TensorBoard, W&B), where x counts the images trained on over all ranks: ``samples_per_step``
     is the global number of images per loader step (batch size x world size)."""
     print_freq: int = 10
-    num_epochs: Optional[int] = None
-    sink: Optional[Callable] = None
+    num_epochs: int | None = None
+    sink: Callable | None = None
     samples_per_step: int = 1
 
 
@@ -143,7 +143,7 @@ class EpochStart:
     """Where an epoch starts: ``step`` (in the epoch; the loader starts there) and ``partial``, the
     sums over all ranks of the steps before it (SUM_NAMES; a mid-epoch checkpoint's)."""
     step: int = 0
-    partial: Optional[list] = None
+    partial: list | None = None
 
 
 @dataclass(kw_only=True)
@@ -152,12 +152,12 @@ class EpochControl:
     and answers CONTINUE, CHECKPOINT or STOP; on CHECKPOINT ``on_checkpoint(step_in_epoch, partial)``
     saves the position."""
     ask: Callable[[], int]
-    on_checkpoint: Optional[Callable[[int, list], None]] = None
+    on_checkpoint: Callable[[int, list], None] | None = None
 
 
-def train_one_epoch(step: TrainStep, loader, epoch: int, *, start: Optional[EpochStart] = None,
-                    control: Optional[EpochControl] = None, seed: Optional[int] = None,
-                    reporting: Optional[Reporting] = None) -> dict:
+def train_one_epoch(step: TrainStep, loader, epoch: int, *, start: EpochStart | None = None,
+                    control: EpochControl | None = None, seed: int | None = None,
+                    reporting: Reporting | None = None) -> dict:
     """Train for one pass over ``loader`` (which starts at ``start.step``); return metrics averaged over
     all ranks: loss, ce_loss, text_loss, acc1 (when targets are hard), lr, images_per_s,
     epoch_time_s, steps, grad_norm (mean over the finite optimizer steps), skipped_steps.

@@ -1,6 +1,6 @@
 """-e / --eval: evaluate one checkpoint (ours, or a plain torchvision/timm state dict) and train nothing."""
 from dataclasses import dataclass
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 
@@ -16,10 +16,10 @@ class Evaluation:
     """How a recipe evaluates: on which device, under which autocast, with which input preparation,
     and the --eval-set sets (``recipe``: its name, to refuse the other recipe's checkpoints)."""
     device: torch.device
-    amp_dtype: Optional[torch.dtype] = None
+    amp_dtype: torch.dtype | None = None
     channels_last: bool = False
-    prepare: Optional[Callable] = None
-    recipe: Optional[str] = None
+    prepare: Callable | None = None
+    recipe: str | None = None
     eval_sets: object = None
 
     def run(self, model: torch.nn.Module, loader, prefix: str = "") -> tuple:

@@ -1,5 +1,5 @@
 """Exact evaluation of both recipes: every validation sample once, over all ranks."""
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 
@@ -9,8 +9,8 @@ from .step import alignment_state, autocast, to_device
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, loader, device: torch.device, amp_dtype: Optional[torch.dtype] = None,
-             channels_last: bool = False, prepare: Optional[Callable] = None) -> dict:
+def evaluate(model: torch.nn.Module, loader, device: torch.device, amp_dtype: torch.dtype | None = None,
+             channels_last: bool = False, prepare: Callable | None = None) -> dict:
     """Top-1/top-5 and cross-entropy over exactly the samples of ``loader`` on every rank (use
     ExactDistributedSampler and the model without DDP), reduced by sample count.
 

@@ -23,7 +23,7 @@ lowers its scale): those are counted as skipped and never stop the run; only a n
 """
 import math
 from dataclasses import dataclass
-from typing import Iterable, Optional
+from collections.abc import Iterable
 
 import torch
 
@@ -63,8 +63,8 @@ def total_grad_norm(parameters: Iterable[torch.nn.Parameter]) -> torch.Tensor:
     return torch.nn.utils.get_total_norm(grads, 2.0)
 
 
-def unscaled_grad_norm(parameters: list, optimizer: torch.optim.Optimizer, scaler: Optional[torch.amp.GradScaler],
-                       clip_grad: Optional[float]) -> torch.Tensor:
+def unscaled_grad_norm(parameters: list, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
+                       clip_grad: float | None) -> torch.Tensor:
     """The norm of the gradients ``optimizer`` steps with, before clipping; clips with ``clip_grad``.
     ``scaler``: an enabled GradScaler. Its unscale_ is what scaler.step would call itself, so the
     step is unchanged; a fused optimizer unscales inside its step, so the norm is divided instead."""
@@ -80,7 +80,7 @@ def unscaled_grad_norm(parameters: list, optimizer: torch.optim.Optimizer, scale
     return total_grad_norm(parameters)
 
 
-def guarded_step(optimizer: torch.optim.Optimizer, scaler: Optional[torch.amp.GradScaler], bad: torch.Tensor,
+def guarded_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None, bad: torch.Tensor,
                  nonfinite: str = "stop") -> torch.Tensor:
     """The optimizer step; returns whether it was skipped (a bool tensor on the device)."""
     if scaler is not None:  # skips a non-finite (scaled) gradient itself
@@ -111,7 +111,7 @@ class StepChecks:
         self.loss_steps, self.losses = [], []  # per loader step: [loss, ce, text]
         self.norm_steps, self.outcomes = [], []
 
-    def add(self, index: int, losses: Optional[torch.Tensor], outcome: Optional[StepOutcome]) -> None:
+    def add(self, index: int, losses: torch.Tensor | None, outcome: StepOutcome | None) -> None:
         if losses is not None:
             self.loss_steps.append(index)
             self.losses.append(losses)

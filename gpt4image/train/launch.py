@@ -1,7 +1,7 @@
 """A recipe's entry-point plumbing: parse into the recipe's typed config, set up the process group
 and logging, wrap the model for several processes, exit with the right code."""
 import sys
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 
@@ -26,7 +26,7 @@ def wrap_distributed(model: torch.nn.Module, dist_info, sync_bn: bool = False) -
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True)
 
 
-def run_recipe(parser, config_class, run: Callable, argv: Optional[list] = None):
+def run_recipe(parser, config_class, run: Callable, argv: list | None = None):
     """A recipe's ``main``: parse into ``config_class`` (the recipe's typed config), set up the process
     group and logging, ``run(config, dist_info)``, and always tear the process group down."""
     config = config_class.from_args(parser.parse_args(argv))

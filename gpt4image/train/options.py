@@ -1,6 +1,5 @@
 """Command-line flags both recipes share beyond their original ones, and what they turn into."""
 import argparse
-from typing import Optional
 
 import torch
 
@@ -66,7 +65,7 @@ def add_common_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return add_alignment_args(p)
 
 
-def start_run(args, dist_info) -> Optional[torch.dtype]:
+def start_run(args, dist_info) -> torch.dtype | None:
     """Checks both recipes begin with (``args``: the recipe's config); records the world size and caps
     the loader workers; returns the autocast dtype (None: fp32)."""
     if args.local_loss and not args.gather_with_grad:
@@ -78,7 +77,7 @@ def start_run(args, dist_info) -> Optional[torch.dtype]:
     return getattr(torch, args.amp_dtype) if args.amp_dtype else None
 
 
-def alignment_from_args(args, embeddings, world_size: int) -> Optional[Alignment]:
+def alignment_from_args(args, embeddings, world_size: int) -> Alignment | None:
     """The run's Alignment (None: the baseline), logged with its effective weight; the table's
     fingerprint joins the run's arguments (a resume checks it)."""
     setattr(args, FINGERPRINT_KEY, table_fingerprint(embeddings))
@@ -92,7 +91,7 @@ def alignment_from_args(args, embeddings, world_size: int) -> Optional[Alignment
     return alignment
 
 
-def alignment_state_for(args, text_dim: Optional[int]) -> Optional[AlignmentState]:
+def alignment_state_for(args, text_dim: int | None) -> AlignmentState | None:
     """The ``AlignmentState`` a model with a projection head keeps (None when its loss needs none)."""
     if text_dim is None or not needs_state(args.loss_type, args.text_emb_standardize):
         return None

@@ -3,7 +3,6 @@ table, loader workers against the cores this process may use, --accum-iter again
 epoch, and the learning rate actually trained at (its scaling, a run that never leaves warm-up)."""
 import hashlib
 import os
-from typing import Optional
 
 from ..log import logger
 from ..errors import UserError
@@ -12,7 +11,7 @@ FINGERPRINT_BYTES = 1 << 20  # read from each end of the table
 FINGERPRINT_KEY = "text_emb_fingerprint"
 
 
-def table_fingerprint(embeddings) -> Optional[str]:
+def table_fingerprint(embeddings) -> str | None:
     """What identifies a text-embedding table, cheaply (a table of ImageNet is 2.6 GB and is never
     read whole for this): sha256 of its size, its first and last MiB (the first and last rows, and
     torch.save's header and index) and, when the table has its ``<table>.json`` sidecar, the encoder
@@ -36,7 +35,7 @@ def table_fingerprint(embeddings) -> Optional[str]:
     return digest.hexdigest()[:16]
 
 
-def note_unfingerprinted(checkpoint_args: Optional[dict], path: str, args) -> None:
+def note_unfingerprinted(checkpoint_args: dict | None, path: str, args) -> None:
     """A checkpoint written before tables were fingerprinted still resumes; say once that its table
     cannot be checked."""
     if getattr(args, FINGERPRINT_KEY, None) and FINGERPRINT_KEY not in (checkpoint_args or {}):
@@ -64,8 +63,9 @@ def cap_workers(args, flag: str) -> None:
 
 
 def check_accumulation(accum_iter: int, batches_per_epoch: int, batch_size: int, world_size: int) -> str:
-    """Refuse --accum-iter larger than the batches an epoch has per process: no step would ever see the effective batch the lr is scaled for. Returns the remark for the start line when the
-    epoch's last step sums fewer batches."""
+    """Refuse --accum-iter larger than the batches an epoch has per process: no step would ever see the
+    effective batch the lr is scaled for. Returns the remark for the start line when the epoch's last step
+    sums fewer batches."""
     if accum_iter > batches_per_epoch:
         raise UserError(f"--accum-iter {accum_iter} is more than the {batches_per_epoch} batch(es) of {batch_size} an "
                         f"epoch has per process (over {world_size} process(es)), so no optimizer step would sum "

@@ -2,13 +2,13 @@
 import json
 import os
 import socket
-from typing import Callable, Optional
+from collections.abc import Callable
 
 from ..log import logger
 from ..errors import UserError
 from ..io import append_durably, atomic_write_json, atomic_write_text, ensure_writable_dir
 
-def epoch_row(epoch: int, train_stats: dict, test_stats: dict, ema_stats: Optional[dict] = None, **extra) -> dict:
+def epoch_row(epoch: int, train_stats: dict, test_stats: dict, ema_stats: dict | None = None, **extra) -> dict:
     """One log.txt line: train_* and test_* (and ema_test_*) metrics, timing, and ``extra``."""
     row = {"epoch": epoch, "lr": train_stats["lr"]}
     row.update({f"train_{k}": v for k, v in train_stats.items() if k not in ("images_per_s", "epoch_time_s", "steps")})
@@ -22,7 +22,7 @@ def epoch_row(epoch: int, train_stats: dict, test_stats: dict, ema_stats: Option
 class RunRecord:
     """args.json, log.txt (one JSON object per epoch) and TensorBoard scalars, on the main rank."""
 
-    def __init__(self, output_dir: str, args: dict, is_main: bool, recipe: Optional[str] = None):
+    def __init__(self, output_dir: str, args: dict, is_main: bool, recipe: str | None = None):
         self.output_dir, self.is_main = output_dir, is_main
         self.writer = self.wandb = None
         if is_main:
@@ -107,7 +107,7 @@ def start_wandb(args: dict, output_dir: str):
                       id=f"{os.path.basename(os.path.abspath(output_dir))}-{args['seed']}")
 
 
-def read_log(path: str, warn: Optional[Callable[[str], None]] = None) -> list:
+def read_log(path: str, warn: Callable[[str], None] | None = None) -> list:
     """The rows of a log.txt; blank lines are skipped, and so is a line that is not a JSON object (a
     kill between a write and its newline), with ``warn(message)`` naming the file and the line."""
     rows = []

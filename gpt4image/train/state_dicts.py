@@ -3,7 +3,6 @@ folder stands for its checkpoint.pth, a DDP-saved (``module.``-prefixed) state d
 and a file that is not weights of this model (a text-embedding table, another architecture, another
 number of classes) is named in one line instead of a state-dict traceback."""
 import os
-from typing import Optional
 
 import torch
 
@@ -59,7 +58,7 @@ def is_classifier(key: str) -> bool:
     return key.startswith(CLASSIFIER_PREFIXES)
 
 
-def architecture_of(state: dict, model: torch.nn.Module) -> Optional[str]:
+def architecture_of(state: dict, model: torch.nn.Module) -> str | None:
     """The name of the architecture whose weights ``state`` are, among those of ``model``'s family
     (torchvision ResNets, or timm models sharing the first word of its name); None when none fits."""
     for name, build in _family(model):
@@ -94,7 +93,7 @@ def _family(model):
     return []
 
 
-def check_fits(model: torch.nn.Module, state: dict, path: str, flag: str, recorded_arch: Optional[str] = None) -> list:
+def check_fits(model: torch.nn.Module, state: dict, path: str, flag: str, recorded_arch: str | None = None) -> list:
     """Refuse ``state`` for ``model`` in one line: another number of classes (naming both counts) or
     another architecture (naming both). Returns the classifier keys whose class count differs (for
     --pretrained, which drops them) when everything else fits."""
@@ -106,7 +105,7 @@ def check_fits(model: torch.nn.Module, state: dict, path: str, flag: str, record
         theirs = recorded_arch or architecture_of(state, model) or "another architecture"
         first = (f"{body[0]} is {tuple(state[body[0]].shape)} there, {tuple(own[body[0]].shape)} here" if body else
                  f"first of its tensors this model lacks: {unknown[0]}" if unknown else "most of this model's "
-                 f"tensors are missing from it")
+                 "tensors are missing from it")
         raise UserError(f"{flag} {path!r} holds weights of {theirs}, not of {model_name(model)} ({first}); pass the "
                         f"architecture it was trained with (-a / --model), or weights of this one")
     return [k for k in differing if is_classifier(k)]

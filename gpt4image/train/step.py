@@ -1,7 +1,7 @@
 """One training step of both recipes: forward, backward and the guarded optimizer step (guard.py)."""
 import contextlib
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Optional
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -9,7 +9,7 @@ from .guard import NONFINITE_CHOICES, StepOutcome, guarded_step, unscaled_grad_n
 from .alignment import Alignment
 
 
-def to_device(images: torch.Tensor, device: torch.device, prepare: Optional[Callable] = None,
+def to_device(images: torch.Tensor, device: torch.device, prepare: Callable | None = None,
               channels_last: bool = False) -> torch.Tensor:
     """The loader's batch on ``device``, through ``prepare`` and in channels-last memory if asked."""
     images = images.to(device, non_blocking=True)
@@ -20,7 +20,7 @@ def to_device(images: torch.Tensor, device: torch.device, prepare: Optional[Call
     return images
 
 
-def autocast(device: torch.device, amp_dtype: Optional[torch.dtype]) -> contextlib.AbstractContextManager:
+def autocast(device: torch.device, amp_dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
     """torch.autocast in ``amp_dtype`` on ``device``; nothing when it is None."""
     if amp_dtype is None:
         return contextlib.nullcontext()
@@ -38,19 +38,19 @@ class TrainStep:
     optimizer: torch.optim.Optimizer
     criterion: Callable
     device: torch.device
-    alignment: Optional[Alignment] = None
-    amp_dtype: Optional[torch.dtype] = None
-    scaler: Optional[torch.amp.GradScaler] = None
-    mix_fn: Optional[Callable] = None
+    alignment: Alignment | None = None
+    amp_dtype: torch.dtype | None = None
+    scaler: torch.amp.GradScaler | None = None
+    mix_fn: Callable | None = None
     ema: object = None
-    clip_grad: Optional[float] = None
-    prepare: Optional[Callable] = None
+    clip_grad: float | None = None
+    prepare: Callable | None = None
     channels_last: bool = False
     accum_iter: int = 1  # batches whose gradients are summed before each optimizer step
     nonfinite: str = "stop"
-    text_weight: Optional[float] = None  # the alignment's weight in force (train_one_epoch sets it); None: lamb
+    text_weight: float | None = None  # the alignment's weight in force (train_one_epoch sets it); None: lamb
     accumulated: list = field(default_factory=list)  # the kept batches of an exact accumulation
-    outcome: Optional[StepOutcome] = None  # of the last optimizer step (train_step sets it; None between steps)
+    outcome: StepOutcome | None = None  # of the last optimizer step (train_step sets it; None between steps)
 
     def __post_init__(self) -> None:
         if self.nonfinite not in NONFINITE_CHOICES:
@@ -68,7 +68,7 @@ class TrainStep:
 
 
 def backward_and_step(loss: torch.Tensor, step: TrainStep, update: bool = True,
-                      parameters: Optional[Iterable] = None) -> Optional[StepOutcome]:
+                      parameters: Iterable | None = None) -> StepOutcome | None:
     """Backward, then (``update``) the gradient norm, optional clipping and the guarded optimizer
     step, through the GradScaler when it is enabled; returns the step's outcome. Without ``update``
     the gradient accumulates for a later step (and None is returned)."""
@@ -83,7 +83,7 @@ def backward_and_step(loss: torch.Tensor, step: TrainStep, update: bool = True,
     return StepOutcome(grad_norm=norm, bad=bad, skipped=skipped, check_gradient=scaler is None)
 
 
-def alignment_state(model: torch.nn.Module) -> Optional[torch.nn.Module]:
+def alignment_state(model: torch.nn.Module) -> torch.nn.Module | None:
     """The alignment loss's state (losses.AlignmentState) of ``model``, under torch.compile and DDP; or None."""
     model = getattr(model, "_orig_mod", model)
     if isinstance(model, torch.nn.parallel.DistributedDataParallel):

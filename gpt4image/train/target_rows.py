@@ -6,7 +6,7 @@ A row source has ``len``, ``[k]`` (a [D] row), ``dim``, ``path`` and ``metadata`
 """
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F

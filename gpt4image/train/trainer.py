@@ -6,7 +6,7 @@ once. The trainer owns the run's state (model, optimizer, scheduler, scaler, EMA
 saves and restores it itself (``state_dict``, ``restore``)."""
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 
@@ -58,33 +58,33 @@ class Trainer:
     step_scheduler: Callable[[int], None]
     criterion: Callable
     scaler: torch.amp.GradScaler
-    alignment: Optional[Alignment] = None
-    text_dim: Optional[int] = None
-    train_prepare: Optional[Callable] = None
-    eval_prepare: Optional[Callable] = None
-    mix_fn: Optional[Callable] = None
+    alignment: Alignment | None = None
+    text_dim: int | None = None
+    train_prepare: Callable | None = None
+    eval_prepare: Callable | None = None
+    mix_fn: Callable | None = None
     ema: object = None
-    ema_device: Optional[torch.device] = None
-    clip_grad: Optional[float] = None
+    ema_device: torch.device | None = None
+    clip_grad: float | None = None
     sync_bn: bool = False
     channels_last: bool = False
     best_name: str = "best_checkpoint.pth"
     classifier_hint: str = ""
-    classes: Optional[list] = None  # class names in output order, kept in the checkpoint (eval sets map by them)
+    classes: list | None = None  # class names in output order, kept in the checkpoint (eval sets map by them)
     log_extra: dict = field(default_factory=dict)
     lr_note: str = ""  # how the lr came about (scaled or as given), for the start line
     progress: Progress = field(init=False, default_factory=Progress)
     checkpoints: Checkpoints = field(init=False)
-    record: Optional[RunRecord] = field(init=False, default=None)
-    control: Optional[RunControl] = field(init=False, default=None)
-    step: Optional[TrainStep] = field(init=False, default=None)
+    record: RunRecord | None = field(init=False, default=None)
+    control: RunControl | None = field(init=False, default=None)
+    step: TrainStep | None = field(init=False, default=None)
 
     def __post_init__(self):
         self.checkpoints = Checkpoints(output_dir=self.config.run_dir, best_name=self.best_name,
                                        is_main=self.dist_info.is_main)
 
     @property
-    def amp_dtype(self) -> Optional[torch.dtype]:
+    def amp_dtype(self) -> torch.dtype | None:
         return self.config.autocast_dtype
 
     def fit(self) -> dict:
@@ -213,7 +213,7 @@ class Trainer:
         if self.config.requeue and self.control.name == "SIGUSR1" and self.dist_info.is_main:
             requeue_slurm_job()
 
-    def _save_epoch(self, epoch: int, train_stats: dict) -> Optional[UserError]:
+    def _save_epoch(self, epoch: int, train_stats: dict) -> UserError | None:
         """The epoch's one checkpoint, before its evaluation (an error there, an unreadable validation
         image, loses no training); a failed save is reported after the evaluation has been logged."""
         heartbeat(f"the checkpoint of epoch {epoch}")
@@ -237,7 +237,7 @@ class Trainer:
         due = sets is not None and sets.due(epoch, self.config.epochs)
         return {"test": test, "ema": ema, "sets": sets.evaluate_recipe(self, device, self.amp_dtype) if due else {}}
 
-    def _evaluate_and_record(self, epoch: int, train_stats: dict, save_error: Optional[UserError] = None) -> dict:
+    def _evaluate_and_record(self, epoch: int, train_stats: dict, save_error: UserError | None = None) -> dict:
         """Evaluate epoch ``epoch``, track the best, write its log.txt row, then the small record of the
         evaluation (and the best link); a failed checkpoint save is raised once the row is kept."""
         evals = self.evaluate(epoch)
