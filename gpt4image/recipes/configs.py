@@ -19,10 +19,6 @@ class ResNetConfig(CommonConfig):
     pretrained: str
     evaluate: bool
     use_amp: bool
-    proj_type: str
-    loss_type: str
-    lamb: float
-    tau: float
     sync_bn: bool
     channels_last: bool
     input_size: int
@@ -90,10 +86,6 @@ class DeiTConfig(CommonConfig):
     dist_eval: bool
     num_workers: int
     pin_mem: bool
-    proj_type: str
-    loss_type: str
-    lamb: float
-    tau: float
 
     @property
     def run_dir(self) -> str:

@@ -49,6 +49,10 @@ class CommonConfig:
     resume: str
     start_epoch: int
     text_emb: str
+    proj_type: str
+    loss_type: str
+    lamb: float
+    tau: float
     world_size: int = 1
     text_emb_fingerprint: str | None = None
 
