@@ -18,6 +18,7 @@ if "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"
   "$PY" long_text.py
   "$PY" vlm_preprocess.py --size 500x375 --size 2000x1500
   "$PY" descriptions_1m.py --root "$(mktemp -d)/d1m"
+  "$PY" checkpoint_bytes.py
   "$PY" train_step.py --amp bf16 --channels-last 1 --compile 0 1 --json results/train_step_compile.json
 else
   "$PY" train_step.py --batch 8 --steps 3 --warmup 1 --amp fp32 --json results/train_step_cpu.json
@@ -31,4 +32,5 @@ else
   "$PY" long_text.py
   "$PY" vlm_preprocess.py --images 48
   "$PY" descriptions_1m.py --root "$(mktemp -d)/d1m"
+  "$PY" checkpoint_bytes.py
 fi
