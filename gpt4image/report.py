@@ -12,11 +12,10 @@ import json
 import math
 import os
 import sys
-from typing import TYPE_CHECKING
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from .cli import ArgumentParser
-
 from .errors import UserError, one_line
 from .train.eval_sets import KEY as EVAL_SET_KEY
 from .train.alignment import effective_text_weight
