@@ -96,7 +96,10 @@ def entry_point(script):
     if script == DEIT:
         return importlib.import_module("gpt4image.recipes.deit").main
     if script.startswith("-m "):
-        return importlib.import_module(script[3:]).main
+        module = importlib.import_module(script[3:])
+        if hasattr(module, "__path__"):  # a package: `python -m` runs its __main__
+            module = importlib.import_module(f"{script[3:]}.__main__")
+        return module.main
     return tool_main(os.path.splitext(os.path.basename(script))[0])
 
 
