@@ -12,13 +12,23 @@ import sys
 import tempfile
 from types import SimpleNamespace
 
-import numpy as np
-import pytest
-import torch
-from PIL import Image
+# One compute thread per process, for this process and every process it starts: pytest-xdist's workers
+# and the runs they start share the cores, and torch's default of one thread per core in each of them
+# oversubscribes the machine (OpenMP's spin-waiting then burns several times the CPU of the work: a
+# resnet18 step on 2 busy cores took 6x the CPU time with 2 threads than with 1). Inductor compiles in
+# this process too, not in a pool of compile workers that would each import torch.
+os.environ["OMP_NUM_THREADS"] = "1"
+os.environ["TORCHINDUCTOR_COMPILE_THREADS"] = "1"
 
-import gpt4image  # noqa: F401
-from gpt4image.synthetic import describe_image_folder, make_image_folder, save_tiny_clip
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+import gpt4image  # noqa: F401,E402
+from gpt4image.synthetic import describe_image_folder, make_image_folder, save_tiny_clip  # noqa: E402
+
+torch.set_num_threads(1)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESNET = os.path.join(REPO, "resnet", "main.py")
@@ -221,6 +231,19 @@ def described_paths(output):
             for line in open(os.path.join(parts, name), encoding="utf-8")]
 
 
+@pytest.fixture
+def compile_without_codegen(monkeypatch):
+    """``torch.compile`` with the ``aot_eager`` backend for one test. What the compile tests check is
+    our code around the compiled model (state-dict keys, exported weights, resume, per-step seeds under
+    graph capture, the alignment state inside the graph): dynamo and AOT autograd trace and run the same
+    graphs under any backend. Inductor's C++ code generation on CPU took minutes per test and is
+    PyTorch's to test (on GPU the recipes' --compile uses inductor)."""
+    import functools
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    yield
+    torch._dynamo.reset()
+
+
 @pytest.fixture(scope="session")
 def tiny_clip(tmp_path_factory):
     return save_tiny_clip(str(tmp_path_factory.mktemp("clip") / "tiny_clip.pt"))
@@ -312,3 +335,10 @@ def own_generate(model_dir, image_path, prompt, max_new_tokens):
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     new = out[0, inputs["input_ids"].shape[1]:]
     return processor.tokenizer.decode(new, skip_special_tokens=True).strip()
+
+
+def pytest_collection_modifyitems(config, items):
+    """The slow tests first (in their files' order): under ``-n 2`` the workers take tests one by one
+    (pyproject: --maxschedchunk=1), so the long ones are spread over both from the start and the run does
+    not end on one worker with a long test still to go."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

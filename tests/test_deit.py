@@ -207,7 +207,8 @@ def test_uint8_loader_and_device_augment_give_deits_inputs():
 
 
 @pytest.mark.slow
-def test_compiled_run_resumes_exactly_and_exports_plain_weights(image_folder, embeddings, tmp_path):
+def test_compiled_run_resumes_exactly_and_exports_plain_weights(image_folder, embeddings, tmp_path,
+                                                                compile_without_codegen):
     """Under --compile too, drop-path and the other per-step randomness come from the step's seed:
     stopping after one epoch and continuing gives the weights of an uninterrupted run."""
     import timm

@@ -144,7 +144,7 @@ def test_uint8_loader_and_device_normalisation_give_the_original_inputs(image_fo
 
 @pytest.mark.slow
 def test_compiled_training_matches_eager_and_its_checkpoint_resumes_without_compile(image_folder, embeddings,
-                                                                                    tmp_path):
+                                                                                    tmp_path, compile_without_codegen):
     import torchvision
     from gpt4image.recipes import resnet as resnet_main
     common = [f"--data={image_folder}", f"--text_emb={embeddings}", "-j", "0", *SMALL, "--epochs=2"]
