@@ -154,7 +154,7 @@ def _fail(d2e, argv, capsys):
     return err
 
 
-def test_unknown_family_missing_tokenizer_and_no_text_tower_are_refused(encoders, d2e, tmp_path, capsys):
+def test_unknown_family_missing_tokenizer_and_no_text_tower_are_refused(encoders, d2e, tmp_path, capsys, monkeypatch):
     from transformers import ViTConfig, ViTModel
     (tmp_path / "c.txt").write_text("a red circle\n")
     out = tmp_path / "out.pth"
@@ -177,8 +177,12 @@ def test_unknown_family_missing_tokenizer_and_no_text_tower_are_refused(encoders
     assert f"{tmp_path}/nowhere" in err
     err = _fail(d2e, [*base, "--model=open_clip:NoSuchArch-B-32"], capsys)
     assert "'NoSuchArch-B-32'" in err and "ViT-B-32" in err
+    import socket
+    lookups = []
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *a, **k: lookups.append(a[0]) or [])
     err = _fail(d2e, [*base, "--model=open_clip:ViT-B-32:laion2b_s34b_b79k"], capsys)
     assert "laion2b_s34b_b79k" in err and "--allow-download" in err
+    assert lookups == []  # offline means no request at all (not a minute of retries before the refusal)
     assert not out.exists() and not os.path.exists(f"{out}.json")
 
 

@@ -1,7 +1,9 @@
 """The open_clip family of text encoders, ``open_clip:ARCH[:PRETRAINED]``: an open_clip model's text
 tower (``ARCH`` a built-in name, a model config ``.json``, ``local-dir:DIR`` or ``hf-hub:ORG/NAME``;
 ``PRETRAINED`` a tag or a weights file), offline unless asked otherwise."""
+import contextlib
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -43,6 +45,25 @@ def _parse_open_clip(spec):
     return arch, pretrained or None
 
 
+@contextlib.contextmanager
+def hub_offline() -> Iterator[None]:
+    """Hugging Face Hub offline inside the block: only its cache is read, no request is made.
+    huggingface_hub reads HF_HUB_OFFLINE once, at import, so the variable alone (for what imports the
+    hub later) is not enough once it is imported: its constant is set too (with the variable alone, a
+    missing tag was refused only after about 45 s of retried requests on a machine without internet)."""
+    import huggingface_hub.constants as hub
+    saved_env, saved_constant = os.environ.get("HF_HUB_OFFLINE"), hub.HF_HUB_OFFLINE
+    os.environ["HF_HUB_OFFLINE"], hub.HF_HUB_OFFLINE = "1", True
+    try:
+        yield
+    finally:
+        hub.HF_HUB_OFFLINE = saved_constant
+        if saved_env is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = saved_env
+
+
 def open_clip_encoder(spec: str, device: str | torch.device, allow_download: bool = False) -> TextEncoder:
     """The text tower of the open_clip model ``spec`` names (the image tower is dropped); weights
     from a file or Hugging Face's cache, downloaded only with ``allow_download``."""
@@ -68,12 +89,10 @@ def open_clip_encoder(spec: str, device: str | torch.device, allow_download: boo
     if pretrained and os.path.isfile(pretrained):
         from ..weights import check_weights
         check_weights(pretrained, "open_clip weights")
-    offline = {} if allow_download else {"HF_HUB_OFFLINE": "1"}
-    saved = {k: os.environ.get(k) for k in offline}
-    os.environ.update(offline)
     try:
-        model = open_clip.create_model(arch, pretrained=pretrained, device=device)
-        tokenizer = open_clip.get_tokenizer(arch)
+        with contextlib.nullcontext() if allow_download else hub_offline():
+            model = open_clip.create_model(arch, pretrained=pretrained, device=device)
+            tokenizer = open_clip.get_tokenizer(arch)
     except UserError:
         raise
     except Exception as e:  # noqa: BLE001  missing weights offline, unknown tag, corrupt file
@@ -82,12 +101,6 @@ def open_clip_encoder(spec: str, device: str | torch.device, allow_download: boo
                "cache (~/.cache/huggingface) on a machine with internet, or pass --allow-download")
         from ..io import load_error
         raise UserError(f"cannot load open_clip model {spec!r} ({load_error(e).splitlines()[0]}){how}") from None
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
     if not hasattr(model, "encode_text"):
         raise UserError(f"open_clip model {spec!r} has no text tower; pass a CLIP-style model")
     if hasattr(model, "visual"):
