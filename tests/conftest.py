@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from pathlib import Path
 from types import SimpleNamespace
 
 # One compute thread per process, for this process and every process it starts: pytest-xdist's workers
@@ -244,61 +245,92 @@ def compile_without_codegen(monkeypatch):
     torch._dynamo.reset()
 
 
+def built_once(tmp_path_factory, name, build):
+    """What ``build(folder)`` returns (paths, as JSON), built into ``folder`` once per test session
+    however many pytest-xdist workers ask: the first builds under a file lock, the others wait and read
+    it (a session fixture alone is built once per worker)."""
+    import json
+
+    from filelock import FileLock
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the base folder all workers share
+    folder = root / "built_once" / name
+    folder.parent.mkdir(exist_ok=True)
+    done = folder.parent / f"{name}.json"
+    with FileLock(str(folder.parent / f"{name}.lock")):
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            with process_state_restored():
+                made = build(folder)
+            done.write_text(json.dumps(made))
+        return json.loads(done.read_text())
+
+
 @pytest.fixture(scope="session")
 def tiny_clip(tmp_path_factory):
-    return save_tiny_clip(str(tmp_path_factory.mktemp("clip") / "tiny_clip.pt"))
+    return built_once(tmp_path_factory, "clip", lambda folder: save_tiny_clip(str(folder / "tiny_clip.pt")))
 
 
 @pytest.fixture(scope="session")
 def vlm(tmp_path_factory):
     """family -> directory of its tiny random model (built once per session)."""
     from gpt4image.describe.tiny_vlm import FAMILIES, save_tiny_vlm
-    root = tmp_path_factory.mktemp("vlm")
-    return {family: save_tiny_vlm(family, str(root / family)) for family in FAMILIES}
+    return built_once(tmp_path_factory, "vlm",
+                      lambda root: {family: save_tiny_vlm(family, str(root / family)) for family in FAMILIES})
+
+
+def _image_folder(root):
+    make_image_folder(str(root), num_classes=4, train_per_class=12, val_per_class=4, size=32)
+    texts, files = describe_image_folder(os.path.join(root, "train"))
+    torch.save(texts, os.path.join(root, "captions.pth"))
+    return str(root)
 
 
 @pytest.fixture(scope="session")
 def image_folder(tmp_path_factory):
     """Generated ImageFolder (4 classes, 12 train + 4 val images each, 32 px) and its descriptions."""
-    root = str(tmp_path_factory.mktemp("images"))
-    make_image_folder(root, num_classes=4, train_per_class=12, val_per_class=4, size=32)
-    texts, files = describe_image_folder(os.path.join(root, "train"))
-    torch.save(texts, os.path.join(root, "captions.pth"))
-    return root
+    return built_once(tmp_path_factory, "images", _image_folder)
 
 
 @pytest.fixture(scope="session")
 def embeddings(image_folder, tiny_clip, tmp_path_factory):
     """Embedding table of the generated ImageFolder, made by description2embedding.py (in this process)."""
-    out = str(tmp_path_factory.mktemp("emb") / "emb.pth")
-    with process_state_restored():
+    def build(folder):
+        out = str(folder / "emb.pth")
         ran([D2E, f"--caption={image_folder}/captions.pth", f"--model={tiny_clip}", f"--output={out}",
              f"--data={image_folder}/train", "--workers=0", "--quiet"])
-    return out
+        return out
+    return built_once(tmp_path_factory, "emb", build)
+
+
+def _photos(folder):
+    root = folder / "train"
+    generator = torch.Generator().manual_seed(0)
+    for i in range(13):
+        sub = root / ["n01440764", "n01443537", "n01484850"][i % 3]
+        sub.mkdir(parents=True, exist_ok=True)
+        w, h = 24 + 9 * (i % 4), 28 + 5 * (i % 3)
+        pixels = torch.randint(0, 256, (h, w, 3), generator=generator, dtype=torch.uint8).numpy()
+        Image.fromarray(pixels).save(sub / f"img_{i:02d}.jpg", quality=90)
+    return str(root)
 
 
 @pytest.fixture(scope="session")
 def photos(tmp_path_factory):
     """An ImageFolder of 13 images of different sizes in 3 classes (so batches need padding)."""
-    root = tmp_path_factory.mktemp("photos") / "train"
-    generator = torch.Generator().manual_seed(0)
-    for i in range(13):
-        folder = root / ["n01440764", "n01443537", "n01484850"][i % 3]
-        folder.mkdir(parents=True, exist_ok=True)
-        w, h = 24 + 9 * (i % 4), 28 + 5 * (i % 3)
-        pixels = torch.randint(0, 256, (h, w, 3), generator=generator, dtype=torch.uint8).numpy()
-        Image.fromarray(pixels).save(folder / f"img_{i:02d}.jpg", quality=90)
-    return str(root)
+    return built_once(tmp_path_factory, "photos", _photos)
 
 
 @pytest.fixture(scope="session")
 def first_of_two_epochs(image_folder, embeddings, tmp_path_factory):
     """(Built once) an output folder holding one finished epoch of a 2-epoch resnet18 run (SMALL)."""
-    run = tmp_path_factory.mktemp("first_of_two_epochs") / "run"
-    with process_state_restored():
+    def build(folder):
         ran([RESNET, f"--data={image_folder}", f"--text_emb={embeddings}", "--epochs=2", *SMALL,
-             f"--save_dir={run}", "--stop-after=1"])
-    return run
+             f"--save_dir={folder / 'run'}", "--stop-after=1"])
+        return str(folder / "run")
+    return Path(built_once(tmp_path_factory, "first_of_two_epochs", build))
 
 
 def copy_run(run, to):
@@ -310,13 +342,14 @@ def copy_run(run, to):
 def two_rank_run(image_folder, embeddings, tmp_path_factory):
     """(Built once) an uninterrupted 2-epoch, 2-process torchrun of resnet18 (batches of 4, one loader
     worker): what the interrupted, killed and restarted runs must equal."""
-    run = tmp_path_factory.mktemp("two_rank_run")
-    proc = subprocess.run(torchrun(RESNET, f"--data={image_folder}", f"--text_emb={embeddings}", "--epochs=2",
-                                   "-a", "resnet18", "-b", "4", "--input-size", "32", "-j", "1", "--seed", "0",
-                                   "-p", "1", f"--save_dir={run}"),
-                          capture_output=True, text=True, env=ENV, cwd=REPO, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return run
+    def build(run):
+        proc = subprocess.run(torchrun(RESNET, f"--data={image_folder}", f"--text_emb={embeddings}", "--epochs=2",
+                                       "-a", "resnet18", "-b", "4", "--input-size", "32", "-j", "1", "--seed", "0",
+                                       "-p", "1", f"--save_dir={run}"),
+                              capture_output=True, text=True, env=ENV, cwd=REPO, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return str(run)
+    return Path(built_once(tmp_path_factory, "two_rank_run", build))
 
 
 def own_generate(model_dir, image_path, prompt, max_new_tokens):

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import run_script
+from conftest import D2E, ran, run_script
 from gpt4image._compat import import_clip
 from gpt4image.text.clip_text import Tokenizer, load_clip
 from gpt4image.io import sha256_file, sha256_lines
@@ -73,8 +73,8 @@ def test_pth_txt_json_and_jsonl_inputs_give_identical_tables(image_folder, tiny_
     reference = torch.load(embeddings)
     for name in ["c.txt", "c.json", "keyed.json", "c.jsonl"]:
         out = tmp_path / (name + ".emb.pth")
-        run_script(["description2embedding.py", f"--caption={tmp_path / name}", f"--model={tiny_clip}",
-                    f"--output={out}", f"--data={image_folder}/train", "--workers=2", "--bs=5", "--quiet"])
+        ran([D2E, f"--caption={tmp_path / name}", f"--model={tiny_clip}", f"--output={out}",
+             f"--data={image_folder}/train", "--workers=2", "--bs=5", "--quiet"])
         assert torch.equal(torch.load(out), reference), name
 
 

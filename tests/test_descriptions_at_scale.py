@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from conftest import REPO
+from conftest import REPO, built_once
 from gpt4image.errors import UserError, exit_on_user_error
 from gpt4image.describe.quality import QualityGate, Tally
 from gpt4image.describe.tiny_vlm import save_tiny_vlm
@@ -34,7 +34,8 @@ def d2e_main():
 
 @pytest.fixture(scope="module")
 def qwen(tmp_path_factory):
-    return save_tiny_vlm("qwen2_vl", str(tmp_path_factory.mktemp("vlm") / "qwen2_vl"))
+    return built_once(tmp_path_factory, "at_scale_qwen2_vl",
+                      lambda root: save_tiny_vlm("qwen2_vl", str(root / "qwen2_vl")))
 
 
 def _records(path):

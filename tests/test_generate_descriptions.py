@@ -2,6 +2,7 @@
 import importlib.util
 import json
 import os
+from pathlib import Path
 import shutil
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import REPO, described_paths, kill_once_written, own_generate, run_script
+from conftest import REPO, built_once, described_paths, kill_once_written, own_generate, run_script
 from gpt4image.describe.prompts import DEFAULT_CLASS_PROMPT
 from gpt4image.errors import exit_on_user_error
 from gpt4image.io import sha256_file
@@ -68,10 +69,11 @@ def test_class_prompt_names_the_class_from_the_class_names_file(vlm, photos, gd_
 
 @pytest.fixture(scope="module")
 def single_run(vlm, photos, tmp_path_factory):
-    out = tmp_path_factory.mktemp("single") / "d.jsonl"
-    run_script([SCRIPT, f"--data={photos}", f"--model={vlm['qwen2_vl']}", f"--output={out}", "--max-new-tokens=6",
-                "--workers=0", "--quiet"])
-    return out
+    def build(folder):
+        run_script([SCRIPT, f"--data={photos}", f"--model={vlm['qwen2_vl']}", f"--output={folder / 'd.jsonl'}",
+                    "--max-new-tokens=6", "--workers=0", "--quiet"])
+        return str(folder / "d.jsonl")
+    return Path(built_once(tmp_path_factory, "single_describe_run", build))
 
 
 @pytest.mark.slow

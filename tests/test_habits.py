@@ -3,24 +3,26 @@
 per-step TensorBoard scalars, the optional W&B dependency, and the classifier hint that works."""
 import json
 import os
+from pathlib import Path
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from conftest import DEIT, REPO, RESNET, SMALL, process_state_restored, ran, refused, run_script, snapshot
+from conftest import DEIT, REPO, RESNET, SMALL, built_once, ran, refused, run_script, snapshot
 
 TINY = ["--model", "deit_tiny_patch16_224", "--input-size", "32", "--batch-size", "4", "--num_workers", "0"]
 
 
 @pytest.fixture(scope="module")
 def resnet_run(image_folder, embeddings, tmp_path_factory):
-    run = tmp_path_factory.mktemp("resnet_run")
-    with process_state_restored():
+    def build(run):
         proc = ran([RESNET, f"--data={image_folder}", f"--text_emb={embeddings}", "--epochs=1", *SMALL,
                     f"--save_dir={run}"])
-    return run, proc.stdout
+        return str(run), proc.stdout
+    run, stdout = built_once(tmp_path_factory, "habits_resnet_run", build)
+    return Path(run), stdout
 
 
 def test_evaluation_takes_architecture_and_input_size_from_the_checkpoint(resnet_run, image_folder):

@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from conftest import D2E, REPO, ran, run_script
+from conftest import D2E, REPO, built_once, ran, run_script
 from gpt4image.synthetic import make_image_folder
 
 MAIN = os.path.join(REPO, "resnet", "main.py")
@@ -49,9 +49,8 @@ def test_two_epochs_log_every_key_and_print_the_final_line(launcher, image_folde
 
 @pytest.fixture(scope="module")
 def learnable(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("learnable"))
-    make_image_folder(root, num_classes=4, train_per_class=48, val_per_class=12, size=32, seed=1)
-    return root
+    return built_once(tmp_path_factory, "learnable", lambda root: make_image_folder(
+        str(root), num_classes=4, train_per_class=48, val_per_class=12, size=32, seed=1) or str(root))
 
 
 @pytest.mark.slow

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import REPO, run_script
+from conftest import D2E, REPO, RESNET, built_once, ran
 from gpt4image._compat import import_clip
 from gpt4image.text.clip_text import load_clip
 from gpt4image.errors import exit_on_user_error
@@ -25,10 +25,10 @@ TEXTS = ["A red circle on a dark background.",
 
 @pytest.fixture(scope="module")
 def encoders(tmp_path_factory):
-    root = tmp_path_factory.mktemp("encoders")
-    return {"open_clip": save_tiny_open_clip(str(root / "open_clip")),
-            "hf_clip": save_tiny_hf_text_encoder("clip", str(root / "hf_clip")),
-            "hf_bert": save_tiny_hf_text_encoder("bert", str(root / "hf_bert"))}
+    return built_once(tmp_path_factory, "text_encoders", lambda root: {
+        "open_clip": save_tiny_open_clip(str(root / "open_clip")),
+        "hf_clip": save_tiny_hf_text_encoder("clip", str(root / "hf_clip")),
+        "hf_bert": save_tiny_hf_text_encoder("bert", str(root / "hf_bert"))})
 
 
 @pytest.fixture
@@ -133,8 +133,8 @@ def test_no_piece_exceeds_the_context_and_every_word_is_kept_in_order(encoder, e
 
 def test_default_command_writes_the_released_table_byte_for_byte(tiny_clip, image_folder, tmp_path):
     out = tmp_path / "emb.pth"
-    run_script(["description2embedding.py", f"--caption={image_folder}/captions.pth", f"--model={tiny_clip}",
-                f"--output={out}", "--workers=2", "--bs=7", "--quiet"])
+    ran([D2E, f"--caption={image_folder}/captions.pth", f"--model={tiny_clip}", f"--output={out}", "--workers=2",
+         "--bs=7", "--quiet"])
     texts = torch.load(os.path.join(image_folder, "captions.pth"))
     model = load_clip(tiny_clip, "cpu")
     with torch.no_grad():  # the released computation: clip.tokenize, encode_text, normalise, float16
@@ -190,12 +190,11 @@ def test_unknown_family_missing_tokenizer_and_no_text_tower_are_refused(encoders
 @pytest.mark.parametrize("family", ["open_clip", "hf_clip", "hf_bert"])
 def test_one_training_epoch_on_a_table_of_each_family(family, encoders, image_folder, tmp_path):
     table = str(tmp_path / "emb.pth")
-    run_script(["description2embedding.py", f"--caption={image_folder}/captions.pth", f"--model={encoders[family]}",
-                f"--output={table}", f"--data={image_folder}/train", "--workers=0", "--quiet", "--long-text=chunks"])
+    ran([D2E, f"--caption={image_folder}/captions.pth", f"--model={encoders[family]}", f"--output={table}",
+         f"--data={image_folder}/train", "--workers=0", "--quiet", "--long-text=chunks"])
     width = json.load(open(f"{table}.json"))["embedding_dim"]
-    run_script([os.path.join(REPO, "resnet", "main.py"), f"--data={image_folder}", f"--text_emb={table}",
-                "--epochs=1", f"--save_dir={tmp_path}/run", "-a", "resnet18", "-b", "8", "--input-size", "32",
-                "-j", "0"], cwd=os.path.join(REPO, "resnet"))
+    ran([RESNET, f"--data={image_folder}", f"--text_emb={table}", "--epochs=1", f"--save_dir={tmp_path}/run",
+         "-a", "resnet18", "-b", "8", "--input-size", "32", "-j", "0"], cwd=os.path.join(REPO, "resnet"))
     row = json.loads(open(f"{tmp_path}/run/log.txt").readline())
     assert row["train_text_loss"] > 0
     head = torch.load(f"{tmp_path}/run/checkpoint.pth")["projection_head"]

@@ -6,6 +6,7 @@ import contextlib
 import io
 import json
 import os
+from pathlib import Path
 import re
 
 import pytest
@@ -13,7 +14,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import DEIT, REPO, RESNET, ran, refused
+from conftest import DEIT, REPO, RESNET, built_once, ran, refused
 
 WORKERS = {RESNET: "-j", DEIT: "--num_workers"}
 TINY = {RESNET: ["-a", "resnet18", "-b", "4", "--input-size", "32", "--seed", "0", "-p", "50"],
@@ -34,12 +35,14 @@ def _cmd(recipe, image_folder, table, out, *extra):
 @pytest.fixture(scope="module")
 def runs(image_folder, embeddings, tmp_path_factory):
     """{recipe: a folder holding epoch 0 of a 2-epoch run on the 4-class image folder}."""
-    made = {}
-    for recipe in (RESNET, DEIT):
-        out = tmp_path_factory.mktemp("run") / "run"
-        ran(_cmd(recipe, image_folder, embeddings, out, "--epochs=2", "--stop-after=1"))
-        made[recipe] = out
-    return made
+    def build(folder):
+        made = {}
+        for recipe in (RESNET, DEIT):
+            out = folder / os.path.basename(os.path.dirname(recipe)) / "run"
+            ran(_cmd(recipe, image_folder, embeddings, out, "--epochs=2", "--stop-after=1"))
+            made[recipe] = str(out)
+        return made
+    return {recipe: Path(out) for recipe, out in built_once(tmp_path_factory, "first_epochs_of_both", build).items()}
 
 
 def _other_table(embeddings, path):

@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from conftest import REPO, described_paths, kill_once_written, run_script
+from conftest import REPO, built_once, described_paths, kill_once_written, ran
 from gpt4image.describe.tiny_vlm import save_tiny_vlm
 
 VLLM_PYTHON = os.environ.get("GPT4IMAGE_VLLM_PYTHON")
@@ -24,10 +24,10 @@ FLAGS = ["--max-new-tokens=8", "--workers=0", "--gpu-memory-utilization=0.1", "-
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("vllm_models")
     # LLaVA's saved in the published checkpoints' layout, which vLLM reads; heads of 64 for vLLM's CPU kernels
-    return {"llava": save_tiny_vlm("llava", str(root / "llava"), size="vllm"),
-            "qwen2_vl": save_tiny_vlm("qwen2_vl", str(root / "qwen2_vl"), size="vllm", min_new_tokens=8)}
+    return built_once(tmp_path_factory, "vllm_models", lambda root: {
+        "llava": save_tiny_vlm("llava", str(root / "llava"), size="vllm"),
+        "qwen2_vl": save_tiny_vlm("qwen2_vl", str(root / "qwen2_vl"), size="vllm", min_new_tokens=8)})
 
 
 def _vllm(args, check=True):
@@ -44,7 +44,7 @@ def _records(path):
 
 @pytest.mark.slow
 def test_vllm_gives_the_text_of_transformers_greedy_decoding_for_llava(models, photos, tmp_path):
-    run_script([SCRIPT, f"--data={photos}", f"--model={models['llava']}", f"--output={tmp_path}/t.jsonl", *FLAGS])
+    ran([SCRIPT, f"--data={photos}", f"--model={models['llava']}", f"--output={tmp_path}/t.jsonl", *FLAGS])
     _vllm([f"--data={photos}", f"--model={models['llava']}", f"--output={tmp_path}/v.jsonl", *FLAGS])
     assert _records(tmp_path / "v.jsonl") == _records(tmp_path / "t.jsonl")
     meta = json.load(open(tmp_path / "v.jsonl.json"))
@@ -54,7 +54,7 @@ def test_vllm_gives_the_text_of_transformers_greedy_decoding_for_llava(models, p
 @pytest.mark.slow
 def test_a_killed_vllm_shard_resumes_and_the_shards_cover_every_image_once(models, photos, tmp_path):
     model = models["qwen2_vl"]
-    run_script([SCRIPT, f"--data={photos}", f"--model={model}", f"--output={tmp_path}/t.jsonl", *FLAGS])
+    ran([SCRIPT, f"--data={photos}", f"--model={model}", f"--output={tmp_path}/t.jsonl", *FLAGS])
     out = tmp_path / "v.jsonl"
     common = [VLLM_PYTHON, SCRIPT, "--backend=vllm", f"--data={photos}", f"--model={model}", f"--output={out}",
               *FLAGS, "--batch-size=1"]
