@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import REPO, built_once, described_paths, kill_once_written, own_generate, run_script
+from conftest import D2E, REPO, RESNET, built_once, described_paths, kill_once_written, own_generate, ran, run_script
 from gpt4image.describe.prompts import DEFAULT_CLASS_PROMPT
 from gpt4image.errors import exit_on_user_error
 from gpt4image.io import sha256_file
@@ -70,8 +70,8 @@ def test_class_prompt_names_the_class_from_the_class_names_file(vlm, photos, gd_
 @pytest.fixture(scope="module")
 def single_run(vlm, photos, tmp_path_factory):
     def build(folder):
-        run_script([SCRIPT, f"--data={photos}", f"--model={vlm['qwen2_vl']}", f"--output={folder / 'd.jsonl'}",
-                    "--max-new-tokens=6", "--workers=0", "--quiet"])
+        ran([SCRIPT, f"--data={photos}", f"--model={vlm['qwen2_vl']}", f"--output={folder / 'd.jsonl'}",
+             "--max-new-tokens=6", "--workers=0", "--quiet"])
         return str(folder / "d.jsonl")
     return Path(built_once(tmp_path_factory, "single_describe_run", build))
 
@@ -134,8 +134,8 @@ def test_generated_descriptions_become_the_embedding_row_of_their_own_image(vlm,
     shutil.copytree(photos, os.path.join(root, "train"))
     shutil.copytree(photos, os.path.join(root, "val"))
     table = str(tmp_path / "emb.pth")
-    run_script(["description2embedding.py", f"--caption={single_run}", f"--data={root}/train", f"--model={tiny_clip}",
-                f"--output={table}", "--workers=0", "--quiet", "--dtype=float32"])
+    ran([D2E, f"--caption={single_run}", f"--data={root}/train", f"--model={tiny_clip}", f"--output={table}",
+         "--workers=0", "--quiet", "--dtype=float32"])
     records = _records(single_run)
     train, _ = build_image_folders(root, None, None)
     paired = WithTextEmbeddings(train, load_text_embeddings(table))
@@ -147,9 +147,8 @@ def test_generated_descriptions_become_the_embedding_row_of_their_own_image(vlm,
         _, target, text = paired[k]
         assert train.samples[k][0].endswith(records[k]["path"]) and target == train.class_to_idx[records[k]["class"]]
         torch.testing.assert_close(text.float(), expected[k], atol=1e-5, rtol=0)
-    run_script([os.path.join(REPO, "resnet", "main.py"), f"--data={root}", f"--text_emb={table}", "--epochs=1",
-                f"--save_dir={tmp_path}/run", "-a", "resnet18", "-b", "4", "--input-size", "32", "-j", "0"],
-               cwd=os.path.join(REPO, "resnet"))
+    ran([RESNET, f"--data={root}", f"--text_emb={table}", "--epochs=1", f"--save_dir={tmp_path}/run", "-a", "resnet18",
+         "-b", "4", "--input-size", "32", "-j", "0"], cwd=os.path.join(REPO, "resnet"))
     assert json.loads(open(f"{tmp_path}/run/log.txt").readline())["train_text_loss"] > 0
 
 

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from conftest import REPO, process_state_restored, ran, run_script
+from conftest import process_state_restored, ran
 
 
 def _stage_in_this_process(cmd, cwd, env=None):
@@ -63,7 +63,7 @@ def test_report_shows_an_unfinished_run_with_what_it_has(tmp_path):
     rows = [{"epoch": e, "test_acc1": 10.0 + e, "train_ce_loss": 5.0, "train_text_loss": 3.0, "images_per_s": 900.0}
             for e in range(3)]
     (run / "log.txt").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"epoch": 3, "test_a')  # died mid-write
-    proc = run_script(["-m", "gpt4image.report", str(run), "--plot", str(tmp_path / "c.png")], cwd=REPO)
+    proc = ran(["-m", "gpt4image.report", str(run), "--plot", str(tmp_path / "c.png")])
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("| run |")][0]
     assert "best top-1" in line
     assert "3/120 (incomplete)" in proc.stdout and "eff. 0.075" in proc.stdout and "| 12.00 |" in proc.stdout

@@ -154,7 +154,8 @@ def _fail(d2e, argv, capsys):
     return err
 
 
-def test_unknown_family_missing_tokenizer_and_no_text_tower_are_refused(encoders, d2e, tmp_path, capsys, monkeypatch):
+def test_unknown_family_missing_tokenizer_and_no_text_tower_are_refused(encoders, d2e, tmp_path, capsys, monkeypatch,
+                                                                       caplog):
     from transformers import ViTConfig, ViTModel
     (tmp_path / "c.txt").write_text("a red circle\n")
     out = tmp_path / "out.pth"
@@ -180,9 +181,11 @@ def test_unknown_family_missing_tokenizer_and_no_text_tower_are_refused(encoders
     import socket
     lookups = []
     monkeypatch.setattr(socket, "getaddrinfo", lambda *a, **k: lookups.append(a[0]) or [])
+    caplog.clear()
     err = _fail(d2e, [*base, "--model=open_clip:ViT-B-32:laion2b_s34b_b79k"], capsys)
     assert "laion2b_s34b_b79k" in err and "--allow-download" in err
     assert lookups == []  # offline means no request at all (not a minute of retries before the refusal)
+    assert not [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]  # the refusal is the one line
     assert not out.exists() and not os.path.exists(f"{out}.json")
 
 

@@ -47,16 +47,22 @@ def _parse_open_clip(spec):
 
 @contextlib.contextmanager
 def hub_offline() -> Iterator[None]:
-    """Hugging Face Hub offline inside the block: only its cache is read, no request is made.
+    """Hugging Face Hub offline inside the block: only its cache is read, no request is made, and the
+    libraries' own error logs are muted (the caller's refusal says what failed, on one line).
     huggingface_hub reads HF_HUB_OFFLINE once, at import, so the variable alone (for what imports the
     hub later) is not enough once it is imported: its constant is set too (with the variable alone, a
     missing tag was refused only after about 45 s of retried requests on a machine without internet)."""
+    import logging
+
     import huggingface_hub.constants as hub
     saved_env, saved_constant = os.environ.get("HF_HUB_OFFLINE"), hub.HF_HUB_OFFLINE
     os.environ["HF_HUB_OFFLINE"], hub.HF_HUB_OFFLINE = "1", True
+    muted = logging.root.manager.disable
+    logging.disable(logging.ERROR)  # open_clip logs a missing tag as an error; the refusal names it, on one line
     try:
         yield
     finally:
+        logging.disable(muted)
         hub.HF_HUB_OFFLINE = saved_constant
         if saved_env is None:
             os.environ.pop("HF_HUB_OFFLINE", None)
