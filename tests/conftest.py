@@ -371,7 +371,7 @@ def own_generate(model_dir, image_path, prompt, max_new_tokens):
 
 
 def pytest_collection_modifyitems(config, items):
-    """The slow tests first (in their files' order): under ``-n 2`` the workers take tests one by one
-    (pyproject: --maxschedchunk=1), so the long ones are spread over both from the start and the run does
+    """The slow tests first (in their files' order): under ``-n 3`` the workers take tests one by one
+    (pyproject: --maxschedchunk=1), so the long ones are spread over the workers from the start and the run does
     not end on one worker with a long test still to go."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)

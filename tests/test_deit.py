@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import REPO, run_script
+from conftest import REPO, ran, run_script
 
 MAIN = os.path.join(REPO, "deit", "main.py")
 TINY = ["--model", "deit_tiny_patch16_224", "--input-size", "32", "--batch-size", "8", "-p", "2", "--seed", "0"]
@@ -30,9 +30,9 @@ def test_two_epochs_with_ema_and_the_final_line(launcher, image_folder, embeddin
         cmd = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args]
     elif launcher == "launch":
         cmd = ["-m", "torch.distributed.launch", "--nproc_per_node=2", "--use_env", *args]
-    else:
+    else:  # one process: main(argv) in this one (fresh interpreters run the recipes in many other tests)
         cmd = args
-    proc = run_script(cmd, cwd=os.path.join(REPO, "deit"))
+    proc = (ran if launcher == "single" else run_script)(cmd, cwd=os.path.join(REPO, "deit"))
     log = _log(tmp_path)
     assert [r["epoch"] for r in log] == [0, 1]
     for r in log:

@@ -32,9 +32,9 @@ def test_two_epochs_log_every_key_and_print_the_final_line(launcher, image_folde
         cmd = _torchrun(*args)
     elif launcher == "launch":
         cmd = [sys.executable, "-m", "torch.distributed.launch", "--nproc_per_node=2", "--use_env", *args]
-    else:
+    else:  # one process: main(argv) in this one (fresh interpreters run the recipes in many other tests)
         cmd = [sys.executable, *args]
-    proc = run_script(cmd[1:], cwd=os.path.join(REPO, "resnet"))
+    proc = (ran if launcher == "single" else run_script)(cmd[1:], cwd=os.path.join(REPO, "resnet"))
     log = _log(tmp_path)
     assert [row["epoch"] for row in log] == [0, 1]
     for row in log:
