@@ -49,8 +49,10 @@ def test_two_epochs_log_every_key_and_print_the_final_line(launcher, image_folde
 
 @pytest.fixture(scope="module")
 def learnable(tmp_path_factory):
-    return built_once(tmp_path_factory, "learnable", lambda root: make_image_folder(
-        str(root), num_classes=4, train_per_class=48, val_per_class=12, size=32, seed=1) or str(root))
+    def build(root):
+        make_image_folder(str(root), num_classes=4, train_per_class=48, val_per_class=12, size=32, seed=1)
+        return str(root)
+    return built_once(tmp_path_factory, "learnable", build)
 
 
 @pytest.mark.slow

@@ -47,11 +47,10 @@ def _parse_open_clip(spec):
 
 @contextlib.contextmanager
 def hub_offline() -> Iterator[None]:
-    """Hugging Face Hub offline inside the block: only its cache is read, no request is made, and the
-    libraries' own error logs are muted (the caller's refusal says what failed, on one line).
-    huggingface_hub reads HF_HUB_OFFLINE once, at import, so the variable alone (for what imports the
-    hub later) is not enough once it is imported: its constant is set too (with the variable alone, a
-    missing tag was refused only after about 45 s of retried requests on a machine without internet)."""
+    """Hugging Face Hub offline inside the block (only its cache is read, no request is made) and the
+    libraries' error logs muted (the caller's refusal says what failed, on one line). huggingface_hub
+    reads HF_HUB_OFFLINE once, at import, so its constant is set as well as the variable: with the
+    variable alone, a missing tag was refused after about 45 s of retried requests."""
     import logging
 
     import huggingface_hub.constants as hub
